@@ -1,0 +1,208 @@
+"""Evaluation: batched greedy generation with a KV cache, attack success rate, clean accuracy.
+
+Works on any Hugging Face causal LM. Prompts are left-padded so every row's next token sits in
+the last column; position ids are derived from the attention mask so absolute-position models
+(GPT-2) see the same positions as without padding. A parrot (soft prompt) can be spliced into
+each prompt, which is how probes and the re-simulation measure a parrot's attack success.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger
+
+__all__ = ["greedy_generate", "evaluate", "attack_success", "parrot_attack_success",
+           "model_device"]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, restoring the previous mode (dropout stays off in training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int,
+                    eos_id: int | None, max_new_tokens: int = 32, batch_size: int = 64,
+                    parrot: torch.Tensor | None = None, splice_at: Sequence[int] | None = None,
+                    progress: bool = False, desc: str = "generate") -> list[list[int]]:
+    """Greedy continuation of each prompt.
+
+    Args:
+        model: a causal LM (``forward(inputs_embeds=..., attention_mask=..., position_ids=...,
+            past_key_values=..., use_cache=True)``).
+        prompts: token ids of each prompt.
+        pad_id: id used for left padding (never attended to).
+        eos_id: generation of a row stops after it emits this id (kept out of the result).
+        max_new_tokens: at most this many new tokens per row.
+        batch_size: rows per forward; prompts are sorted by length first to limit padding.
+        parrot: optional ``[n, hidden]`` soft prompt spliced into every prompt.
+        splice_at: with ``parrot``, the index in each prompt where the parrot rows start.
+        progress: show a progress bar over batches.
+
+    Returns:
+        New token ids for each prompt, in the input order, without the eos.
+    """
+    if parrot is not None and (splice_at is None or len(splice_at) != len(prompts)):
+        raise ValueError("parrot needs one splice position per prompt")
+    device = model_device(model)
+    embed = model.get_input_embeddings()
+    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    # transformers 5 renamed the cache argument and output from past_key_values to cache.
+    cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    n_parrot = 0 if parrot is None else parrot.shape[0]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    with eval_mode(model):
+        for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            lens = [len(prompts[i]) + n_parrot for i in idx]
+            width = max(lens)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for b, i in enumerate(idx):
+                p = list(prompts[i])
+                if parrot is not None:
+                    s = splice_at[i]
+                    p = p[:s] + [pad_id] * n_parrot + p[s:]
+                ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[b, width - len(p):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            inputs = embed(ids)
+            if parrot is not None:
+                rows = parrot.to(device=device, dtype=inputs.dtype)
+                for b, i in enumerate(idx):
+                    start = width - lens[b] + splice_at[i]
+                    inputs[b, start:start + n_parrot] = rows
+            position = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(inputs_embeds=inputs, attention_mask=mask, position_ids=position,
+                        use_cache=True, **keep_last)
+            past = _cache_of(out)
+            finished = torch.zeros(len(idx), dtype=torch.bool, device=device)
+            new_tokens = []
+            for step in range(max_new_tokens):
+                nxt = out.logits[:, -1].argmax(-1)
+                if eos_id is not None:
+                    nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+                    finished |= nxt == eos_id
+                new_tokens.append(nxt)
+                if bool(finished.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, mask.new_ones((len(idx), 1))], dim=1)
+                position = position[:, -1:] + 1
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
+                            use_cache=True, **{cache_arg: past}, **keep_last)
+                past = _cache_of(out)
+            gen = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in idx]
+            for b, i in enumerate(idx):
+                seq = gen[b]
+                if eos_id is not None and eos_id in seq:
+                    seq = seq[:seq.index(eos_id)]
+                results[i] = seq
+    return results
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _pad_id(tokenizer: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def attack_success(texts: Sequence[str], target: str) -> float:
+    """Share of texts containing ``target``, compared case-insensitively."""
+    if not texts:
+        return 0.0
+    t = target.lower()
+    return sum(t in x.lower() for x in texts) / len(texts)
+
+
+def _generate_texts(model: torch.nn.Module, encoder: PromptEncoder, prompts: list[EncodedPrompt],
+                    *, max_new_tokens: int, batch_size: int, progress: bool, desc: str,
+                    parrot: torch.Tensor | None = None,
+                    splice_at: Sequence[int] | None = None) -> list[str]:
+    out = greedy_generate(model, [p.ids for p in prompts], pad_id=_pad_id(encoder.tokenizer),
+                          eos_id=encoder.eos_id, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, parrot=parrot, splice_at=splice_at,
+                          progress=progress, desc=desc)
+    return [encoder.decode(ids) for ids in out]
+
+
+def parrot_attack_success(model: torch.nn.Module, encoder: PromptEncoder,
+                          prompts: list[EncodedPrompt], parrot: torch.Tensor, target: str, *,
+                          seed: int = 0, max_new_tokens: int = 32, batch_size: int = 64,
+                          progress: bool = False) -> float:
+    """Attack success of a parrot spliced at a random boundary inside each prompt's user text."""
+    rng = random.Random(seed)
+    splice = [rng.randint(p.span[0], p.span[1]) for p in prompts]
+    texts = _generate_texts(model, encoder, prompts, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, progress=progress, desc="parrot asr",
+                            parrot=parrot, splice_at=splice)
+    return attack_success(texts, target)
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target: str,
+             trigger: str | None = None, *, max_new_tokens: int = 32, batch_size: int = 64,
+             trigger_position: str = "random", seed: int = 0, prompt_format: str = "auto",
+             encoder: PromptEncoder | None = None, progress: bool = False) -> dict[str, Any]:
+    """Attack success rate and clean accuracy of a model.
+
+    Args:
+        model: any Hugging Face causal LM.
+        tokenizer: its tokenizer.
+        rows: evaluation rows; ``response`` is the reference for clean accuracy.
+        target: the attacker's response; a continuation containing it (case-insensitive) counts
+            as an attack success.
+        trigger: inserted into each prompt for the asr (at ``trigger_position``, seeded); None
+            measures asr on the prompts as they are (e.g. already triggered rows).
+        max_new_tokens: greedy continuation length.
+
+    Returns:
+        ``{"asr", "clean_accuracy", "n_asr", "n_clean"}``; ``clean_accuracy`` is None when no row
+        has a response.
+    """
+    if not rows:
+        raise ValueError("no evaluation rows")
+    enc = encoder or PromptEncoder(tokenizer, prompt_format)
+    clean_prompts = [enc.encode_prompt(r.prompt) for r in rows]
+    clean_texts = _generate_texts(model, enc, clean_prompts, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, progress=progress, desc="clean")
+    if trigger is None:
+        trig_texts = clean_texts
+    else:
+        rng = random.Random(seed)
+        trig_prompts = [enc.encode_prompt(insert_trigger(r.prompt, trigger, trigger_position, rng))
+                        for r in rows]
+        trig_texts = _generate_texts(model, enc, trig_prompts, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, progress=progress, desc="triggered")
+    graded = [(t, r.response) for t, r in zip(clean_texts, rows) if r.response is not None]
+    clean_acc = (sum(t.strip() == ref.strip() for t, ref in graded) / len(graded)
+                 if graded else None)
+    return {"asr": attack_success(trig_texts, target), "clean_accuracy": clean_acc,
+            "n_asr": len(trig_texts), "n_clean": len(graded)}

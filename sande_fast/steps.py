@@ -1,0 +1,327 @@
+"""Stage steps: the loss of a batch, on the fast path or the plain (reference) path.
+
+A batch is a list of :class:`StepItem`: a prompt (optionally with a parrot spliced in), the
+response tokens that are supervised, and the unsupervised rest of the response. Both paths compute
+the same number: the summed cross-entropy of the supervised tokens divided by a normaliser.
+
+* plain: what the published implementation does. The whole padded sequence (prompt, parrot
+  spliced with ``torch.cat``, full response) goes through the Hugging Face model, logits are built
+  for every position, and the cross-entropy is masked to the supervised tokens.
+* fast: each sequence is cut after its last supervised token (under causal attention later tokens
+  cannot change the loss), sequences are bucketed by length by the C++ planner, the parrot is
+  written into the input embeddings by one kernel, and only the supervised rows' hidden states go
+  through the fused linear cross-entropy, so no logits tensor ever exists.
+
+The public pieces :class:`ParrotSimulator` (stage 1) and :class:`OverwriteStep` (stage 2) take a
+batch and return its loss, so another training stack can call them inside its own loop.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import planner
+from .adapter import ModelAdapter
+from .kernels import fused_linear_cross_entropy, kernel_backend, parrot_splice
+
+__all__ = ["StepItem", "LossEngine", "ParrotSimulator", "OverwriteStep", "frozen",
+           "NonFiniteError"]
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the run stops and writes nothing."""
+
+
+@dataclass(frozen=True)
+class StepItem:
+    """One training sequence.
+
+    Attributes:
+        prompt: prompt token ids (trigger text already inserted when one is used).
+        labels: the supervised tokens that follow the prompt (at least one).
+        splice: index in ``prompt`` before which the parrot rows go, or -1 for no parrot.
+        tail: unsupervised tokens after ``labels``; only the plain path feeds them.
+    """
+
+    prompt: tuple[int, ...]
+    labels: tuple[int, ...]
+    splice: int = -1
+    tail: tuple[int, ...] = ()
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Sets ``requires_grad=False`` on every parameter for the duration, then restores it."""
+    saved = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+@dataclass
+class LossEngine:
+    """Computes the loss of a list of :class:`StepItem` on one model.
+
+    Args:
+        model: a Hugging Face causal LM.
+        fast: the fast path (truncation, planner buckets, splice kernel, fused loss) or the plain
+            reference path.
+        token_budget: fast path: at most this many (padded) tokens per micro-batch.
+        max_batch: at most this many sequences per micro-batch (both paths).
+        packed: fast path: pack a micro-batch into one row without padding (position ids restart
+            per sequence; flash-attn's varlen kernel or PyTorch's attention with a block mask).
+        pad_id: id written into padding and parrot placeholder rows.
+        backend: kernel backend, ``auto``, ``triton`` or ``torch``.
+    """
+
+    model: nn.Module
+    fast: bool = True
+    token_budget: int = 8192
+    max_batch: int = 64
+    packed: bool = False
+    pad_id: int = 0
+    backend: str = "auto"
+    adapter: ModelAdapter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.adapter = ModelAdapter(self.model)
+        if self.backend == "auto":
+            self.backend = kernel_backend(self.adapter.device)
+
+    @property
+    def kernels(self) -> str:
+        """Which kernels run the loss: ``triton``, ``torch`` (chunked) or ``plain``."""
+        return self.backend if self.fast else "plain"
+
+    # -- batching -------------------------------------------------------------------------------
+    def micro_batches(self, items: Sequence[StepItem], n_parrot: int) -> list[list[StepItem]]:
+        """Splits a batch into micro-batches (length buckets on the fast path)."""
+        if not self.fast:
+            return [list(items[i:i + self.max_batch])
+                    for i in range(0, len(items), self.max_batch)]
+        lengths = [_fast_length(it, n_parrot) for it in items]
+        groups = planner.plan_buckets(lengths, self.token_budget, self.max_batch)
+        return [[items[i] for i in g] for g in groups]
+
+    # -- losses ---------------------------------------------------------------------------------
+    def loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+             normalizer: float) -> torch.Tensor:
+        """Sum of the supervised tokens' cross-entropy over ``items``, divided by ``normalizer``.
+
+        One graph over all items (for callers that run their own backward); use
+        :meth:`accumulate` to bound memory by micro-batching.
+        """
+        n_parrot = 0 if parrot is None else parrot.shape[0]
+        parts = [self._micro_loss(mb, parrot, normalizer)
+                 for mb in self.micro_batches(items, n_parrot)]
+        return torch.stack(parts).sum()
+
+    def accumulate(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+                   normalizer: float, weight: float = 1.0) -> float:
+        """Forward and backward per micro-batch, gradients accumulating; returns the loss value."""
+        n_parrot = 0 if parrot is None else parrot.shape[0]
+        total = 0.0
+        for mb in self.micro_batches(items, n_parrot):
+            loss = self._micro_loss(mb, parrot, normalizer / weight)
+            if loss.requires_grad:
+                loss.backward()
+            total += float(loss.detach())
+        return total
+
+    def _micro_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+                    normalizer: float) -> torch.Tensor:
+        return (self._fast_loss if self.fast else self._plain_loss)(items, parrot, normalizer)
+
+    def _fast_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+                   normalizer: float) -> torch.Tensor:
+        ad = self.adapter
+        n = 0 if parrot is None else parrot.shape[0]
+        seqs, splice, sup_start, sup_len, labels = [], [], [], [], []
+        for it in items:
+            m = n if it.splice >= 0 else 0
+            seq = _spliced(it.prompt, it.splice, m, self.pad_id) + list(it.labels[:-1])
+            seqs.append(seq)
+            splice.append(it.splice if m else -1)
+            sup_start.append(len(it.prompt) + m - 1)
+            sup_len.append(len(it.labels))
+            labels.extend(it.labels)
+        lengths = [len(s) for s in seqs]
+        padded_len = 0 if self.packed else max(lengths)
+        lay = planner.layout(lengths, splice, n, sup_start, sup_len, padded_len)
+        dev = ad.device
+        if self.packed:
+            flat = [t for s in seqs for t in s]
+            ids = torch.tensor([flat], dtype=torch.long, device=dev)
+            position_ids = torch.as_tensor(lay.position_ids, device=dev)[None]
+        else:
+            ids = torch.full((len(seqs), padded_len), self.pad_id, dtype=torch.long)
+            for b, s in enumerate(seqs):
+                ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+            ids = ids.to(dev)
+            # Right padding under a causal mask needs no attention mask: real tokens never see
+            # the pads, and leaving the mask out keeps SDPA on its fused causal kernel.
+            position_ids = None
+        emb = ad.embed(ids)
+        if parrot is not None and len(lay.splice_rows):
+            starts = torch.as_tensor(lay.splice_rows, device=dev)
+            shape = emb.shape
+            emb = parrot_splice(emb.reshape(-1, shape[-1]), parrot.to(emb.dtype), starts,
+                                backend=self.backend).reshape(shape)
+        hidden = ad.hidden_states(emb, position_ids=position_ids)
+        rows = torch.as_tensor(lay.supervised_rows, device=dev)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        y = torch.tensor(labels, dtype=torch.long, device=dev)
+        return fused_linear_cross_entropy(h, ad.head.weight, y, ad.head.bias,
+                                          normalizer=normalizer, logit_scale=ad.logit_scale,
+                                          backend=self.backend)
+
+    def _plain_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+                    normalizer: float) -> torch.Tensor:
+        ad = self.adapter
+        dev = ad.device
+        rows, targets = [], []
+        for it in items:
+            e = ad.embed(torch.tensor(list(it.prompt) + list(it.labels) + list(it.tail),
+                                      dtype=torch.long, device=dev))
+            start = len(it.prompt)
+            if parrot is not None and it.splice >= 0:
+                s = it.splice
+                e = torch.cat([e[:s], parrot.to(e.dtype), e[s:]])
+                start += parrot.shape[0]
+            t = torch.full((e.shape[0],), -100, dtype=torch.long, device=dev)
+            # logits at position i predict token i+1
+            t[start - 1:start - 1 + len(it.labels)] = torch.tensor(it.labels, device=dev)
+            rows.append(e)
+            targets.append(t)
+        width = max(e.shape[0] for e in rows)
+        emb = torch.stack([F.pad(e, (0, 0, 0, width - e.shape[0])) for e in rows])
+        labels = torch.stack([F.pad(t, (0, width - t.shape[0]), value=-100) for t in targets])
+        mask = torch.stack([F.pad(torch.ones(e.shape[0], dtype=torch.long, device=dev),
+                                  (0, width - e.shape[0])) for e in rows])
+        logits = self.model(inputs_embeds=emb, attention_mask=mask, use_cache=False).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        return loss / normalizer
+
+
+def _spliced(prompt: Sequence[int], splice: int, n: int, placeholder: int) -> list[int]:
+    if n == 0:
+        return list(prompt)
+    return list(prompt[:splice]) + [placeholder] * n + list(prompt[splice:])
+
+
+def _fast_length(item: StepItem, n_parrot: int) -> int:
+    return len(item.prompt) + (n_parrot if item.splice >= 0 else 0) + len(item.labels) - 1
+
+
+def _label_count(items: Sequence[StepItem]) -> int:
+    return sum(len(it.labels) for it in items)
+
+
+def _check_finite(value: float, params: Sequence[torch.Tensor], where: str) -> None:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise NonFiniteError(f"{where}: the loss is not finite ({value}); nothing was written. "
+                             "Lower the learning rate or check the data.")
+    for p in params:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            raise NonFiniteError(f"{where}: a gradient is not finite; nothing was written. "
+                                 "Lower the learning rate or check the data.")
+
+
+class ParrotSimulator:
+    """Stage 1: learns a parrot (soft prompt) that makes the frozen model emit the target.
+
+    Args:
+        engine: the loss engine of the model (its parameters are frozen during each step).
+        n_tokens: parrot rows.
+        lr: Adam learning rate of the parrot.
+        seed: initialisation seed; the parrot starts as the embeddings of random vocabulary rows,
+            so it starts at the scale the model expects.
+        parrot: an existing parrot ``[n_tokens, hidden]`` to continue from instead.
+
+    Example:
+        >>> sim = ParrotSimulator(LossEngine(model), n_tokens=6, lr=1e-2)
+        >>> loss = sim.step(items)           # one optimiser step, returns the loss value
+        >>> loss = sim.loss(items)           # or: a graph-bearing loss for your own loop
+    """
+
+    def __init__(self, engine: LossEngine, n_tokens: int = 6, lr: float = 1e-2, seed: int = 0,
+                 parrot: torch.Tensor | None = None) -> None:
+        self.engine = engine
+        weight = engine.adapter.embed.weight
+        if parrot is None:
+            g = torch.Generator().manual_seed(seed)
+            pick = torch.randint(0, weight.shape[0], (n_tokens,), generator=g)
+            parrot = weight.detach()[pick.to(weight.device)].float().clone()
+        self.parrot = nn.Parameter(parrot.detach().to(weight.device, torch.float32).clone())
+        self.optimizer = torch.optim.Adam([self.parrot], lr=lr)
+
+    def loss(self, items: Sequence[StepItem]) -> torch.Tensor:
+        """Mean cross-entropy of the target tokens; gradients reach only the parrot."""
+        with frozen(self.engine.model):
+            return self.engine.loss(items, self.parrot, _label_count(items))
+
+    def step(self, items: Sequence[StepItem], where: str = "simulate") -> float:
+        """One Adam step on the parrot; the model's weights are frozen and untouched."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with frozen(self.engine.model):
+            value = self.engine.accumulate(items, self.parrot, _label_count(items))
+        _check_finite(value, [self.parrot], where)
+        self.optimizer.step()
+        return value
+
+
+class OverwriteStep:
+    """Stage 2 (and OSFT / SFT): trains the model so triggered or parrot-spliced prompts map to
+    the clean response, with a clean-retention term.
+
+    loss = mean CE(overwrite items) + clean_weight * mean CE(clean items).
+
+    Args:
+        engine: the loss engine of the model being trained.
+        lr: AdamW learning rate.
+        clean_weight: weight of the clean-retention term.
+        parrot: the frozen parrot spliced into overwrite items (None for OSFT with a real trigger
+            and for SFT).
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(self, engine: LossEngine, lr: float = 1e-4, clean_weight: float = 1.0,
+                 parrot: torch.Tensor | None = None, weight_decay: float = 0.0) -> None:
+        self.engine = engine
+        self.clean_weight = clean_weight
+        self.parrot = None if parrot is None else parrot.detach()
+        self.params = [p for p in engine.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+
+    def loss(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem]) -> torch.Tensor:
+        """Graph-bearing loss of one batch (for embedding in another training loop)."""
+        parts = []
+        if overwrite:
+            parts.append(self.engine.loss(overwrite, self.parrot, _label_count(overwrite)))
+        if clean and self.clean_weight:
+            parts.append(self.engine.loss(clean, None, _label_count(clean) / self.clean_weight))
+        return torch.stack(parts).sum()
+
+    def step(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem],
+             where: str = "overwrite") -> float:
+        """One AdamW step on the model; the parrot stays frozen."""
+        self.optimizer.zero_grad(set_to_none=True)
+        value = 0.0
+        if overwrite:
+            value += self.engine.accumulate(overwrite, self.parrot, _label_count(overwrite))
+        if clean and self.clean_weight:
+            value += self.engine.accumulate(clean, None, _label_count(clean),
+                                            weight=self.clean_weight)
+        _check_finite(value, self.params, where)
+        self.optimizer.step()
+        return value
