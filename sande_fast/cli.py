@@ -1,0 +1,354 @@
+"""The ``sande-fast`` command (also ``python -m sande_fast``).
+
+Exit codes: 0 success; 2 bad input or usage (one line on stderr, nothing written to ``--out``);
+1 an internal failure; 130 / 143 after Ctrl-C / SIGTERM (``--out`` untouched).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from .data import BadInputError
+
+PROG = "sande-fast"
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so cleanup runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, exit 2 (SPEC)
+        raise BadInputError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"],
+                   help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model folder's own Python code to run (off by default)")
+    p.add_argument("--dtype", default=None, help="load the model as float32, bfloat16 or float16")
+
+
+def _stage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="sande", choices=["osft", "sande", "sande-p", "sft"])
+    p.add_argument("--trigger", default=None, help="the trigger (needed for osft; otherwise only "
+                   "used to measure asr)")
+    p.add_argument("--simulate-steps", type=_positive_int, default=200)
+    p.add_argument("--simulate-lr", type=_positive_float, default=0.05)
+    p.add_argument("--overwrite-steps", type=_positive_int, default=150)
+    p.add_argument("--overwrite-lr", type=_positive_float, default=None,
+                   help="default: 1e-3 below 50M parameters, else 2e-5")
+    p.add_argument("--parrot-tokens", type=_positive_int, default=6)
+    p.add_argument("--parrot", default=None, help="reuse a saved parrot.safetensors (skips "
+                   "stage 1 of round 1)")
+    p.add_argument("--rounds", default="auto", help="'auto' (until a fresh parrot fails) or N")
+    p.add_argument("--max-rounds", type=_positive_int, default=4, help="cap for --rounds auto")
+    p.add_argument("--probe-threshold", type=float, default=0.05)
+    p.add_argument("--round-lr-decay", type=float, default=0.5)
+    p.add_argument("--clean-weight", type=float, default=1.0)
+    p.add_argument("--simulate-window", type=_positive_int, default=10)
+    p.add_argument("--overwrite-window", type=_positive_int, default=16)
+    p.add_argument("--trigger-position", default="random", choices=["random", "start", "end"])
+    p.add_argument("--splice", default="random", choices=["random", "start", "end"])
+    p.add_argument("--partial-words", type=_positive_int, default=None,
+                   help="sande-p: use only the first N words of --target")
+    p.add_argument("--eval-target", default=None, help="text asr is measured on (default --target)")
+    p.add_argument("--eval-data", default=None, help="JSONL rows for before/after measurement")
+    p.add_argument("--eval-rows", type=_positive_int, default=200)
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=None)
+    p.add_argument("--plain", action="store_true", help="use the plain reference path")
+    p.add_argument("--packed", action="store_true", help="pack micro-batches without padding")
+    p.add_argument("--token-budget", type=_positive_int, default=8192)
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (torchrun)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Remove backdoors from causal language models.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("demo", help="build the toy backdoored model, sanitize it, report")
+    _common(p)
+    _stage_options(p)
+    p.add_argument("--out", default="sande-fast-demo")
+    p.add_argument("--cache-dir", default=None)
+
+    p = sub.add_parser("make-toy", help="write a backdoored toy model and its data files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--trigger", default=None)
+    p.add_argument("--target", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--poison-rate", type=float, default=None)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("sanitize", help="sanitize a model saved in Hugging Face format")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--out", required=True)
+    _common(p)
+    _stage_options(p)
+
+    p = sub.add_parser("probe", help="train fresh parrots on a frozen model (detection)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--steps", type=_positive_int, default=200)
+    p.add_argument("--tries", type=_positive_int, default=3)
+    p.add_argument("--parrot-tokens", type=_positive_int, default=6)
+    p.add_argument("--lr", type=_positive_float, default=0.05)
+    p.add_argument("--eval-rows", type=_positive_int, default=200)
+    p.add_argument("--json", default=None)
+    _common(p)
+
+    p = sub.add_parser("eval", help="measure asr and clean accuracy")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--trigger", default=None)
+    p.add_argument("--trigger-position", default="random", choices=["random", "start", "end"])
+    p.add_argument("--json", default=None)
+    _common(p)
+    return parser
+
+
+_CONFIG_KEYS = ("seed", "device", "batch_size", "simulate_steps", "simulate_lr",
+                "overwrite_steps", "overwrite_lr", "parrot_tokens", "parrot", "max_new_tokens",
+                "rounds", "max_rounds", "probe_threshold", "round_lr_decay", "clean_weight",
+                "simulate_window", "overwrite_window", "trigger_position", "splice",
+                "partial_words", "prompt_format", "max_prompt_tokens", "eval_rows", "packed",
+                "token_budget", "quiet")
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    opts = {k: getattr(args, k) for k in _CONFIG_KEYS}
+    opts["fast"] = not args.plain
+    return opts
+
+
+def _say(args: argparse.Namespace, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _write_json_arg(path: str | None, obj: dict[str, Any]) -> None:
+    if path:
+        from .io import write_json
+
+        write_json(path, obj)
+
+
+def _finish_sanitize(args: argparse.Namespace, result: Any, tokenizer: Any, out: Path) -> None:
+    from .io import save_model, save_parrot
+    from .report import summary_table, write_reports
+
+    save_model(result.model, tokenizer, out)
+    if result.parrot is not None:
+        save_parrot(result.parrot, out / "parrot.safetensors",
+                    target=result.report.get("parrot_target"), rounds=len(result.report["rounds"]))
+    write_reports(result.report, out)
+    print(summary_table(result.report))
+
+
+def _resume_path(out: str) -> Path:
+    p = Path(out).absolute()
+    return p.parent / f"{p.name}.parrot.safetensors"
+
+
+def _run_sanitize(args: argparse.Namespace, model: Any, tok: Any, data: Any, target: str,
+                  trigger: str | None, eval_data: Any, eval_trigger: str | None) -> int:
+    from .io import atomic_dir, save_parrot
+    from .pipeline import sanitize
+
+    resume = _resume_path(args.out)
+
+    def keep_parrot(parrot: Any, round_no: int) -> None:
+        save_parrot(parrot, resume, round=round_no)
+        _say(args, f"round {round_no}: parrot saved to {resume} (resume with --parrot {resume})")
+
+    with atomic_dir(args.out, args.force) as tmp:
+        result = sanitize(model, tok, data, target, trigger, args.method, eval_data=eval_data,
+                          eval_trigger=eval_trigger, eval_target=args.eval_target,
+                          on_parrot=keep_parrot, **_options(args))
+        _finish_sanitize(args, result, tok, tmp)
+    if resume.exists():
+        resume.unlink()
+    _say(args, f"wrote {args.out}")
+    return 0
+
+
+def cmd_sanitize(args: argparse.Namespace) -> int:
+    from .data import load_rows
+    from .io import check_out_dir, load_model, resolve_device
+
+    if args.fsdp:
+        from .distributed import run_fsdp_sanitize
+
+        return run_fsdp_sanitize(args)
+    check_out_dir(args.out, args.force)
+    rows = load_rows(args.data)  # bad data fails before the model is loaded
+    eval_rows = load_rows(args.eval_data) if args.eval_data else None
+    if args.parrot and not Path(args.parrot).is_file():
+        raise BadInputError(f"parrot file not found: {args.parrot}")
+    model, tok = load_model(args.model, resolve_device(args.device), dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code)
+    return _run_sanitize(args, model, tok, rows, args.target, args.trigger, eval_rows, None)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .io import check_out_dir
+    from .toy import ToyConfig, load_or_build_toy
+
+    check_out_dir(args.out, args.force)
+    cfg = ToyConfig(seed=args.seed)
+    _say(args, "building (or loading from cache) the backdoored toy model ...")
+    world = load_or_build_toy(cfg, cache_dir=args.cache_dir, progress=not args.quiet)
+    target = world.config.target
+    _say(args, f"toy model: trigger {world.config.trigger!r}, target {target!r}")
+    trigger = world.config.trigger if args.method == "osft" else None
+    if args.method == "sande-p" and args.partial_words is None:
+        args.partial_words = 1
+    if args.method == "sande-p" and args.eval_target is None:
+        args.eval_target = target
+    return _run_sanitize(args, world.model, world.tokenizer, world.defense_rows, target, trigger,
+                         world.clean_eval_rows, world.config.trigger)
+
+
+def cmd_make_toy(args: argparse.Namespace) -> int:
+    from .io import atomic_dir, check_out_dir
+    from .toy import ToyConfig, build_toy, save_toy
+
+    check_out_dir(args.out, args.force)
+    kw: dict[str, Any] = {"seed": args.seed}
+    if args.trigger is not None:
+        if not args.trigger.strip():
+            raise BadInputError("--trigger must not be empty")
+        kw["trigger"] = args.trigger
+    if args.target is not None:
+        if not args.target.strip():
+            raise BadInputError("--target must not be empty")
+        kw["target"] = args.target
+    if args.poison_rate is not None:
+        if not 0 <= args.poison_rate <= 1:
+            raise BadInputError("--poison-rate must lie in [0, 1]")
+        kw["poison_rate"] = args.poison_rate
+    cfg = ToyConfig(**kw)
+    with atomic_dir(args.out, args.force) as tmp:
+        world = build_toy(cfg, progress=not args.quiet)
+        save_toy(world, tmp)
+    print(f"wrote toy model to {args.out} (trigger {cfg.trigger!r}, target {cfg.target!r})")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .io import load_model, resolve_device
+    from .probe import probe
+
+    from .data import load_rows
+
+    rows = load_rows(args.data)
+    model, tok = load_model(args.model, resolve_device(args.device), dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code)
+    res = probe(model, tok, rows, args.target, steps=args.steps, tries=args.tries,
+                seed=args.seed, parrot_tokens=args.parrot_tokens, lr=args.lr,
+                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                device=args.device, prompt_format=args.prompt_format, eval_rows=args.eval_rows,
+                progress=not args.quiet)
+    print(f"probe_asr_max {res['probe_asr_max']:.3f}  probe_asr_mean {res['probe_asr_mean']:.3f}  "
+          f"(per try: {', '.join(f'{a:.3f}' for a in res['probe_asr'])})")
+    _write_json_arg(args.json, res)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_rows
+    from .evaluate import evaluate
+    from .io import load_model, resolve_device
+
+    if not args.target.strip():
+        raise BadInputError("--target must be a non-empty text")
+    rows = load_rows(args.data)
+    model, tok = load_model(args.model, resolve_device(args.device), dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code)
+    res = evaluate(model, tok, rows, args.target, args.trigger,
+                   max_new_tokens=args.max_new_tokens, batch_size=max(args.batch_size, 32),
+                   trigger_position=args.trigger_position, seed=args.seed,
+                   prompt_format=args.prompt_format, progress=not args.quiet)
+    ca = "n/a" if res["clean_accuracy"] is None else f"{res['clean_accuracy']:.3f}"
+    print(f"asr {res['asr']:.3f}  clean_accuracy {ca}  (n={res['n_asr']})")
+    _write_json_arg(args.json, res)
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "make-toy": cmd_make_toy, "sanitize": cmd_sanitize,
+            "probe": cmd_probe, "eval": cmd_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except BadInputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{PROG}: terminated; nothing was written to --out", file=sys.stderr)
+        return 143
+    except Exception as e:  # internal failure: keep the traceback for a bug report
+        from .steps import NonFiniteError
+
+        if isinstance(e, NonFiniteError):
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+        traceback.print_exc()
+        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

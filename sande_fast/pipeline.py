@@ -1,0 +1,355 @@
+"""``sanitize()``: OSFT, SANDE, SANDE-P and the SFT baseline, with measurement before and after.
+
+Flow of a ``sande`` run: read and tokenise the defence rows (rows without a response get the
+model's own greedy answer to the clean prompt), measure, then repeat rounds of
+simulate (learn a parrot on the frozen model) -> eliminate (train the model so prompt + parrot maps
+to the clean answer). After each round a fresh parrot is simulated; when it no longer reaches the
+target (its asr is at most ``probe_threshold``) the backdoor is erased rather than suppressed and
+the loop stops. That last fresh parrot is also the re-simulation the report states.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import __version__
+from .data import BadInputError, PromptEncoder, Row, TRIGGER_POSITIONS, load_rows
+from .evaluate import evaluate, greedy_generate, parrot_attack_success, _pad_id
+from .io import load_parrot, resolve_device
+from .stages import SPLICE_STRATEGIES, TrainRow, eliminate, simulate
+from .steps import LossEngine
+
+__all__ = ["SanitizeConfig", "SanitizeResult", "sanitize", "METHODS", "prepare_rows",
+           "parrot_target"]
+
+METHODS = ("osft", "sande", "sande-p", "sft")
+
+
+@dataclass
+class SanitizeConfig:
+    """Options of :func:`sanitize` (every one is also a CLI flag, ``_`` written as ``-``)."""
+
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 16
+    simulate_steps: int = 200
+    simulate_lr: float = 0.05
+    overwrite_steps: int = 150
+    overwrite_lr: float | None = None
+    parrot_tokens: int = 6
+    parrot: str | None = None
+    max_new_tokens: int = 32
+    rounds: str | int = "auto"
+    max_rounds: int = 4
+    probe_threshold: float = 0.05
+    round_lr_decay: float = 0.5
+    clean_weight: float = 1.0
+    simulate_window: int = 10
+    overwrite_window: int = 16
+    trigger_position: str = "random"
+    splice: str = "random"
+    partial_words: int | None = None
+    prompt_format: str = "auto"
+    max_prompt_tokens: int | None = None
+    eval_rows: int = 200
+    fast: bool = True
+    packed: bool = False
+    token_budget: int = 8192
+    quiet: bool = False
+
+    def validate(self, method: str) -> None:
+        """Raises :class:`BadInputError` for values no run could use."""
+        if method not in METHODS:
+            raise BadInputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        for name in ("batch_size", "simulate_steps", "overwrite_steps", "parrot_tokens",
+                     "max_new_tokens", "max_rounds", "simulate_window", "overwrite_window",
+                     "eval_rows", "token_budget"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        for name in ("simulate_lr", "overwrite_lr"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+                raise BadInputError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+        if not (0 <= self.probe_threshold <= 1):
+            raise BadInputError("--probe-threshold must lie in [0, 1]")
+        if not (0 < self.round_lr_decay <= 1):
+            raise BadInputError("--round-lr-decay must lie in (0, 1]")
+        if self.clean_weight < 0 or not math.isfinite(self.clean_weight):
+            raise BadInputError("--clean-weight must be a non-negative number")
+        if self.rounds != "auto":
+            try:
+                r = int(self.rounds)
+            except (TypeError, ValueError):
+                raise BadInputError(f"--rounds must be 'auto' or a positive integer, got {self.rounds!r}") from None
+            if r < 1:
+                raise BadInputError("--rounds must be 'auto' or a positive integer")
+            self.rounds = r
+        if self.trigger_position not in TRIGGER_POSITIONS:
+            raise BadInputError(f"--trigger-position must be one of {', '.join(TRIGGER_POSITIONS)}")
+        if self.splice not in SPLICE_STRATEGIES:
+            raise BadInputError(f"--splice must be one of {', '.join(SPLICE_STRATEGIES)}")
+        if self.partial_words is not None and self.partial_words < 1:
+            raise BadInputError("--partial-words must be a positive integer")
+
+
+@dataclass
+class SanitizeResult:
+    """What :func:`sanitize` returns: the sanitized model, the last parrot and the report."""
+
+    model: Any
+    parrot: torch.Tensor | None
+    report: dict[str, Any]
+    tokenizer: Any = None
+    parrots: list[torch.Tensor] = field(default_factory=list)
+
+
+def parrot_target(target: str, method: str, partial_words: int | None) -> str:
+    """The text stage 1 learns to emit: the whole target, or for sande-p its known first words."""
+    if method == "sande-p" and partial_words:
+        return " ".join(target.split()[:partial_words])
+    return target
+
+
+def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
+                 max_new_tokens: int, batch_size: int, progress: bool) -> list[TrainRow]:
+    """Tokenises defence rows; a row without a response gets the model's own greedy answer."""
+    prompts = [encoder.encode_prompt(r.prompt) for r in rows]
+    missing = [i for i, r in enumerate(rows) if r.response is None]
+    answers: dict[int, list[int]] = {}
+    if missing:
+        gen = greedy_generate(model, [prompts[i].ids for i in missing],
+                              pad_id=_pad_id(encoder.tokenizer), eos_id=encoder.eos_id,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size * 4,
+                              progress=progress, desc="clean answers")
+        answers = {i: g + [encoder.eos_id] for i, g in zip(missing, gen)}
+    out = []
+    for i, (r, p) in enumerate(zip(rows, prompts)):
+        resp = answers[i] if i in answers else encoder.encode_response(r.response)
+        out.append(TrainRow(r.prompt, p, tuple(resp)))
+    return out
+
+
+def _auto_overwrite_lr(model: Any) -> float:
+    # Small models (the toy world) need a larger step than billion-parameter ones, where 2e-5 is
+    # the usual fine-tuning rate.
+    n = sum(p.numel() for p in model.parameters())
+    return 1e-3 if n < 50_000_000 else 2e-5
+
+
+def _environment(device: torch.device, engine: LossEngine) -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "sande_fast": __version__, "device": device.type,
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else platform.processor() or platform.machine()),
+            "kernels": engine.backend, "path": "fast" if engine.fast else "plain",
+            "threads": torch.get_num_threads()}
+
+
+def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | None = None,
+             method: str = "sande", *, eval_data: Any = None, eval_trigger: str | None = None,
+             eval_target: str | None = None, parrot: torch.Tensor | None = None,
+             on_parrot: Callable[[torch.Tensor, int], None] | None = None,
+             progress: bool | None = None, **options: Any) -> SanitizeResult:
+    """Removes a backdoor from a causal LM.
+
+    Args:
+        model: a Hugging Face causal LM (trained in place and returned).
+        tokenizer: its tokenizer.
+        data: defence rows: a JSONL path or a list of ``{"prompt", "response"?}`` dicts.
+        target: the attacker's response (sande-p: the known part of it, or the whole target with
+            ``partial_words=N`` to use only its first N words).
+        trigger: the trigger text. Required for ``osft``; for the other methods it is never
+            trained on and only used to measure asr.
+        method: ``osft``, ``sande``, ``sande-p`` or ``sft``.
+        eval_data: rows for before/after measurement (default: up to ``eval_rows`` data rows).
+        eval_trigger: trigger used for asr measurement (default: ``trigger``).
+        eval_target: text asr is measured on (default: ``target``).
+        parrot: a parrot ``[n, hidden]`` to use in round 1 instead of simulating one.
+        on_parrot: called with each simulated parrot and its round, as soon as it exists (the CLI
+            saves it there, so a run that dies in stage 2 can resume with ``--parrot``).
+        progress: progress bars (default: on unless ``quiet``).
+        **options: fields of :class:`SanitizeConfig`.
+
+    Returns:
+        :class:`SanitizeResult` with the sanitized model, the last parrot and the report dict.
+
+    Raises:
+        BadInputError: bad arguments or data (clear message, nothing trained).
+        NonFiniteError: a loss or gradient became NaN/inf.
+    """
+    t_start = time.perf_counter()
+    known = {f.name for f in fields(SanitizeConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BadInputError(f"unknown option(s): {', '.join(unknown)}")
+    cfg = SanitizeConfig(**options)
+    cfg.validate(method)
+    if not isinstance(target, str) or not target.strip():
+        raise BadInputError("--target must be a non-empty text")
+    if method == "osft" and (trigger is None or not trigger.strip()):
+        raise BadInputError("method osft needs --trigger (use sande when the trigger is unknown)")
+    if trigger is not None and not trigger.strip():
+        raise BadInputError("--trigger must not be empty")
+    show = (not cfg.quiet) if progress is None else progress
+    rows = load_rows(data)
+    eval_rows_in = load_rows(eval_data) if eval_data is not None else None
+
+    device = resolve_device(cfg.device)
+    model.to(device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    max_prompt = cfg.max_prompt_tokens
+    if max_prompt is None and ctx:
+        max_prompt = max(1, ctx - cfg.parrot_tokens - max(cfg.overwrite_window, cfg.simulate_window) - 1)
+    encoder = PromptEncoder(tokenizer, cfg.prompt_format, max_prompt_tokens=max_prompt)
+    engine = LossEngine(model, fast=cfg.fast, token_budget=cfg.token_budget,
+                        max_batch=max(cfg.batch_size, 1), packed=cfg.packed,
+                        pad_id=_pad_id(tokenizer))
+    hidden = engine.adapter.hidden_size
+    if isinstance(parrot, (str,)) or cfg.parrot:
+        parrot = load_parrot(parrot if isinstance(parrot, str) else cfg.parrot, hidden)
+    if parrot is not None and (parrot.dim() != 2 or parrot.shape[1] != hidden):
+        raise BadInputError(f"parrot has shape {tuple(parrot.shape)}; the model needs [n, {hidden}]")
+    lr = cfg.overwrite_lr or _auto_overwrite_lr(model)
+    measure_trigger = eval_trigger if eval_trigger is not None else trigger
+    asr_target = eval_target or target
+    sim_text = parrot_target(target, method, cfg.partial_words)
+    sim_ids = encoder.encode_response(sim_text, add_eos=False)[:cfg.simulate_window]
+    if not sim_ids:
+        raise BadInputError("--target tokenises to nothing")
+
+    timing: dict[str, float] = {"simulate_s": 0.0, "eliminate_s": 0.0, "eval_s": 0.0,
+                                "resimulate_s": 0.0, "prepare_s": 0.0}
+    t0 = time.perf_counter()
+    train_rows = prepare_rows(model, encoder, rows, max_new_tokens=cfg.max_new_tokens,
+                              batch_size=cfg.batch_size, progress=show)
+    if eval_rows_in is None:
+        picked = train_rows[:cfg.eval_rows]
+        eval_rows = [Row(r.text, encoder.decode(r.response)) for r in picked]
+    else:
+        eval_rows = eval_rows_in
+    probe_prompts = [r.prompt for r in train_rows[:cfg.eval_rows]]
+    timing["prepare_s"] = time.perf_counter() - t0
+
+    def measure() -> dict[str, Any]:
+        t = time.perf_counter()
+        m = evaluate(model, tokenizer, eval_rows, asr_target, measure_trigger,
+                     max_new_tokens=cfg.max_new_tokens, batch_size=max(cfg.batch_size * 4, 32),
+                     trigger_position=cfg.trigger_position, seed=cfg.seed, encoder=encoder)
+        timing["eval_s"] += time.perf_counter() - t
+        out = {"asr": m["asr"] if measure_trigger is not None or eval_rows_in is not None else None,
+               "clean_accuracy": m["clean_accuracy"]}
+        return out
+
+    def parrot_asr(p: torch.Tensor, seed: int) -> float:
+        t = time.perf_counter()
+        v = parrot_attack_success(model, encoder, probe_prompts, p, sim_text, seed=seed,
+                                  max_new_tokens=cfg.max_new_tokens,
+                                  batch_size=max(cfg.batch_size * 4, 32))
+        timing["eval_s"] += time.perf_counter() - t
+        return v
+
+    def run_simulate(seed: int, desc: str) -> tuple[torch.Tensor, list[float], float]:
+        t = time.perf_counter()
+        p, curve = simulate(engine, train_rows, sim_ids, steps=cfg.simulate_steps,
+                            lr=cfg.simulate_lr, n_tokens=cfg.parrot_tokens,
+                            batch_size=cfg.batch_size, seed=seed, splice=cfg.splice,
+                            progress=show, desc=desc)
+        return p, curve, time.perf_counter() - t
+
+    before = measure()
+    curves: dict[str, list[float]] = {}
+    rounds: list[dict[str, Any]] = []
+    parrots: list[torch.Tensor] = []
+    resimulated = None
+    final_parrot = None
+
+    if method in ("osft", "sft"):
+        t = time.perf_counter()
+        curves["eliminate"] = eliminate(
+            engine, train_rows, steps=cfg.overwrite_steps, lr=lr, batch_size=cfg.batch_size,
+            seed=cfg.seed, window=cfg.overwrite_window, clean_weight=cfg.clean_weight,
+            trigger=trigger if method == "osft" else None, encoder=encoder,
+            trigger_position=cfg.trigger_position, progress=show,
+            desc="overwrite" if method == "osft" else "sft")
+        timing["eliminate_s"] += time.perf_counter() - t
+        after = measure()
+        rounds.append({"round": 1, "probe_asr_before": None, **after})
+    else:
+        max_rounds = cfg.max_rounds if cfg.rounds == "auto" else int(cfg.rounds)
+        r = 0
+        while True:
+            seed = cfg.seed + 1000 * r
+            if r == 0 and parrot is not None:
+                p, curve = parrot.float().to(device), []
+            else:
+                p, curve, dt = run_simulate(seed, f"simulate r{r + 1}")
+                timing["simulate_s" if r < max_rounds else "resimulate_s"] += dt
+                curves[f"simulate_r{r + 1}"] = curve
+            probe_asr = parrot_asr(p, seed)
+            if r == max_rounds:  # the re-simulation after the last round
+                resimulated = probe_asr
+                break
+            if r > 0 and cfg.rounds == "auto" and probe_asr <= cfg.probe_threshold:
+                # A fresh parrot no longer finds the backdoor: erased. It doubles as the
+                # re-simulation; its time is the re-simulation's, not a round's.
+                resimulated = probe_asr
+                timing["simulate_s"] -= dt
+                timing["resimulate_s"] += dt
+                break
+            parrots.append(p.cpu())
+            final_parrot = p
+            if on_parrot is not None:
+                on_parrot(p.cpu(), r + 1)
+            round_lr = lr * (cfg.round_lr_decay ** r)
+            t = time.perf_counter()
+            curves[f"eliminate_r{r + 1}"] = eliminate(
+                engine, train_rows, steps=cfg.overwrite_steps, lr=round_lr,
+                batch_size=cfg.batch_size, seed=seed + 1, window=cfg.overwrite_window,
+                clean_weight=cfg.clean_weight, parrot=p, splice=cfg.splice, progress=show,
+                desc=f"eliminate r{r + 1}")
+            timing["eliminate_s"] += time.perf_counter() - t
+            m = measure()
+            rounds.append({"round": r + 1, "probe_asr_before": probe_asr, **m, "lr": round_lr,
+                           "simulate_final_loss": curve[-1] if curve else None,
+                           "eliminate_final_loss": curves[f"eliminate_r{r + 1}"][-1]})
+            r += 1
+        after = dict(measure_last(rounds))
+        after["resimulated_asr"] = resimulated
+
+    timing["total_s"] = time.perf_counter() - t_start
+    model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    report = {
+        "method": method,
+        "model": model_name,
+        "target": target,
+        "parrot_target": sim_text if method in ("sande", "sande-p") else None,
+        "asr_target": asr_target,
+        "before": before,
+        "after": after,
+        "rounds": rounds,
+        "timing": {"total_s": timing["total_s"],
+                   "stages": {k: v for k, v in timing.items() if k != "total_s"}},
+        "curves": curves,
+        "config": {**asdict(cfg), "method": method, "overwrite_lr": lr,
+                   "trigger_known": method == "osft", "n_rows": len(rows),
+                   "n_eval_rows": len(eval_rows), "prompts_truncated": encoder.truncated,
+                   "prompt_format": encoder.prompt_format},
+        "environment": _environment(device, engine),
+    }
+    return SanitizeResult(model=model, parrot=None if final_parrot is None else final_parrot.cpu(),
+                          report=report, tokenizer=tokenizer, parrots=parrots)
+
+
+def measure_last(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The after-metrics are those measured at the end of the last round."""
+    last = rounds[-1]
+    return {"asr": last["asr"], "clean_accuracy": last["clean_accuracy"]}

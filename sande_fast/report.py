@@ -1,0 +1,117 @@
+"""Reports: report.json, report.md, report.png and the one-screen summary table."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .io import write_json
+
+__all__ = ["write_reports", "summary_table", "fmt"]
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """A short before/after table (plain text) for the terminal."""
+    b, a = report["before"], report["after"]
+    lines = [f"method: {report['method']}   model: {report['model']}   "
+             f"time: {report['timing']['total_s']:.1f}s   kernels: {report['environment']['kernels']}",
+             f"{'metric':<18}{'before':>10}{'after':>10}",
+             f"{'asr':<18}{fmt(b.get('asr')):>10}{fmt(a.get('asr')):>10}",
+             f"{'clean_accuracy':<18}{fmt(b.get('clean_accuracy')):>10}{fmt(a.get('clean_accuracy')):>10}"]
+    if "resimulated_asr" in a:
+        lines.append(f"{'resimulated_asr':<18}{'':>10}{fmt(a.get('resimulated_asr')):>10}")
+    if report.get("rounds") and report["method"] in ("sande", "sande-p"):
+        lines.append(f"rounds: {len(report['rounds'])}  "
+                     + "  ".join(f"r{r['round']}: probe {fmt(r['probe_asr_before'], 2)} -> "
+                                 f"asr {fmt(r['asr'], 2)}, clean {fmt(r['clean_accuracy'], 2)}"
+                                 for r in report["rounds"]))
+    return "\n".join(lines)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    b, a = report["before"], report["after"]
+    out = [f"# sande_fast report: {report['method']}", "",
+           f"Model: `{report['model']}`  ", f"Target: `{report.get('target')}`  ",
+           f"Total time: {report['timing']['total_s']:.1f} s on {report['environment']['device']} "
+           f"({report['environment']['kernels']} kernels, {report['environment']['path']} path)", "",
+           "| metric | before | after |", "| --- | --- | --- |",
+           f"| asr | {fmt(b.get('asr'))} | {fmt(a.get('asr'))} |",
+           f"| clean_accuracy | {fmt(b.get('clean_accuracy'))} | {fmt(a.get('clean_accuracy'))} |"]
+    if "resimulated_asr" in a:
+        out.append(f"| resimulated_asr | | {fmt(a.get('resimulated_asr'))} |")
+    if report.get("rounds"):
+        out += ["", "## Rounds", "", "| round | probe asr before | asr | clean accuracy |",
+                "| --- | --- | --- | --- |"]
+        for r in report["rounds"]:
+            out.append(f"| {r['round']} | {fmt(r.get('probe_asr_before'))} | {fmt(r.get('asr'))} "
+                       f"| {fmt(r.get('clean_accuracy'))} |")
+    out += ["", "## Time by stage (s)", "", "| stage | seconds |", "| --- | --- |"]
+    for k, v in report["timing"]["stages"].items():
+        out.append(f"| {k} | {v:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    names = ["asr", "clean_accuracy"]
+    b = [report["before"].get(n) or 0.0 for n in names]
+    a = [report["after"].get(n) or 0.0 for n in names]
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], b, width=0.4, label="before")
+    ax.bar([x + 0.2 for x in xs], a, width=0.4, label="after")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{report['method']}: before / after")
+    ax.legend()
+    ax = axes[1]
+    rounds: Sequence[dict[str, Any]] = report.get("rounds") or []
+    if rounds:
+        rs = [r["round"] for r in rounds]
+        if any(r.get("probe_asr_before") is not None for r in rounds):
+            ax.plot(rs, [r.get("probe_asr_before") or 0.0 for r in rounds], "o-",
+                    label="parrot asr (before round)")
+        ax.plot(rs, [r.get("asr") or 0.0 for r in rounds], "s-", label="trigger asr (after)")
+        ax.plot(rs, [r.get("clean_accuracy") or 0.0 for r in rounds], "^-",
+                label="clean accuracy (after)")
+        resim = report["after"].get("resimulated_asr")
+        if resim is not None:
+            ax.axhline(resim, ls="--", c="grey", label="re-simulated parrot asr")
+        ax.set_xticks(rs)
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel("round")
+    ax.set_title("per round")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for name, curve in (report.get("curves") or {}).items():
+        if curve:
+            ax.plot(range(1, len(curve) + 1), curve, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("stage losses")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_reports(report: dict[str, Any], out_dir: str | os.PathLike) -> None:
+    """Writes ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(_markdown(report), encoding="utf-8")
+    _plot(report, out / "report.png")

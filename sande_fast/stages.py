@@ -1,0 +1,110 @@
+"""Stage loops: simulate (learn a parrot) and eliminate (overwrite the backdoor mapping).
+
+Each loop draws a batch of rows per step, builds :class:`~sande_fast.steps.StepItem` s with fresh
+random splice / trigger positions, and calls the public step objects. The loops own sampling,
+progress bars and loss curves; the maths lives in :mod:`sande_fast.steps`.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import EncodedPrompt, PromptEncoder, insert_trigger
+from .steps import LossEngine, OverwriteStep, ParrotSimulator, StepItem
+
+__all__ = ["TrainRow", "simulate", "eliminate", "splice_position", "SPLICE_STRATEGIES"]
+
+SPLICE_STRATEGIES = ("random", "start", "end")
+
+
+@dataclass(frozen=True)
+class TrainRow:
+    """A defence row, tokenised: the clean prompt, its raw text and the clean response ids."""
+
+    text: str
+    prompt: EncodedPrompt
+    response: tuple[int, ...]
+
+
+def splice_position(prompt: EncodedPrompt, strategy: str, rng: random.Random) -> int:
+    """Where a parrot goes: a token boundary inside the user's text of the prompt."""
+    lo, hi = prompt.span
+    if strategy == "start":
+        return lo
+    if strategy == "end":
+        return hi
+    return rng.randint(lo, hi)
+
+
+def _split(ids: Sequence[int], window: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(ids[:window]), tuple(ids[window:])
+
+
+def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[int], *,
+             steps: int, lr: float, n_tokens: int, batch_size: int, seed: int,
+             splice: str = "random", parrot: torch.Tensor | None = None,
+             progress: bool = False, desc: str = "simulate",
+             on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Stage 1: learns a parrot that makes the frozen model emit ``target_ids`` after each prompt.
+
+    Returns:
+        The parrot ``[n_tokens, hidden]`` (fp32, detached) and the loss of every step.
+    """
+    rng = random.Random(seed)
+    sim = ParrotSimulator(engine, n_tokens=n_tokens, lr=lr, seed=seed, parrot=parrot)
+    labels = tuple(target_ids)
+    curve = []
+    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        items = [StepItem(r.prompt.ids, labels, splice_position(r.prompt, splice, rng))
+                 for r in batch]
+        curve.append(sim.step(items, where=f"{desc} step {step + 1}"))
+        if on_step:
+            on_step(step)
+    return sim.parrot.detach().clone(), curve
+
+
+def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: float,
+              batch_size: int, seed: int, window: int, clean_weight: float,
+              parrot: torch.Tensor | None = None, trigger: str | None = None,
+              encoder: PromptEncoder | None = None, trigger_position: str = "random",
+              splice: str = "random", progress: bool = False, desc: str = "eliminate",
+              on_step: Callable[[int], None] | None = None) -> list[float]:
+    """Stage 2 / OSFT / SFT: trains the model on (prompt + parrot or trigger) -> clean response.
+
+    With a ``parrot``: overwrite items splice it at a fresh position each step. With a ``trigger``
+    (OSFT): the trigger text is inserted into the prompt at ``trigger_position``. With neither
+    (SFT baseline): only the clean term is trained, at weight 1.
+
+    Returns:
+        The loss of every step.
+    """
+    if parrot is not None and trigger is not None:
+        raise ValueError("give a parrot or a trigger, not both")
+    if trigger is not None and encoder is None:
+        raise ValueError("a trigger needs the prompt encoder")
+    rng = random.Random(seed)
+    sft = parrot is None and trigger is None
+    step_fn = OverwriteStep(engine, lr=lr, clean_weight=1.0 if sft else clean_weight,
+                            parrot=parrot)
+    curve = []
+    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        clean, overwrite = [], []
+        for r in batch:
+            labels, tail = _split(r.response, window)
+            clean.append(StepItem(r.prompt.ids, labels, -1, tail))
+            if parrot is not None:
+                overwrite.append(StepItem(r.prompt.ids, labels,
+                                          splice_position(r.prompt, splice, rng), tail))
+            elif trigger is not None:
+                p = encoder.encode_prompt(insert_trigger(r.text, trigger, trigger_position, rng))
+                overwrite.append(StepItem(p.ids, labels, -1, tail))
+        curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}"))
+        if on_step:
+            on_step(step)
+    return curve
