@@ -6,7 +6,6 @@ embedding, the output projection (tied or not) and any logit transform the archi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,33 +13,47 @@ from torch import nn
 
 __all__ = ["ModelAdapter", "UnsupportedModelError"]
 
+# A sharded (FSDP2) model unshards its root parameters (embedding, final norm, LM head) only
+# inside the root module's forward. The fast loss therefore runs as the forward of this adapter,
+# which holds the model as a submodule: shard the adapter as the root and it just works.
+
 
 class UnsupportedModelError(ValueError):
     """The fast path cannot reproduce this model's logits exactly (use the plain path)."""
 
 
-@dataclass
-class ModelAdapter:
-    """Access to a causal LM's embedding, base model and LM head.
+class ModelAdapter(nn.Module):
+    """Access to a causal LM's embedding, base model and LM head, and the fast loss as forward.
 
     Args:
         model: a ``PreTrainedModel`` with a causal-LM head (``*ForCausalLM``, ``GPT2LMHeadModel``).
     """
 
-    model: nn.Module
-
-    def __post_init__(self) -> None:
-        m = self.model
-        self.base: nn.Module = getattr(m, "base_model", None)
-        if self.base is None or self.base is m:
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        m = model
+        base = getattr(m, "base_model", None)
+        if base is None or base is m:
             raise UnsupportedModelError(f"{type(m).__name__} has no separate base model")
-        self.embed: nn.Module = m.get_input_embeddings()
         head = m.get_output_embeddings()
         if not isinstance(head, nn.Linear):
             raise UnsupportedModelError(
                 f"{type(m).__name__}: LM head is {type(head).__name__}, not a linear layer")
-        self.head: nn.Linear = head
         self.logit_scale = _logit_scale(getattr(m, "config", None))
+
+    # The parts are looked up on each use (not stored as submodules twice).
+    @property
+    def base(self) -> nn.Module:
+        return self.model.base_model
+
+    @property
+    def embed(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
 
     @property
     def hidden_size(self) -> int:
@@ -60,6 +73,40 @@ class ModelAdapter:
         out = self.base(inputs_embeds=inputs_embeds, position_ids=position_ids,
                         attention_mask=attention_mask, use_cache=False)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor | None,
+                parrot: torch.Tensor | None, splice_rows: torch.Tensor | None,
+                supervised_rows: torch.Tensor, labels: torch.Tensor, normalizer: float,
+                backend: str = "auto") -> torch.Tensor:
+        """The fast loss of one micro-batch.
+
+        Args:
+            ids: ``[B, L]`` token ids (right-padded rows, or one packed row), placeholder ids
+                where the parrot goes.
+            position_ids: ``[1, L]`` for a packed row (restarting per sequence), else None.
+            parrot: ``[n, H]`` soft prompt or None.
+            splice_rows: ``[S]`` int64 flat row index of each splice start in ``[B*L]``.
+            supervised_rows: ``[R]`` int64 flat rows whose next token is supervised.
+            labels: ``[R]`` int64 next-token labels of those rows.
+            normalizer: the summed cross-entropy is divided by this.
+
+        Returns:
+            0-dim fp32 loss.
+        """
+        from .kernels import fused_linear_cross_entropy, parrot_splice
+
+        emb = self.embed(ids)
+        if parrot is not None and splice_rows is not None and splice_rows.numel():
+            shape = emb.shape
+            emb = parrot_splice(emb.reshape(-1, shape[-1]), parrot.to(emb.dtype), splice_rows,
+                                backend=backend).reshape(shape)
+        hidden = self.hidden_states(emb, position_ids=position_ids)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, supervised_rows)
+        head = self.head
+        return fused_linear_cross_entropy(h, head.weight, labels, head.bias,
+                                          normalizer=normalizer, logit_scale=self.logit_scale,
+                                          backend=backend)
 
 
 def _logit_scale(config: Any) -> float:

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import planner
 from .adapter import ModelAdapter
-from .kernels import fused_linear_cross_entropy, kernel_backend, parrot_splice
+from .kernels import kernel_backend
 
 __all__ = ["StepItem", "LossEngine", "ParrotSimulator", "OverwriteStep", "frozen",
            "NonFiniteError"]
@@ -170,19 +170,11 @@ class LossEngine:
             # Right padding under a causal mask needs no attention mask: real tokens never see
             # the pads, and leaving the mask out keeps SDPA on its fused causal kernel.
             position_ids = None
-        emb = ad.embed(ids)
-        if parrot is not None and len(lay.splice_rows):
-            starts = torch.as_tensor(lay.splice_rows, device=dev)
-            shape = emb.shape
-            emb = parrot_splice(emb.reshape(-1, shape[-1]), parrot.to(emb.dtype), starts,
-                                backend=self.backend).reshape(shape)
-        hidden = ad.hidden_states(emb, position_ids=position_ids)
-        rows = torch.as_tensor(lay.supervised_rows, device=dev)
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        y = torch.tensor(labels, dtype=torch.long, device=dev)
-        return fused_linear_cross_entropy(h, ad.head.weight, y, ad.head.bias,
-                                          normalizer=normalizer, logit_scale=ad.logit_scale,
-                                          backend=self.backend)
+        splice_rows = (torch.as_tensor(lay.splice_rows, device=dev)
+                       if parrot is not None and len(lay.splice_rows) else None)
+        return ad(ids, position_ids, parrot, splice_rows,
+                  torch.as_tensor(lay.supervised_rows, device=dev),
+                  torch.tensor(labels, dtype=torch.long, device=dev), normalizer, self.backend)
 
     def _plain_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                     normalizer: float) -> torch.Tensor:
