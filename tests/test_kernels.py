@@ -30,7 +30,6 @@ from sande_fast.kernels import (
 )
 
 HAS_CUDA = torch.cuda.is_available()
-REPO = Path(__file__).resolve().parents[1]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -319,8 +318,7 @@ def test_import_without_triton() -> None:
         "k.fused_linear_cross_entropy(h, torch.randn(5, 3), torch.tensor([0, 1, -100, 4])).backward()\n"
         "print(k.parrot_splice(torch.randn(4, 3), torch.randn(2, 3), torch.tensor([1])).shape)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -352,7 +350,7 @@ def _interpreter_main(group: str) -> int:
 def test_triton_backend_under_interpreter(group: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret", group],
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("ok ") == len(CE_CASES if group == "ce" else SPLICE_CASES), proc.stdout
 
