@@ -363,8 +363,9 @@ def fused_linear_cross_entropy(
     if resolved == "triton" and not hidden.is_cuda and not (hidden.dtype == torch.float32):
         # The Triton interpreter (the only CPU route) mishandles half-precision arithmetic.
         raise RuntimeError("the Triton interpreter path only supports fp32 on CPU")
+    # Contiguous labels: the Triton kernel reads label i at labels_ptr + i.
     return _FusedLinearCE.apply(
-        hidden, weight, bias, labels.long(), ignore_index, reduction, normalizer,
+        hidden, weight, bias, labels.long().contiguous(), ignore_index, reduction, normalizer,
         float(logit_scale), chunk_rows, resolved,
     )
 

@@ -129,7 +129,7 @@ class _ParrotSplice(torch.autograd.Function):
             ctx.save_for_backward(starts, pmap)
             return out
         rows = _splice_rows(starts, n)
-        out = x.clone()
+        out = x.clone(memory_format=torch.contiguous_format)  # so the caller's .view(shape) works
         out[rows] = parrot.to(x.dtype).repeat(starts.numel(), 1)  # index_put
         ctx.save_for_backward(starts, rows)
         return out

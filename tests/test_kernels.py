@@ -63,6 +63,7 @@ class CECase:
     hidden_grad: bool = True
     tied: bool = False  # the weight also serves as the input embedding table
     ignore_index: int = -100
+    strided: bool = False  # hidden and labels are non-contiguous views
 
 
 CE_CASES = [
@@ -79,6 +80,8 @@ CE_CASES = [
     CECase("hidden_frozen_weight_trainable", hidden_grad=False, chunk_rows=11),
     CECase("custom_ignore_index", ignore_index=-1, chunk_rows=4, ignore_frac=0.6),
     CECase("vocab_over_block", vocab=4099, hidden=9, rows=23, chunk_rows=6, ignore_frac=0.4),
+    CECase("strided_inputs", strided=True, chunk_rows=9, ignore_frac=0.5, bias=True),
+    CECase("strided_inputs_no_ignored", strided=True, chunk_rows=8, ignore_frac=0.0),
 ]
 
 
@@ -100,6 +103,14 @@ def run_ce_case(case: CECase, backend: str, device: str = "cpu", dtype: torch.dt
             return None
         return t.to(device=device, dtype=dtype).requires_grad_(grad)
 
+    def view(t: torch.Tensor) -> torch.Tensor:
+        # A non-contiguous view with the same values (every other column / element).
+        if not case.strided:
+            return t
+        if t.dim() == 2:
+            return torch.stack([t, torch.zeros_like(t)], dim=2).flatten(1)[:, ::2]
+        return torch.stack([t, torch.zeros_like(t)], dim=1).flatten()[::2]
+
     results = []
     for fn, kw in ((fused_linear_cross_entropy, {"backend": backend}),
                    (fused_linear_cross_entropy_reference, {})):
@@ -107,12 +118,13 @@ def run_ce_case(case: CECase, backend: str, device: str = "cpu", dtype: torch.dt
         w = leaf(weight0, case.weight_grad)
         b = leaf(bias0, True)
         assert hid is not None and w is not None
-        x = hid
+        x = view(hid)
+        assert x.is_contiguous() != case.strided or r == 0
         if case.tied:
             # Weight tying: the same [V, H] tensor also embeds the inputs, so its grad is the sum
             # of the LM-head grad and the embedding grad.
             x = hid + torch.nn.functional.embedding(tok_ids.to(device), w)
-        loss = fn(x, w, labels.to(device), b, ignore_index=case.ignore_index,
+        loss = fn(x, w, view(labels.to(device)), b, ignore_index=case.ignore_index,
                   reduction=case.reduction, normalizer=case.normalizer,
                   logit_scale=case.logit_scale, chunk_rows=case.chunk_rows, **kw)
         total = loss
@@ -215,6 +227,7 @@ class SpliceCase:
     starts: tuple[int, ...]
     x_grad: bool = True
     p_grad: bool = True
+    strided: bool = False  # token_embeds is a non-contiguous view
 
 
 SPLICE_CASES = [
@@ -227,6 +240,7 @@ SPLICE_CASES = [
     SpliceCase("no_splices", (2, 5, 8), 6, ()),
     SpliceCase("only_parrot_grad", (2, 16, 12), 6, (3, 19), x_grad=False),
     SpliceCase("only_x_grad", (2, 16, 12), 1, (3, 19), p_grad=False),
+    SpliceCase("strided_input", (3, 10, 7), 6, (1, 12, 24), strided=True),
 ]
 
 
@@ -244,7 +258,10 @@ def run_splice_case(case: SpliceCase, backend: str, device: str = "cpu",
     for fn, kw in ((parrot_splice, {"backend": backend}), (parrot_splice_reference, {})):
         x = x0.to(device, x_dtype).requires_grad_(case.x_grad)
         p = p0.to(device, p_dtype).requires_grad_(case.p_grad)
-        out = fn(x, p, starts, **kw)
+        # Strided case: the same values seen through a transposed (non-contiguous) view.
+        xin = x.transpose(-1, -2).contiguous().transpose(-1, -2) if case.strided else x
+        assert xin.is_contiguous() != case.strided
+        out = fn(xin, p, starts, **kw)
         inputs = [t for t in (x, p) if t.requires_grad]
         grads = torch.autograd.grad(out, inputs, g0.to(device, x_dtype), materialize_grads=True)
         outs.append((out, inputs, grads))
