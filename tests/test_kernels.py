@@ -11,10 +11,12 @@ Run: ``.venv/bin/python -m pytest -q tests/test_kernels.py``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -346,19 +348,18 @@ def _interpreter_main(group: str) -> int:
     """Entry point of the interpreter subprocess: run every case of ``group`` on backend triton."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     failures = []
+    checks: list[tuple[str, Callable[[], None]]]
     if group == "ce":
-        cases: list = [replace(c) for c in CE_CASES]
-        runner = run_ce_case
+        checks = [(c.name, functools.partial(run_ce_case, c, "triton")) for c in CE_CASES]
     else:
-        cases = SPLICE_CASES
-        runner = run_splice_case
-    for case in cases:
+        checks = [(c.name, functools.partial(run_splice_case, c, "triton", tol=1e-6)) for c in SPLICE_CASES]
+    for name, check in checks:
         try:
-            runner(case, "triton", **({"tol": 1e-6} if group == "splice" else {}))
-            print(f"ok   {case.name}")
+            check()
+            print(f"ok   {name}")
         except Exception as exc:  # report every failing case, not only the first
-            failures.append(case.name)
-            print(f"FAIL {case.name}: {type(exc).__name__}: {exc}")
+            failures.append(name)
+            print(f"FAIL {name}: {type(exc).__name__}: {exc}")
     return 1 if failures else 0
 
 
