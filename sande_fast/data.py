@@ -65,23 +65,41 @@ def read_jsonl(path: Union[str, os.PathLike]) -> list[Row]:
     except OSError as e:
         raise BadInputError(f"cannot read data file {p}: {e.strerror or e}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is tolerated
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise BadInputError(f"{p}:{line}: not valid UTF-8 text") from None
     rows: list[Row] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() would also split at U+2028, form feeds etc., which
+    # JSON allows inside strings, and would make line numbers disagree with editors.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            msg = getattr(e, "msg", "too deeply nested")
+        except RecursionError:
+            raise BadInputError(f"{p}:{lineno}: malformed JSON (nested too deeply)") from None
+        except ValueError as e:  # JSONDecodeError, or an integer too long to convert
+            msg = getattr(e, "msg", None) or _first_line(e)
             raise BadInputError(f"{p}:{lineno}: malformed JSON ({msg})") from None
         rows.append(_row_from_obj(obj, f"{p}:{lineno}"))
     if not rows:
         raise BadInputError(f"data file {p} has no rows (expected JSONL with a 'prompt' per line)")
     return rows
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_text(value: str, what: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInputError(f"{where}: {what} holds an unpaired surrogate escape (\\ud800-"
+                            "\\udfff); fix the text") from None
 
 
 def _row_from_obj(obj: Any, where: str) -> Row:
@@ -93,9 +111,12 @@ def _row_from_obj(obj: Any, where: str) -> Row:
         raise BadInputError(f"{where}: row {what}")
     if not prompt.strip():
         raise BadInputError(f"{where}: row has an empty 'prompt'")
+    _check_text(prompt, "'prompt'", where)
     response = obj.get("response")
     if response is not None and not isinstance(response, str):
         raise BadInputError(f"{where}: 'response' must be a string when present")
+    if response is not None:
+        _check_text(response, "'response'", where)
     return Row(prompt=prompt, response=response)
 
 
@@ -140,6 +161,8 @@ def insert_trigger(prompt: str, trigger: str, position: str = "random",
     """
     if position not in TRIGGER_POSITIONS:
         raise BadInputError(f"unknown trigger position {position!r}; use one of {TRIGGER_POSITIONS}")
+    if not trigger.strip():
+        raise BadInputError("the trigger must be a non-empty text")
     words = prompt.split(" ")
     if position == "start":
         k = 0
