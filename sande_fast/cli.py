@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
@@ -180,7 +181,7 @@ def _finish_sanitize(args: argparse.Namespace, result: Any, tokenizer: Any, out:
     from .io import save_model, save_parrot
     from .report import summary_table, write_reports
 
-    save_model(result.model, tokenizer, out)
+    save_model(result.model, tokenizer, out, progress=not args.quiet)
     if result.parrot is not None:
         save_parrot(result.parrot, out / "parrot.safetensors",
                     target=result.report.get("parrot_target"), rounds=len(result.report["rounds"]))
@@ -189,26 +190,93 @@ def _finish_sanitize(args: argparse.Namespace, result: Any, tokenizer: Any, out:
 
 
 def _resume_path(out: str) -> Path:
-    p = Path(out).absolute()
+    p = Path(os.path.abspath(out))
     return p.parent / f"{p.name}.parrot.safetensors"
 
 
+def _check_stage_args(args: argparse.Namespace, target: str | None,
+                      trigger: str | None) -> None:
+    """Refuses options no run could use before anything is loaded (the pipeline's own rules)."""
+    from .pipeline import SanitizeConfig
+
+    if target is not None and not target.strip():
+        raise BadInputError("--target must be a non-empty text (the attacker's response)")
+    if args.method == "osft" and (trigger is None or not trigger.strip()):
+        raise BadInputError("method osft needs --trigger (use --method sande when the trigger "
+                            "is unknown)")
+    if trigger is not None and not trigger.strip():
+        raise BadInputError("--trigger must be a non-empty text")
+    if args.eval_target is not None and not args.eval_target.strip():
+        raise BadInputError("--eval-target must be a non-empty text")
+    SanitizeConfig(**_options(args)).validate(args.method)
+
+
+def _context_length(model: Any) -> int | None:
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _fit_prompt_budget(args: argparse.Namespace, model: Any, parrot_rows: int = 0) -> None:
+    """Makes sure prompt + parrot + supervised window / generated answer fit the model's context.
+
+    Without ``--max-prompt-tokens`` the budget is what the context leaves; longer prompts are cut
+    from the left (counted in report.json ``config.prompts_truncated``). An explicit budget that
+    cannot fit is refused.
+    """
+    ctx = _context_length(model)
+    if ctx is None:
+        return
+    need = (max(args.parrot_tokens, parrot_rows)
+            + max(args.overwrite_window, args.simulate_window, args.max_new_tokens) + 1)
+    room = ctx - need
+    if room < 1:
+        raise BadInputError(f"the model's context ({ctx} tokens) has no room for a prompt next "
+                            f"to the parrot and the answer ({need} tokens); lower "
+                            "--max-new-tokens, --parrot-tokens or the windows")
+    if args.max_prompt_tokens is None:
+        args.max_prompt_tokens = room
+    elif args.max_prompt_tokens > room:
+        raise BadInputError(f"--max-prompt-tokens {args.max_prompt_tokens} does not fit the "
+                            f"model's context of {ctx} tokens (parrot and answer need {need}); "
+                            f"use at most {room}")
+
+
 def _run_sanitize(args: argparse.Namespace, model: Any, tok: Any, data: Any, target: str,
-                  trigger: str | None, eval_data: Any, eval_trigger: str | None) -> int:
+                  trigger: str | None, eval_data: Any, eval_trigger: str | None,
+                  parrot_rows: int = 0) -> int:
     from .io import atomic_dir, save_parrot
     from .pipeline import sanitize
+    from .steps import NonFiniteError
 
+    _fit_prompt_budget(args, model, parrot_rows)
     resume = _resume_path(args.out)
+    if resume.exists() and not args.parrot:
+        _say(args, f"note: {resume} holds the parrot of an interrupted run; pass --parrot {resume} "
+             "to skip stage 1 (it is replaced otherwise)")
 
     def keep_parrot(parrot: Any, round_no: int) -> None:
         save_parrot(parrot, resume, round=round_no)
         _say(args, f"round {round_no}: parrot saved to {resume} (resume with --parrot {resume})")
 
-    with atomic_dir(args.out, args.force) as tmp:
-        result = sanitize(model, tok, data, target, trigger, args.method, eval_data=eval_data,
-                          eval_trigger=eval_trigger, eval_target=args.eval_target,
-                          on_parrot=keep_parrot, **_options(args))
-        _finish_sanitize(args, result, tok, tmp)
+    try:
+        with atomic_dir(args.out, args.force) as tmp:
+            result = sanitize(model, tok, data, target, trigger, args.method, eval_data=eval_data,
+                              eval_trigger=eval_trigger, eval_target=args.eval_target,
+                              on_parrot=keep_parrot, **_options(args))
+            _finish_sanitize(args, result, tok, tmp)
+    except NonFiniteError as e:
+        if resume.exists():
+            raise NonFiniteError(f"{e} The stage-1 parrot is kept: rerun with a lower learning "
+                                 f"rate and --parrot {resume}") from None
+        raise
+    except (KeyboardInterrupt, Terminated):
+        if resume.exists():
+            _say(args, f"the stage-1 parrot is kept: resume with --parrot {resume}")
+        raise
     if resume.exists():
         resume.unlink()
     _say(args, f"wrote {args.out}")
@@ -217,27 +285,37 @@ def _run_sanitize(args: argparse.Namespace, model: Any, tok: Any, data: Any, tar
 
 def cmd_sanitize(args: argparse.Namespace) -> int:
     from .data import load_rows
-    from .io import check_out_dir, load_model, resolve_device
+    from .io import (check_not_inside, check_out_dir, check_parrot_file, load_model,
+                     model_hidden_size, resolve_device)
 
+    _check_stage_args(args, args.target, args.trigger)
     if args.fsdp:
         from .distributed import run_fsdp_sanitize
 
         return run_fsdp_sanitize(args)
     check_out_dir(args.out, args.force)
+    check_not_inside(args.out, [("--model", args.model), ("--data", args.data),
+                                ("--eval-data", args.eval_data)])
+    device = resolve_device(args.device)
     rows = load_rows(args.data)  # bad data fails before the model is loaded
     eval_rows = load_rows(args.eval_data) if args.eval_data else None
-    if args.parrot and not Path(args.parrot).is_file():
-        raise BadInputError(f"parrot file not found: {args.parrot}")
-    model, tok = load_model(args.model, resolve_device(args.device), dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code)
-    return _run_sanitize(args, model, tok, rows, args.target, args.trigger, eval_rows, None)
+    parrot_rows = 0
+    if args.parrot:
+        hidden = model_hidden_size(args.model, trust_remote_code=args.trust_remote_code)
+        parrot_rows = check_parrot_file(args.parrot, hidden)[0]
+    model, tok = load_model(args.model, device, dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    return _run_sanitize(args, model, tok, rows, args.target, args.trigger, eval_rows, None,
+                         parrot_rows)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .io import check_out_dir
+    from .io import check_out_dir, check_parrot_file
     from .toy import ToyConfig, load_or_build_toy
 
+    _check_stage_args(args, None, None)
     check_out_dir(args.out, args.force)
+    parrot_rows = check_parrot_file(args.parrot)[0] if args.parrot else 0
     cfg = ToyConfig(seed=args.seed)
     _say(args, "building (or loading from cache) the backdoored toy model ...")
     world = load_or_build_toy(cfg, cache_dir=args.cache_dir, progress=not args.quiet)
@@ -249,7 +327,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.method == "sande-p" and args.eval_target is None:
         args.eval_target = target
     return _run_sanitize(args, world.model, world.tokenizer, world.defense_rows, target, trigger,
-                         world.clean_eval_rows, world.config.trigger)
+                         world.clean_eval_rows, world.config.trigger, parrot_rows)
 
 
 def cmd_make_toy(args: argparse.Namespace) -> int:
@@ -284,9 +362,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     from .data import load_rows
 
+    if not args.target.strip():
+        raise BadInputError("--target must be a non-empty text (the attacker's response)")
+    device = resolve_device(args.device)
     rows = load_rows(args.data)
-    model, tok = load_model(args.model, resolve_device(args.device), dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code)
+    model, tok = load_model(args.model, device, dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code, progress=not args.quiet)
     res = probe(model, tok, rows, args.target, steps=args.steps, tries=args.tries,
                 seed=args.seed, parrot_tokens=args.parrot_tokens, lr=args.lr,
                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -304,10 +385,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .io import load_model, resolve_device
 
     if not args.target.strip():
-        raise BadInputError("--target must be a non-empty text")
+        raise BadInputError("--target must be a non-empty text (the attacker's response)")
+    if args.trigger is not None and not args.trigger.strip():
+        raise BadInputError("--trigger must be a non-empty text")
+    device = resolve_device(args.device)
     rows = load_rows(args.data)
-    model, tok = load_model(args.model, resolve_device(args.device), dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code)
+    model, tok = load_model(args.model, device, dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code, progress=not args.quiet)
     res = evaluate(model, tok, rows, args.target, args.trigger,
                    max_new_tokens=args.max_new_tokens, batch_size=max(args.batch_size, 32),
                    trigger_position=args.trigger_position, seed=args.seed,
@@ -322,32 +406,42 @@ COMMANDS = {"demo": cmd_demo, "make-toy": cmd_make_toy, "sanitize": cmd_sanitize
             "probe": cmd_probe, "eval": cmd_eval}
 
 
+def _one_line(e: BaseException) -> str:
+    """The exception's message folded onto one line (SPEC: one clear line on stderr)."""
+    parts = [part.strip() for part in str(e).splitlines() if part.strip()]
+    return " ".join(parts) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except BadInputError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written to --out", file=sys.stderr)
+        print(f"{PROG}: interrupted; no partial output was left in --out", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"{PROG}: terminated; nothing was written to --out", file=sys.stderr)
+        print(f"{PROG}: terminated; no partial output was left in --out", file=sys.stderr)
         return 143
+    except SystemExit as e:  # --help / --version
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # internal failure: keep the traceback for a bug report
         from .steps import NonFiniteError
 
         if isinstance(e, NonFiniteError):
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
             return 1
         traceback.print_exc()
-        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":
