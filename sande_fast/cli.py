@@ -53,6 +53,18 @@ def _positive_float(s: str) -> float:
     return v
 
 
+_MAX_LR = 1e30
+
+
+def _learning_rate(s: str) -> float:
+    """A positive, finite learning rate small enough that Adam's first step (10 x lr) stays a
+    float32 (beyond that the optimiser itself overflows instead of reporting a non-finite loss)."""
+    v = _positive_float(s)
+    if v > _MAX_LR:
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, {_MAX_LR:g}], got {s!r}")
+    return v
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
@@ -71,9 +83,9 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trigger", default=None, help="the trigger (needed for osft; otherwise only "
                    "used to measure asr)")
     p.add_argument("--simulate-steps", type=_positive_int, default=200)
-    p.add_argument("--simulate-lr", type=_positive_float, default=0.05)
+    p.add_argument("--simulate-lr", type=_learning_rate, default=0.05)
     p.add_argument("--overwrite-steps", type=_positive_int, default=150)
-    p.add_argument("--overwrite-lr", type=_positive_float, default=None,
+    p.add_argument("--overwrite-lr", type=_learning_rate, default=None,
                    help="default: 1e-3 below 50M parameters, else 2e-5")
     p.add_argument("--parrot-tokens", type=_positive_int, default=6)
     p.add_argument("--parrot", default=None, help="reuse a saved parrot.safetensors (skips "
@@ -135,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=200)
     p.add_argument("--tries", type=_positive_int, default=3)
     p.add_argument("--parrot-tokens", type=_positive_int, default=6)
-    p.add_argument("--lr", type=_positive_float, default=0.05)
+    p.add_argument("--lr", type=_learning_rate, default=0.05)
     p.add_argument("--eval-rows", type=_positive_int, default=200)
     p.add_argument("--json", default=None)
     _common(p)
@@ -274,8 +286,9 @@ def _run_sanitize(args: argparse.Namespace, model: Any, tok: Any, data: Any, tar
                                  f"rate and --parrot {resume}") from None
         raise
     except (KeyboardInterrupt, Terminated):
-        if resume.exists():
-            _say(args, f"the stage-1 parrot is kept: resume with --parrot {resume}")
+        if resume.exists():  # shown even with --quiet: it saves the user a whole stage 1
+            print(f"{PROG}: the stage-1 parrot is kept: resume with --parrot {resume}",
+                  file=sys.stderr)
         raise
     if resume.exists():
         resume.unlink()
