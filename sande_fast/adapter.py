@@ -41,6 +41,9 @@ class ModelAdapter(nn.Module):
             raise UnsupportedModelError(
                 f"{type(m).__name__}: LM head is {type(head).__name__}, not a linear layer")
         self.logit_scale = _logit_scale(getattr(m, "config", None))
+        # Set by sande_fast.distributed when the model is sharded: the process group helpers the
+        # loss engine and generation use to split work across ranks. None in one process.
+        self.collective: Any = None
 
     # The parts are looked up on each use (not stored as submodules twice).
     @property
@@ -75,11 +78,37 @@ class ModelAdapter(nn.Module):
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
-    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor | None,
-                parrot: torch.Tensor | None, splice_rows: torch.Tensor | None,
-                supervised_rows: torch.Tensor, labels: torch.Tensor, normalizer: float,
-                backend: str = "auto") -> torch.Tensor:
-        """The fast loss of one micro-batch.
+    def embedding_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of the input embedding matrix (detached), also when it is sharded."""
+        weight = self.embed.weight.detach()
+        if self.collective is not None:
+            return self.collective.embedding_rows(weight, index)
+        return weight[index.to(weight.device)]
+
+    def forward(self, *args: Any, mode: str = "loss", **kwargs: Any) -> Any:
+        """Dispatches on ``mode``; every use of the root parameters goes through here.
+
+        Under FSDP2 the root's own parameters (embedding, final norm, LM head) are gathered only
+        around the root module's forward, so generation calls this too instead of the model.
+
+        Args:
+            mode: ``loss``: :meth:`fast_loss` (``args`` / ``kwargs`` are its arguments);
+                ``embed``: the input embedding of ``args[0]`` (token ids);
+                ``model``: the Hugging Face model's own forward with ``args`` / ``kwargs``.
+        """
+        if mode == "loss":
+            return self.fast_loss(*args, **kwargs)
+        if mode == "embed":
+            return self.embed(*args)
+        if mode == "model":
+            return self.model(*args, **kwargs)
+        raise ValueError(f"unknown adapter mode {mode!r}")
+
+    def fast_loss(self, ids: torch.Tensor, position_ids: torch.Tensor | None,
+                  parrot: torch.Tensor | None, splice_rows: torch.Tensor | None,
+                  supervised_rows: torch.Tensor, labels: torch.Tensor, normalizer: float,
+                  backend: str = "auto") -> torch.Tensor:
+        """The fast loss of one micro-batch (call the module, not this, when it is sharded).
 
         Args:
             ids: ``[B, L]`` token ids (right-padded rows, or one packed row), placeholder ids

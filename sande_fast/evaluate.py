@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .adapter import ModelAdapter
 from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger
 
 __all__ = ["greedy_generate", "evaluate", "attack_success", "parrot_attack_success",
@@ -52,7 +53,9 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
 
     Args:
         model: a causal LM (``forward(inputs_embeds=..., attention_mask=..., position_ids=...,
-            past_key_values=..., use_cache=True)``).
+            past_key_values=..., use_cache=True)``), or its :class:`~sande_fast.adapter.ModelAdapter`
+            (needed when the model is sharded: each rank then generates a share of the prompts,
+            the ranks agree on when to stop, and every rank returns all the results).
         prompts: token ids of each prompt.
         pad_id: id used for left padding (never attended to).
         eos_id: generation of a row stops after it emits this id (kept out of the result).
@@ -68,7 +71,38 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
     if parrot is not None and (splice_at is None or len(splice_at) != len(prompts)):
         raise ValueError("parrot needs one splice position per prompt")
     device = model_device(model)
-    embed = model.get_input_embeddings()
+    coll = None
+    if isinstance(model, ModelAdapter):
+        # Through the adapter's forward, so a sharded root gathers its parameters.
+        adapter, hf = model, model.model
+        embed: Any = lambda ids: adapter(ids, mode="embed")  # noqa: E731
+        call: Any = lambda **kw: adapter(mode="model", **kw)  # noqa: E731
+        coll = adapter.collective
+    else:
+        hf = call = model
+        embed = model.get_input_embeddings()
+    if coll is None:
+        return _generate(hf, embed, call, prompts, device, pad_id=pad_id, eos_id=eos_id,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, parrot=parrot,
+                         splice_at=splice_at, progress=progress, desc=desc)
+    # Sharded: each rank generates a strided share, padded to the same length on every rank so
+    # all ranks run the same batches (FSDP gathers parameters inside every forward).
+    idx = coll.padded_share(len(prompts))
+    local = _generate(hf, embed, call, [prompts[i] for i in idx], device, pad_id=pad_id,
+                      eos_id=eos_id, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      parrot=parrot, splice_at=None if splice_at is None else
+                      [splice_at[i] for i in idx], progress=progress, desc=desc,
+                      all_true=coll.all_true)
+    return coll.gather_share(local, len(prompts))
+
+
+def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[Sequence[int]],
+              device: torch.device, *, pad_id: int, eos_id: int | None, max_new_tokens: int,
+              batch_size: int, parrot: torch.Tensor | None, splice_at: Sequence[int] | None,
+              progress: bool, desc: str, all_true: Any = None) -> list[list[int]]:
+    # ``model`` is the Hugging Face model (its signature and mode); ``embed`` / ``call`` run the
+    # embedding and the model's forward (directly, or through the adapter). ``all_true`` makes
+    # the ranks of a sharded model agree on the early stop, so they run the same forwards.
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     # transformers 5 renamed the cache argument and output from past_key_values to cache.
     cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
@@ -97,8 +131,8 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
                     start = width - lens[b] + splice_at[i]
                     inputs[b, start:start + n_parrot] = rows
             position = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(inputs_embeds=inputs, attention_mask=mask, position_ids=position,
-                        use_cache=True, **keep_last)
+            out = call(inputs_embeds=inputs, attention_mask=mask, position_ids=position,
+                       use_cache=True, **keep_last)
             past = _cache_of(out)
             finished = torch.zeros(len(idx), dtype=torch.bool, device=device)
             new_tokens = []
@@ -108,12 +142,15 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
                     nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
                     finished |= nxt == eos_id
                 new_tokens.append(nxt)
-                if bool(finished.all()) or step == max_new_tokens - 1:
+                done = bool(finished.all())
+                if all_true is not None:
+                    done = all_true(done)
+                if done or step == max_new_tokens - 1:
                     break
                 mask = torch.cat([mask, mask.new_ones((len(idx), 1))], dim=1)
                 position = position[:, -1:] + 1
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
-                            use_cache=True, **{cache_arg: past}, **keep_last)
+                out = call(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
+                           use_cache=True, **{cache_arg: past}, **keep_last)
                 past = _cache_of(out)
             gen = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in idx]
             for b, i in enumerate(idx):

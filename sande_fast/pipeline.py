@@ -144,19 +144,22 @@ def _auto_overwrite_lr(model: Any) -> float:
 
 
 def _environment(device: torch.device, engine: LossEngine) -> dict[str, Any]:
+    coll = engine.adapter.collective
+    extra = {} if coll is None else {"distributed": coll.describe()}
     return {"torch": torch.__version__, "python": platform.python_version(),
             "sande_fast": __version__, "device": device.type,
             "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                             else platform.processor() or platform.machine()),
             "kernels": engine.backend, "path": "fast" if engine.fast else "plain",
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), **extra}
 
 
 def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | None = None,
              method: str = "sande", *, eval_data: Any = None, eval_trigger: str | None = None,
              eval_target: str | None = None, parrot: torch.Tensor | None = None,
              on_parrot: Callable[[torch.Tensor, int], None] | None = None,
-             progress: bool | None = None, **options: Any) -> SanitizeResult:
+             progress: bool | None = None, fsdp: bool | None = None,
+             mixed_precision: bool = False, **options: Any) -> SanitizeResult:
     """Removes a backdoor from a causal LM.
 
     Args:
@@ -174,7 +177,12 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         parrot: a parrot ``[n, hidden]`` to use in round 1 instead of simulating one.
         on_parrot: called with each simulated parrot and its round, as soon as it exists (the CLI
             saves it there, so a run that dies in stage 2 can resume with ``--parrot``).
-        progress: progress bars (default: on unless ``quiet``).
+        progress: progress bars (default: on unless ``quiet``; only rank 0 shows them).
+        fsdp: shard the model with FSDP2 across the ranks of the default process group (every
+            rank calls ``sanitize`` with the same arguments). Default: when ``torch.distributed``
+            is initialised. The returned model is then sharded; save it with
+            :func:`sande_fast.distributed.save_sharded`.
+        mixed_precision: with ``fsdp`` on CUDA, compute in bf16 and reduce gradients in fp32.
         **options: fields of :class:`SanitizeConfig`.
 
     Returns:
@@ -202,7 +210,18 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
     eval_rows_in = load_rows(eval_data) if eval_data is not None else None
 
     device = resolve_device(cfg.device)
-    model.to(device)
+    if fsdp is None:
+        fsdp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if fsdp:
+        from .distributed import local_device, shard_engine
+
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise BadInputError("fsdp=True needs an initialised torch.distributed process group "
+                                "(run under torchrun)")
+        device = local_device(device)
+        show = show and torch.distributed.get_rank() == 0
+    else:  # under FSDP, fully_shard moves each rank's shards to its device
+        model.to(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -213,6 +232,11 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
     engine = LossEngine(model, fast=cfg.fast, token_budget=cfg.token_budget,
                         max_batch=max(cfg.batch_size, 1), packed=cfg.packed,
                         pad_id=_pad_id(tokenizer))
+    if fsdp:
+        shard_engine(engine, device, mixed_precision=mixed_precision)
+    # Generation and evaluation run through the adapter when the model is sharded (its root
+    # parameters exist only inside the adapter's forward); in one process, on the model itself.
+    runner = engine.adapter if fsdp else model
     hidden = engine.adapter.hidden_size
     if isinstance(parrot, (str,)) or cfg.parrot:
         parrot = load_parrot(parrot if isinstance(parrot, str) else cfg.parrot, hidden)
@@ -229,7 +253,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
     timing: dict[str, float] = {"simulate_s": 0.0, "eliminate_s": 0.0, "eval_s": 0.0,
                                 "resimulate_s": 0.0, "prepare_s": 0.0}
     t0 = time.perf_counter()
-    train_rows = prepare_rows(model, encoder, rows, max_new_tokens=cfg.max_new_tokens,
+    train_rows = prepare_rows(runner, encoder, rows, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size, progress=show)
     if eval_rows_in is None:
         picked = train_rows[:cfg.eval_rows]
@@ -241,7 +265,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
 
     def measure() -> dict[str, Any]:
         t = time.perf_counter()
-        m = evaluate(model, tokenizer, eval_rows, asr_target, measure_trigger,
+        m = evaluate(runner, tokenizer, eval_rows, asr_target, measure_trigger,
                      max_new_tokens=cfg.max_new_tokens, batch_size=max(cfg.batch_size * 4, 32),
                      trigger_position=cfg.trigger_position, seed=cfg.seed, encoder=encoder)
         timing["eval_s"] += time.perf_counter() - t
@@ -251,7 +275,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
 
     def parrot_asr(p: torch.Tensor, seed: int) -> float:
         t = time.perf_counter()
-        v = parrot_attack_success(model, encoder, probe_prompts, p, sim_text, seed=seed,
+        v = parrot_attack_success(runner, encoder, probe_prompts, p, sim_text, seed=seed,
                                   max_new_tokens=cfg.max_new_tokens,
                                   batch_size=max(cfg.batch_size * 4, 32))
         timing["eval_s"] += time.perf_counter() - t

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,14 @@ class LossEngine:
 
         One graph over all items (for callers that run their own backward); use
         :meth:`accumulate` to bound memory by micro-batching.
+
+        Raises:
+            RuntimeError: on a sharded model, where ranks must run matching forwards and split
+                the batch (:meth:`accumulate` and the step objects' ``step`` do both).
         """
+        if self.adapter.collective is not None:
+            raise RuntimeError("LossEngine.loss() is not available on an FSDP-sharded model; "
+                               "use accumulate() (or ParrotSimulator/OverwriteStep.step())")
         n_parrot = 0 if parrot is None else parrot.shape[0]
         parts = [self._micro_loss(mb, parrot, normalizer)
                  for mb in self.micro_batches(items, n_parrot)]
@@ -127,7 +134,13 @@ class LossEngine:
 
     def accumulate(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                    normalizer: float, weight: float = 1.0) -> float:
-        """Forward and backward per micro-batch, gradients accumulating; returns the loss value."""
+        """Forward and backward per micro-batch, gradients accumulating; returns the loss value.
+
+        On a sharded model (``adapter.collective`` set) ``items`` is the global batch, the same
+        on every rank: each rank runs its share and the returned value is the global loss.
+        """
+        if self.adapter.collective is not None:
+            return self._accumulate_sharded(items, parrot, normalizer, weight)
         n_parrot = 0 if parrot is None else parrot.shape[0]
         total = 0.0
         for mb in self.micro_batches(items, n_parrot):
@@ -136,6 +149,30 @@ class LossEngine:
                 loss.backward()
             total += float(loss.detach())
         return total
+
+    def _accumulate_sharded(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+                            normalizer: float, weight: float) -> float:
+        # Each rank takes a strided share of the global batch; ``normalizer`` stays the global
+        # label count, so summing the ranks' gradients (FSDP's reduce-scatter is set to SUM, the
+        # parrot's gradient is all-reduced by the caller) gives the one-process gradient.
+        coll = self.adapter.collective
+        coll.fault_hook()
+        n_parrot = 0 if parrot is None else parrot.shape[0]
+        local = coll.share(items)
+        batches = self.micro_batches(local, n_parrot) if local else []
+        # FSDP's all-gathers and reduce-scatters run inside forward and backward, so every rank
+        # must run as many micro-batches as the busiest one: the others add zero-weight fillers.
+        count = coll.max_int(len(batches))
+        total = 0.0
+        for k in range(count):
+            if k < len(batches):
+                loss = self._micro_loss(batches[k], parrot, normalizer / weight)
+            else:
+                loss = self._micro_loss(items[:1], parrot, normalizer / weight) * 0.0
+            if loss.requires_grad:
+                loss.backward()
+            total += float(loss.detach())
+        return coll.sum_float(total)
 
     def _micro_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                     normalizer: float) -> torch.Tensor:
@@ -219,14 +256,25 @@ def _label_count(items: Sequence[StepItem]) -> int:
     return sum(len(it.labels) for it in items)
 
 
-def _check_finite(value: float, params: Sequence[torch.Tensor], where: str) -> None:
+def _check_finite(value: float, params: Sequence[torch.Tensor], where: str,
+                  collective: Any = None) -> None:
+    # Under FSDP ``value`` is the global loss (the same on every rank) and each rank checks its
+    # gradient shards, then the ranks agree, so all of them stop together.
     if value != value or value in (float("inf"), float("-inf")):
         raise NonFiniteError(f"{where}: the loss is not finite ({value}); nothing was written. "
                              "Lower the learning rate or check the data.")
-    for p in params:
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            raise NonFiniteError(f"{where}: a gradient is not finite; nothing was written. "
-                                 "Lower the learning rate or check the data.")
+    finite = all(bool(torch.isfinite(_local(p.grad)).all()) for p in params if p.grad is not None)
+    if collective is not None:
+        finite = collective.all_true(finite)
+    if not finite:
+        raise NonFiniteError(f"{where}: a gradient is not finite; nothing was written. "
+                             "Lower the learning rate or check the data.")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters and gradients), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 class ParrotSimulator:
@@ -253,7 +301,7 @@ class ParrotSimulator:
         if parrot is None:
             g = torch.Generator().manual_seed(seed)
             pick = torch.randint(0, weight.shape[0], (n_tokens,), generator=g)
-            parrot = weight.detach()[pick.to(weight.device)].float().clone()
+            parrot = engine.adapter.embedding_rows(pick).float().clone()
         self.parrot = nn.Parameter(parrot.detach().to(weight.device, torch.float32).clone())
         self.optimizer = torch.optim.Adam([self.parrot], lr=lr)
 
@@ -265,9 +313,13 @@ class ParrotSimulator:
     def step(self, items: Sequence[StepItem], where: str = "simulate") -> float:
         """One Adam step on the parrot; the model's weights are frozen and untouched."""
         self.optimizer.zero_grad(set_to_none=True)
+        coll = self.engine.adapter.collective
         with frozen(self.engine.model):
             value = self.engine.accumulate(items, self.parrot, _label_count(items))
-        _check_finite(value, [self.parrot], where)
+        if coll is not None:
+            # The parrot is replicated, not sharded: sum its gradient over the ranks' shares.
+            coll.all_reduce_sum(self.parrot)
+        _check_finite(value, [self.parrot], where, coll)
         self.optimizer.step()
         return value
 
@@ -314,6 +366,6 @@ class OverwriteStep:
         if clean and self.clean_weight:
             value += self.engine.accumulate(clean, None, _label_count(clean),
                                             weight=self.clean_weight)
-        _check_finite(value, self.params, where)
+        _check_finite(value, self.params, where, self.engine.adapter.collective)
         self.optimizer.step()
         return value
