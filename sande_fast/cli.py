@@ -6,7 +6,6 @@ Exit codes: 0 success; 2 bad input or usage (one line on stderr, nothing written
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys

@@ -160,7 +160,8 @@ def insert_trigger(prompt: str, trigger: str, position: str = "random",
         The prompt with the trigger inserted, words joined by single spaces at the seam.
     """
     if position not in TRIGGER_POSITIONS:
-        raise BadInputError(f"unknown trigger position {position!r}; use one of {TRIGGER_POSITIONS}")
+        raise BadInputError(f"unknown trigger position {position!r}; use one of "
+                            f"{', '.join(TRIGGER_POSITIONS)}")
     if not trigger.strip():
         raise BadInputError("the trigger must be a non-empty text")
     words = prompt.split(" ")

@@ -310,7 +310,8 @@ def check_parrot_file(path: str | os.PathLike, hidden_size: int | None = None) -
     if len(shape) != 2 or shape[0] < 1:
         raise BadInputError(f"parrot in {p} has shape {shape}; expected [n_tokens, hidden]")
     if hidden_size is not None and shape[1] != hidden_size:
-        raise BadInputError(f"parrot in {p} has hidden size {shape[1]}, the model has {hidden_size}")
+        raise BadInputError(f"parrot in {p} has hidden size {shape[1]}, the model has "
+                            f"{hidden_size}")
     return shape[0], shape[1]
 
 

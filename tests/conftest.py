@@ -88,5 +88,5 @@ def sanitize_argv(model: Path, data: Path, out: Path, *extra: str,
 
 def leftovers(out: Path) -> list[str]:
     """Hidden temp siblings (``.<name>.tmp-*`` / ``.<name>.old-*``) left next to ``out``."""
-    return sorted(p.name for p in out.parent.iterdir()
-                  if p.name.startswith(f".{out.name}.tmp-") or p.name.startswith(f".{out.name}.old-"))
+    prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(prefixes))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TARGET, TRIGGER, leftovers, sanitize_argv, write_jsonl
+from conftest import TARGET, leftovers, sanitize_argv, write_jsonl
 from sande_fast.cli import main
 
 PY = sys.executable

@@ -1,4 +1,4 @@
-"""Data layer: the JSONL reader (edge cases and a property test), trigger insertion, prompt spans."""
+"""Data layer: the JSONL reader (edge cases, a property test), trigger insertion, prompt spans."""
 from __future__ import annotations
 
 import json
@@ -189,10 +189,11 @@ def test_truncation_keeps_the_end_of_the_prompt(tokenizer: Any, fmt: str) -> Non
     assert prompt.endswith(tokenizer.decode(cut.ids[lo:hi]).strip())
     assert cut.ids[:lo] == full.ids[:full.span[0]] and cut.ids[hi:] == full.ids[full.span[1]:]
     short = enc.encode_prompt("copy: cat")
-    assert enc.truncated == 1 and tokenizer.decode(short.ids[slice(*short.span)]).strip() == "copy: cat"
+    assert enc.truncated == 1
+    assert tokenizer.decode(short.ids[slice(*short.span)]).strip() == "copy: cat"
+    template_only = len(full.ids) - (full.span[1] - full.span[0])
     with pytest.raises(BadInputError, match="no room"):
-        PromptEncoder(tokenizer, fmt, max_prompt_tokens=len(full.ids) - (full.span[1] - full.span[0])
-                      ).encode_prompt(prompt)
+        PromptEncoder(tokenizer, fmt, max_prompt_tokens=template_only).encode_prompt(prompt)
 
 
 def test_response_ends_with_eos(tokenizer: Any) -> None:
