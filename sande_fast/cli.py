@@ -181,6 +181,19 @@ def _say(args: argparse.Namespace, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _check_json_arg(path: str | None) -> None:
+    """Refuses a ``--json`` path that could not be written, before any work is done."""
+    if not path:
+        return
+    p = Path(os.path.abspath(path))
+    if p.is_dir():
+        raise BadInputError(f"--json {path} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise BadInputError(f"the folder of --json does not exist: {p.parent}")
+    if not os.access(p.parent, os.W_OK):
+        raise BadInputError(f"cannot write into {p.parent}")
+
+
 def _write_json_arg(path: str | None, obj: dict[str, Any]) -> None:
     if path:
         from .io import write_json
@@ -376,6 +389,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     if not args.target.strip():
         raise BadInputError("--target must be a non-empty text (the attacker's response)")
+    _check_json_arg(args.json)
     device = resolve_device(args.device)
     rows = load_rows(args.data)
     model, tok = load_model(args.model, device, dtype=args.dtype,
@@ -392,7 +406,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_rows
+    from .data import PromptEncoder, load_rows
     from .evaluate import evaluate
     from .io import load_model, resolve_device
 
@@ -400,16 +414,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise BadInputError("--target must be a non-empty text (the attacker's response)")
     if args.trigger is not None and not args.trigger.strip():
         raise BadInputError("--trigger must be a non-empty text")
+    _check_json_arg(args.json)
     device = resolve_device(args.device)
     rows = load_rows(args.data)
     model, tok = load_model(args.model, device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    # Prompt + answer must fit the context: longer prompts are cut from the left and counted.
+    ctx = _context_length(model)
+    budget = None if ctx is None else ctx - args.max_new_tokens - 1
+    if budget is not None and budget < 1:
+        raise BadInputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
+                            f"in the model's context of {ctx} tokens")
+    encoder = PromptEncoder(tok, args.prompt_format, max_prompt_tokens=budget)
     res = evaluate(model, tok, rows, args.target, args.trigger,
                    max_new_tokens=args.max_new_tokens, batch_size=max(args.batch_size, 32),
-                   trigger_position=args.trigger_position, seed=args.seed,
-                   prompt_format=args.prompt_format, progress=not args.quiet)
+                   trigger_position=args.trigger_position, seed=args.seed, encoder=encoder,
+                   progress=not args.quiet)
+    res["prompts_truncated"] = encoder.truncated
     ca = "n/a" if res["clean_accuracy"] is None else f"{res['clean_accuracy']:.3f}"
-    print(f"asr {res['asr']:.3f}  clean_accuracy {ca}  (n={res['n_asr']})")
+    cut = f", {encoder.truncated} prompts cut to fit" if encoder.truncated else ""
+    print(f"asr {res['asr']:.3f}  clean_accuracy {ca}  (n={res['n_asr']}{cut})")
     _write_json_arg(args.json, res)
     return 0
 

@@ -277,6 +277,7 @@ def save_parrot(parrot: torch.Tensor, path: str | os.PathLike, **meta: Any) -> N
     try:
         save_file({"parrot": parrot.detach().float().cpu().contiguous()}, tmp,
                   metadata={k: json.dumps(v) for k, v in meta.items()})
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -333,7 +334,25 @@ def load_parrot(path: str | os.PathLike, hidden_size: int) -> torch.Tensor:
     return t.float()
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(..., "w")`` would give a new file (0o666 less the umask);
+    ``mkstemp`` files start as 0o600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
+    """Writes ``obj`` as indented JSON; the file is replaced whole (temp file, then rename)."""
+    dst = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.absolute().parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

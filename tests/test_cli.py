@@ -412,3 +412,56 @@ def test_same_seed_same_weights(model_dir: Path, data_no_response: Path, tmp_pat
     base = load_file(str(model_dir / "model.safetensors"))
     assert any(not torch.equal(base[k], a_) for k, a_ in load_file(
         str(outs[0] / "model.safetensors")).items() if k in base), "training changed the model"
+
+
+# ------------------------------------------------------------------------------ other commands
+
+def test_eval_writes_json_and_cuts_long_prompts(gpt2_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    long = " ".join(["cat dog sun"] * 120)
+    data = write_jsonl(tmp_path / "e.jsonl", [{"prompt": long, "response": "cat"},
+                                             {"prompt": "copy: dog", "response": "dog"}])
+    js = tmp_path / "res.json"
+    rc, out, err = _run(["eval", "--model", str(gpt2_dir), "--data", str(data), "--target", TARGET,
+                         "--trigger", "cf", "--max-new-tokens", "32", "--json", str(js),
+                         "--quiet", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    res = json.loads(js.read_text())
+    assert 0 <= res["asr"] <= 1 and 0 <= res["clean_accuracy"] <= 1
+    assert res["prompts_truncated"] >= 1 and "cut to fit" in out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "--target", " "], "--target must be a non-empty"),
+    (["eval", "--trigger", ""], "--trigger must be a non-empty"),
+    (["eval", "--json", "/nonexistent/dir/r.json"], "folder of --json does not exist"),
+    (["eval", "--max-new-tokens", "300"], "leaves no room"),
+    (["probe", "--target", ""], "--target must be a non-empty"),
+    (["probe", "--steps", "0"], "--steps"),
+    (["probe", "--lr", "-1"], "--lr"),
+    (["eval", "--batch-size", "0"], "--batch-size"),
+])
+def test_eval_and_probe_bad_input(argv: list[str], words: str, model_dir: Path, data_file: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    base = {"--model": str(model_dir), "--data": str(data_file), "--target": TARGET}
+    args = argv[:1]
+    for k, v in base.items():
+        if k not in argv:
+            args += [k, v]
+    args += argv[1:] + ["--quiet", "--device", "cpu"]
+    rc, _, err = _run(args, capsys)
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--trigger", " ", "--trigger must not be empty"),
+    ("--target", "", "--target must not be empty"),
+    ("--poison-rate", "1.5", "--poison-rate"),
+])
+def test_make_toy_bad_input(flag: str, value: str, words: str, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "toy"
+    rc, _, err = _run(["make-toy", "--out", str(out), flag, value, "--quiet"], capsys)
+    _assert_bad_input(rc, err, out, words)
