@@ -43,7 +43,7 @@ std::string at(const char* name, int64_t i) {
 // is its first member because of the sort, so the budget test is O(1) per sequence.
 // Returns the sorted order and the batch boundaries (bounds[k] .. bounds[k+1] in `order`).
 void greedy_plan(const int64_t* len, int64_t n, int64_t token_budget, int64_t max_batch,
-                 std::vector<int64_t>& order, std::vector<int64_t>& bounds) {
+                 double max_waste, std::vector<int64_t>& order, std::vector<int64_t>& bounds) {
     order.resize(static_cast<size_t>(n));
     std::iota(order.begin(), order.end(), int64_t{0});
     std::stable_sort(order.begin(), order.end(),
@@ -56,21 +56,35 @@ void greedy_plan(const int64_t* len, int64_t n, int64_t token_budget, int64_t ma
     bounds.push_back(0);
     int64_t start = 0;    // position in `order` where the running batch starts
     int64_t max_len = len[order[0]];
+    double real_rows = static_cast<double>(max_len);  // sum of lengths in the running batch
     for (int64_t k = 1; k < n; ++k) {
         const int64_t size = k - start + 1;  // batch size if order[k] joins
         // size * max_len <= budget, written as a division so huge lengths cannot overflow.
         // max_len == 0 cannot happen (lengths are validated >= 1) but keep the guard cheap.
         const bool fits_budget = max_len == 0 || size <= token_budget / max_len;
-        if (size > max_batch || !fits_budget) {
+        // Padding share if order[k] joins: a short sequence joining long ones costs more padded
+        // rows than a smaller matrix multiply loses, so cap it (in double: no overflow).
+        const double padded = static_cast<double>(size) * static_cast<double>(max_len);
+        const double with_k = real_rows + static_cast<double>(len[order[k]]);
+        const bool fits_waste = (padded - with_k) <= max_waste * padded;
+        if (size > max_batch || !fits_budget || !fits_waste) {
             bounds.push_back(k);
             start = k;
             max_len = len[order[k]];
+            real_rows = static_cast<double>(max_len);
+        } else {
+            real_rows = with_k;
         }
     }
     bounds.push_back(n);
 }
 
-py::list plan_buckets(const I64Array& lengths, int64_t token_budget, int64_t max_batch) {
+py::list plan_buckets(const I64Array& lengths, int64_t token_budget, int64_t max_batch,
+                      double max_waste) {
+    if (!(max_waste >= 0.0 && max_waste <= 1.0)) {
+        throw std::invalid_argument("max_waste must lie in [0, 1], got " +
+                                    std::to_string(max_waste));
+    }
     if (token_budget < 1) {
         throw std::invalid_argument("token_budget must be >= 1, got " +
                                     std::to_string(token_budget));
@@ -90,7 +104,7 @@ py::list plan_buckets(const I64Array& lengths, int64_t token_budget, int64_t max
     std::vector<int64_t> bounds;
     {
         py::gil_scoped_release release;
-        greedy_plan(len, n, token_budget, max_batch, order, bounds);
+        greedy_plan(len, n, token_budget, max_batch, max_waste, order, bounds);
     }
     py::list out;
     for (size_t k = 0; k + 1 < bounds.size(); ++k) {
@@ -223,7 +237,7 @@ py::tuple layout(const I64Array& lengths, const I64Array& splice, int64_t n_parr
 PYBIND11_MODULE(_planner, m) {
     m.doc() = "C++ micro-batch planner for sande_fast (see sande_fast/planner.py).";
     m.def("plan_buckets", &plan_buckets, py::arg("lengths"), py::arg("token_budget"),
-          py::arg("max_batch"),
+          py::arg("max_batch"), py::arg("max_waste") = 1.0,
           "Greedy length-sorted bucketing; returns a list of int64 index arrays.");
     m.def("layout", &layout, py::arg("lengths"), py::arg("splice"), py::arg("n_parrot"),
           py::arg("sup_start"), py::arg("sup_len"), py::arg("padded_len"),

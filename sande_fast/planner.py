@@ -60,19 +60,22 @@ def _as_int(value: int, name: str) -> int:
 
 
 def plan_buckets(
-    lengths: IntArrayLike, token_budget: int, max_batch: int
+    lengths: IntArrayLike, token_budget: int, max_batch: int, max_waste: float = 1.0
 ) -> list[npt.NDArray[np.int64]]:
     """Groups sequence indices into micro-batches with little padding.
 
     Sequences are sorted by length (descending, stable: equal lengths keep input order) and
     appended greedily to the running batch while ``len(batch) * max_len_in_batch <= token_budget``
-    and ``len(batch) <= max_batch``; otherwise a new batch starts. A sequence longer than the
+    and ``len(batch) <= max_batch`` and the batch's padding share
+    ``1 - sum(lengths) / (len(batch) * max_len)`` stays ``<= max_waste``; otherwise a new batch
+    starts. A sequence longer than the
     budget gets a batch of its own. Deterministic; every index appears exactly once.
 
     Args:
         lengths: Token count of each sequence, shape [N], every value >= 1.
         token_budget: Maximum padded rows (batch size times longest member) per batch, >= 1.
         max_batch: Maximum sequences per batch, >= 1.
+        max_waste: Maximum share of padded rows per batch, in [0, 1] (1 disables the cap).
 
     Returns:
         Batches in plan order (longest first); each an int64 array of shape [B_k] of indices into
@@ -84,9 +87,16 @@ def plan_buckets(
     lens = _as_int64_vector(lengths, "lengths")
     return list(
         _planner.plan_buckets(
-            lens, _as_int(token_budget, "token_budget"), _as_int(max_batch, "max_batch")
+            lens, _as_int(token_budget, "token_budget"), _as_int(max_batch, "max_batch"),
+            _as_waste(max_waste),
         )
     )
+
+
+def _as_waste(v: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+        raise ValueError(f"max_waste must be a number in [0, 1], got {v!r}")
+    return float(v)
 
 
 @dataclass(frozen=True)

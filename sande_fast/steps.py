@@ -76,6 +76,8 @@ class LossEngine:
         fast: the fast path (truncation, planner buckets, splice kernel, fused loss) or the plain
             reference path.
         token_budget: fast path: at most this many (padded) tokens per micro-batch.
+        max_waste: fast path: at most this share of a micro-batch's rows are padding (a
+            shorter sequence starts a new bucket instead).
         max_batch: at most this many sequences per micro-batch (both paths).
         packed: fast path: pack a micro-batch into one row without padding (position ids restart
             per sequence; flash-attn's varlen kernel or PyTorch's attention with a block mask).
@@ -86,6 +88,7 @@ class LossEngine:
     model: nn.Module
     fast: bool = True
     token_budget: int = 8192
+    max_waste: float = 0.1
     max_batch: int = 64
     packed: bool = False
     pad_id: int = 0
@@ -109,7 +112,7 @@ class LossEngine:
             return [list(items[i:i + self.max_batch])
                     for i in range(0, len(items), self.max_batch)]
         lengths = [_fast_length(it, n_parrot) for it in items]
-        groups = planner.plan_buckets(lengths, self.token_budget, self.max_batch)
+        groups = planner.plan_buckets(lengths, self.token_budget, self.max_batch, self.max_waste)
         return [[items[i] for i in g] for g in groups]
 
     # -- losses ---------------------------------------------------------------------------------

@@ -15,14 +15,18 @@ from sande_fast.planner import Layout, layout, padding_waste, plan_buckets
 # References: written independently of the C++ code, as literally as the spec reads.
 
 
-def ref_plan(lengths: list[int], token_budget: int, max_batch: int) -> list[list[int]]:
+def ref_plan(lengths: list[int], token_budget: int, max_batch: int,
+             max_waste: float = 1.0) -> list[list[int]]:
     """Brute-force greedy bucketing: re-checks the whole candidate batch at every step."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # Python sort is stable
     batches: list[list[int]] = []
     batch: list[int] = []
     for i in order:
         cand = batch + [i]
-        fits = len(cand) <= max_batch and len(cand) * max(lengths[j] for j in cand) <= token_budget
+        padded = len(cand) * max(lengths[j] for j in cand)
+        waste = padded - sum(lengths[j] for j in cand)
+        fits = (len(cand) <= max_batch and padded <= token_budget
+                and waste <= max_waste * padded)
         if fits or not batch:
             batch = cand
         else:
@@ -88,17 +92,20 @@ def assert_layout_equal(got: Layout, ref: RefLayout) -> None:
     assert got.total_rows == ref.total_rows and isinstance(got.total_rows, int)
 
 
-def check_plan(lengths: list[int], token_budget: int, max_batch: int) -> list[np.ndarray]:
-    got = plan_buckets(lengths, token_budget, max_batch)
+def check_plan(lengths: list[int], token_budget: int, max_batch: int,
+               max_waste: float = 1.0) -> list[np.ndarray]:
+    got = plan_buckets(lengths, token_budget, max_batch, max_waste)
     assert all(b.dtype == np.int64 and b.ndim == 1 for b in got)
-    assert [b.tolist() for b in got] == ref_plan(lengths, token_budget, max_batch)
+    assert [b.tolist() for b in got] == ref_plan(lengths, token_budget, max_batch, max_waste)
     # Invariants, independent of the reference.
     flat = np.concatenate(got) if got else np.zeros(0, dtype=np.int64)
     assert sorted(flat.tolist()) == list(range(len(lengths)))
     for b in got:
         assert 1 <= len(b) <= max_batch
         if len(b) > 1:
-            assert len(b) * max(lengths[i] for i in b) <= token_budget
+            padded = len(b) * max(lengths[i] for i in b)
+            assert padded <= token_budget
+            assert padded - sum(lengths[i] for i in b) <= max_waste * padded
     return got
 
 
@@ -308,3 +315,22 @@ def test_layout_plan_round_trip() -> None:
         last = lay.cu_seqlens[:-1] + lengths[batch] - 1
         ends = np.cumsum(sup_len[batch]) - 1
         assert lay.supervised_rows[ends].tolist() == last.tolist()
+
+
+@given(st.lists(st.integers(1, 300), max_size=60), st.integers(1, 5000), st.integers(1, 16),
+       st.sampled_from([0.0, 0.05, 0.1, 0.3, 1.0]))
+@settings(max_examples=200, deadline=None)
+def test_plan_waste_cap_matches_reference(lengths: list[int], budget: int, max_batch: int,
+                                          waste: float) -> None:
+    check_plan(lengths, budget, max_batch, waste)
+
+
+def test_plan_waste_cap_zero_groups_equal_lengths_only() -> None:
+    got = plan_buckets([5, 3, 5, 3, 4], 1000, 8, 0.0)
+    assert [sorted(b.tolist()) for b in got] == [[0, 2], [4], [1, 3]]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "0.1"])
+def test_plan_waste_cap_rejects_bad_values(bad: object) -> None:
+    with pytest.raises(ValueError):
+        plan_buckets([3, 4], 100, 4, bad)  # type: ignore[arg-type]
