@@ -277,24 +277,18 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 def test_real_exit_code_and_one_stderr_line(model_dir: Path, parrot_files: dict[str, Any],
                                             tmp_path: Path) -> None:
-    """Through the real entry point, without --quiet: exit 2 and exactly one stderr line."""
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a"}\n{"prompt": "b" "c"}\n')
-    out = tmp_path / "out"
-    argv = [a for a in sanitize_argv(model_dir, bad, out) if a != "--quiet"]
-    r = _cli(*argv)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.count("\n") == 1 and ":2: malformed JSON" in r.stderr
-    assert r.stdout == "" and not out.exists() and leftovers(out) == []
+    """Through the real entry point, without --quiet: exit 2 and exactly one stderr line.
 
-    # The parrot is checked before the model is loaded, so no progress bar precedes the error.
+    The parrot is checked before the model is loaded, so no progress bar precedes the error.
+    """
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "copy: cat", "response": "cat"}])
+    out = tmp_path / "out"
     argv = [a for a in sanitize_argv(model_dir, good, out, "--parrot",
                                      str(parrot_files["wrong hidden"][0])) if a != "--quiet"]
     r = _cli(*argv)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "hidden size" in r.stderr, r.stderr
-    assert not out.exists() and leftovers(out) == []
+    assert r.stdout == "" and not out.exists() and leftovers(out) == []
 
 
 # ------------------------------------------------------------------------------ safety
@@ -391,10 +385,11 @@ def test_prompts_longer_than_the_context_are_cut(gpt2_dir: Path, tmp_path: Path,
             {"prompt": long + " blue", "response": "blue"}]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
     out = tmp_path / "out"
-    report = _sanitize_ok(sanitize_argv(gpt2_dir, data, out, "--max-new-tokens", "32"), capsys)
+    # 20 new tokens: more than the pipeline's own budget leaves (it forgets the generation).
+    report = _sanitize_ok(sanitize_argv(gpt2_dir, data, out, "--max-new-tokens", "20"), capsys)
     cfg = report["config"]
     assert cfg["prompts_truncated"] >= 2
-    assert cfg["max_prompt_tokens"] + cfg["parrot_tokens"] + 32 < 256
+    assert cfg["max_prompt_tokens"] + cfg["parrot_tokens"] + 20 < 256
 
 
 # ------------------------------------------------------------------------------ determinism
@@ -423,7 +418,7 @@ def test_eval_writes_json_and_cuts_long_prompts(gpt2_dir: Path, tmp_path: Path,
                                              {"prompt": "copy: dog", "response": "dog"}])
     js = tmp_path / "res.json"
     rc, out, err = _run(["eval", "--model", str(gpt2_dir), "--data", str(data), "--target", TARGET,
-                         "--trigger", "cf", "--max-new-tokens", "32", "--json", str(js),
+                         "--trigger", "cf", "--max-new-tokens", "8", "--json", str(js),
                          "--quiet", "--device", "cpu"], capsys)
     assert rc == 0, err
     res = json.loads(js.read_text())

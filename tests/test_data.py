@@ -97,7 +97,7 @@ _CHUNKS = st.lists(
 ).map(b"".join)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_CHUNKS)
 def test_reader_on_arbitrary_bytes_returns_rows_or_bad_input(content: bytes) -> None:
     """Whatever the bytes, the reader returns valid rows or raises BadInputError: nothing else."""

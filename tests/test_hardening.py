@@ -99,9 +99,9 @@ def nan_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.mark.parametrize("case, method, extra, where", [
-    ("osft lr", "osft", ["--trigger", TRIGGER, "--overwrite-lr", "1e30", "--overwrite-steps", "6"],
+    ("osft lr", "osft", ["--trigger", TRIGGER, "--overwrite-lr", "1e30", "--overwrite-steps", "3"],
      "overwrite step"),
-    ("sande stage 2", "sande", ["--overwrite-lr", "1e30", "--overwrite-steps", "6"],
+    ("sande stage 2", "sande", ["--overwrite-lr", "1e30", "--overwrite-steps", "3"],
      "eliminate r1 step"),
     # RMSNorm maps even a huge parrot row to ~0, so a large --simulate-lr is no reliable way to
     # break stage 1; NaN weights are.
