@@ -305,6 +305,12 @@ def save_sharded(model: nn.Module, tokenizer: Any, out: str | os.PathLike,
     with hf_quiet(progress):
         model.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+        if len(dtypes) == 1 and (saved := dtypes.pop()) != model.dtype:
+            # save_pretrained records the dtype of the parameters (fp32 master shards under mixed
+            # precision), not of the tensors it wrote: fix config.json so loading keeps them.
+            model.config.dtype = str(saved).removeprefix("torch.")
+            model.config.save_pretrained(out)
     stray = [f for f in os.listdir(out) if f.endswith((".bin", ".pt", ".pth"))]
     if stray:
         raise RuntimeError(f"unexpected non-safetensors weight files written: {stray}")
