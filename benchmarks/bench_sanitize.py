@@ -568,7 +568,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(p, device, args.seed)
     rows = make_rows(p, args.seed)
     batch = make_batch(rows, p.window, args.seed)
-    engines = {"ours": LossEngine(model, fast=True), "ref": LossEngine(model, fast=False)}
+    packed = {"auto": None, "on": True, "off": False}[args.packed]
+    engines = {"ours": LossEngine(model, fast=True, packed=packed),
+               "ref": LossEngine(model, fast=False)}
     peak_flops = None
     gpu_name = None
     if device.type == "cuda":
@@ -584,6 +586,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "params": sum(t.numel() for t in model.parameters()),
         "kernels": engines["ours"].kernels,
         "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
+        "ours_packed": bool(engines["ours"].packed),
         "mem_method": MEM_METHOD[device.type], "mem_unit": "MiB",
         "tokens_definition": "prompt + response tokens of every sequence the step trains on "
                              "(stage 2: the overwrite and the clean copy of each row); parrot "
@@ -621,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="untimed steps per side before timing (>= 1; the first checks the maths)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--packed", default="auto", choices=["auto", "on", "off"],
+                    help="ours: packed rows (auto: on CUDA when the model keeps them apart)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--peak-flops", type=float, default=None,
                     help="GPU peak bf16 FLOP/s for MFU (default: looked up from the GPU name)")

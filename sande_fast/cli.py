@@ -105,7 +105,8 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-rows", type=_positive_int, default=200)
     p.add_argument("--max-prompt-tokens", type=_positive_int, default=None)
     p.add_argument("--plain", action="store_true", help="use the plain reference path")
-    p.add_argument("--packed", action="store_true", help="pack micro-batches without padding")
+    p.add_argument("--packed", default="auto", choices=["auto", "on", "off"],
+                   help="pack micro-batches without padding (auto: on CUDA when exact)")
     p.add_argument("--token-budget", type=_positive_int, default=8192)
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (torchrun)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -173,6 +174,7 @@ _CONFIG_KEYS = ("seed", "device", "batch_size", "simulate_steps", "simulate_lr",
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     opts = {k: getattr(args, k) for k in _CONFIG_KEYS}
     opts["fast"] = not args.plain
+    opts["packed"] = {"auto": None, "on": True, "off": False}[args.packed]
     return opts
 
 

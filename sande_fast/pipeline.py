@@ -59,7 +59,7 @@ class SanitizeConfig:
     max_prompt_tokens: int | None = None
     eval_rows: int = 200
     fast: bool = True
-    packed: bool = False
+    packed: bool | None = None
     token_budget: int = 8192
     quiet: bool = False
 
@@ -75,8 +75,11 @@ class SanitizeConfig:
                 raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         for name in ("simulate_lr", "overwrite_lr"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
-                raise BadInputError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+            # Above ~1e30 Adam's own arithmetic overflows; no useful rate is near that.
+            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v <= 0 or v > 1e30):
+                raise BadInputError(f"--{name.replace('_', '-')} must be a positive number "
+                                    f"(at most 1e30), got {v!r}")
         if not (0 <= self.probe_threshold <= 1):
             raise BadInputError("--probe-threshold must lie in [0, 1]")
         if not (0 < self.round_lr_decay <= 1):
@@ -134,6 +137,33 @@ def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
         resp = answers[i] if i in answers else encoder.encode_response(r.response)
         out.append(TrainRow(r.prompt, p, tuple(resp)))
     return out
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context window (positions), when its config states one."""
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+            or None)
+
+
+def prompt_budget(model: Any, n_parrot: int, continuation: int,
+                  requested: int | None = None) -> int | None:
+    """Most prompt tokens that leave room for a parrot and ``continuation`` tokens after it.
+
+    Raises:
+        BadInputError: the context is too short, or ``requested`` exceeds what fits.
+    """
+    ctx = context_length(model)
+    if ctx is None:
+        return requested
+    room = ctx - n_parrot - continuation - 1
+    if room < 1:
+        raise BadInputError(f"the model's context ({ctx} tokens) leaves no room for a prompt next "
+                            f"to {n_parrot} parrot tokens and {continuation} answer tokens")
+    if requested is not None and requested > room:
+        raise BadInputError(f"--max-prompt-tokens {requested} does not fit the model's context "
+                            f"({ctx} tokens); use at most {room}")
+    return requested if requested is not None else room
 
 
 def _auto_overwrite_lr(model: Any) -> float:
@@ -224,10 +254,16 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         model.to(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    max_prompt = cfg.max_prompt_tokens
-    if max_prompt is None and ctx:
-        max_prompt = max(1, ctx - cfg.parrot_tokens - max(cfg.overwrite_window, cfg.simulate_window) - 1)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if isinstance(parrot, str):
+        cfg.parrot = parrot
+    if cfg.parrot:
+        parrot = load_parrot(cfg.parrot, hidden)
+    if parrot is not None and (parrot.dim() != 2 or parrot.shape[1] != hidden):
+        raise BadInputError(f"parrot has shape {tuple(parrot.shape)}; the model needs [n, {hidden}]")
+    n_parrot = max(cfg.parrot_tokens, 0 if parrot is None else parrot.shape[0])
+    max_prompt = prompt_budget(model, n_parrot, max(cfg.overwrite_window, cfg.simulate_window,
+                                                    cfg.max_new_tokens), cfg.max_prompt_tokens)
     encoder = PromptEncoder(tokenizer, cfg.prompt_format, max_prompt_tokens=max_prompt)
     engine = LossEngine(model, fast=cfg.fast, token_budget=cfg.token_budget,
                         max_batch=max(cfg.batch_size, 1), packed=cfg.packed,
@@ -237,11 +273,6 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
     # Generation and evaluation run through the adapter when the model is sharded (its root
     # parameters exist only inside the adapter's forward); in one process, on the model itself.
     runner = engine.adapter if fsdp else model
-    hidden = engine.adapter.hidden_size
-    if isinstance(parrot, (str,)) or cfg.parrot:
-        parrot = load_parrot(parrot if isinstance(parrot, str) else cfg.parrot, hidden)
-    if parrot is not None and (parrot.dim() != 2 or parrot.shape[1] != hidden):
-        raise BadInputError(f"parrot has shape {tuple(parrot.shape)}; the model needs [n, {hidden}]")
     lr = cfg.overwrite_lr or _auto_overwrite_lr(model)
     measure_trigger = eval_trigger if eval_trigger is not None else trigger
     asr_target = eval_target or target
@@ -255,6 +286,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
     t0 = time.perf_counter()
     train_rows = prepare_rows(runner, encoder, rows, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size, progress=show)
+    truncated = encoder.truncated  # later encodings re-count the same prompts
     if eval_rows_in is None:
         picked = train_rows[:cfg.eval_rows]
         eval_rows = [Row(r.text, encoder.decode(r.response)) for r in picked]
@@ -365,7 +397,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         "curves": curves,
         "config": {**asdict(cfg), "method": method, "overwrite_lr": lr,
                    "trigger_known": method == "osft", "n_rows": len(rows),
-                   "n_eval_rows": len(eval_rows), "prompts_truncated": encoder.truncated,
+                   "n_eval_rows": len(eval_rows), "prompts_truncated": truncated,
                    "prompt_format": encoder.prompt_format},
         "environment": _environment(device, engine),
     }

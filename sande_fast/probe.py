@@ -50,7 +50,10 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str, *, steps: int = 20
         raise BadInputError("--lr must be positive")
     rows = load_rows(data)
     model.to(resolve_device(device))
-    encoder = PromptEncoder(tokenizer, prompt_format)
+    from .pipeline import prompt_budget
+
+    encoder = PromptEncoder(tokenizer, prompt_format, max_prompt_tokens=prompt_budget(
+        model, parrot_tokens, max(window, max_new_tokens)))
     train = [TrainRow(r.prompt, encoder.encode_prompt(r.prompt), ()) for r in rows]
     prompts = [t.prompt for t in train[:eval_rows]]
     target_ids = encoder.encode_response(target, add_eos=False)[:window]

@@ -81,6 +81,8 @@ class LossEngine:
         max_batch: at most this many sequences per micro-batch (both paths).
         packed: fast path: pack a micro-batch into one row without padding (position ids restart
             per sequence; flash-attn's varlen kernel or PyTorch's attention with a block mask).
+            None (auto): packed on CUDA, where one large launch beats several padded buckets,
+            provided a probe shows the model keeps packed sequences apart; padded buckets on CPU.
         pad_id: id written into padding and parrot placeholder rows.
         backend: kernel backend, ``auto``, ``triton`` or ``torch``.
     """
@@ -90,7 +92,7 @@ class LossEngine:
     token_budget: int = 8192
     max_waste: float = 0.1
     max_batch: int = 64
-    packed: bool = False
+    packed: bool | None = None
     pad_id: int = 0
     backend: str = "auto"
     adapter: ModelAdapter = field(init=False)
@@ -99,6 +101,12 @@ class LossEngine:
         self.adapter = ModelAdapter(self.model)
         if self.backend == "auto":
             self.backend = kernel_backend(self.adapter.device)
+        if self.packed is None:
+            self.packed = (self.fast and self.adapter.device.type == "cuda"
+                           and packing_is_exact(self.adapter))
+        if self.packed:
+            # One packed row per micro-batch has no padding to cap.
+            self.max_waste = 1.0
 
     @property
     def kernels(self) -> str:
@@ -221,8 +229,13 @@ class LossEngine:
         ad = self.adapter
         dev = ad.device
         rows, targets = [], []
+        ctx = _context(self.model)
         for it in items:
-            e = ad.embed(torch.tensor(list(it.prompt) + list(it.labels) + list(it.tail),
+            tail = list(it.tail)
+            if ctx is not None:  # the unsupervised tail may not push past the context
+                n = parrot.shape[0] if parrot is not None and it.splice >= 0 else 0
+                tail = tail[:max(0, ctx - len(it.prompt) - len(it.labels) - n)]
+            e = ad.embed(torch.tensor(list(it.prompt) + list(it.labels) + tail,
                                       dtype=torch.long, device=dev))
             start = len(it.prompt)
             if parrot is not None and it.splice >= 0:
@@ -243,6 +256,38 @@ class LossEngine:
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
         return loss / normalizer
+
+
+@torch.no_grad()
+def packing_is_exact(adapter: ModelAdapter) -> bool:
+    """Whether the model keeps sequences packed into one row apart (position ids restarting).
+
+    Architectures whose attention builds its mask from position ids (or runs flash-attn varlen)
+    do; others would let packed sequences attend to each other. Two short sequences are run
+    packed and one by one, and their hidden states compared.
+    """
+    dev = adapter.device
+    a = torch.tensor([[3, 5, 7, 11, 13]], device=dev) % adapter.embed.weight.shape[0]
+    b = torch.tensor([[17, 19, 23]], device=dev) % adapter.embed.weight.shape[0]
+    was_training = adapter.training
+    adapter.eval()
+    try:
+        ha = adapter.hidden_states(adapter.embed(a))
+        hb = adapter.hidden_states(adapter.embed(b))
+        pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=dev)
+        hp = adapter.hidden_states(adapter.embed(torch.cat([a, b], 1)), position_ids=pos)
+    except Exception:  # an architecture that refuses position ids this way: do not pack
+        return False
+    finally:
+        adapter.train(was_training)
+    ref = torch.cat([ha, hb], 1).float()
+    tol = 1e-3 if ref.dtype == torch.float32 and ha.dtype == torch.float32 else 5e-2
+    return bool(((hp.float() - ref).abs().max() <= tol * ref.abs().max().clamp_min(1.0)).item())
+
+
+def _context(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
 def _spliced(prompt: Sequence[int], splice: int, n: int, placeholder: int) -> list[int]:

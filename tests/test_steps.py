@@ -116,3 +116,23 @@ def test_loss_matches_hf_labels_loss() -> None:
     ref = model(input_ids=ids, labels=labels).loss
     got = LossEngine(model, fast=True).loss([it], None, 3)
     torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packing_probe_accepts_models_that_keep_sequences_apart(arch: str) -> None:
+    from sande_fast.steps import packing_is_exact
+
+    model = tiny_model(arch, VOCAB, seed=6)
+    assert packing_is_exact(LossEngine(model, packed=False).adapter)
+
+
+def test_packing_probe_rejects_cross_attention() -> None:
+    """A model that ignores position ids (so packed rows see each other) must not be packed."""
+    from sande_fast.adapter import ModelAdapter
+    from sande_fast.steps import packing_is_exact
+
+    model = tiny_model("llama", VOCAB, seed=7)
+    ad = ModelAdapter(model)
+    real = ad.hidden_states
+    ad.hidden_states = lambda emb, position_ids=None, attention_mask=None: real(emb)  # type: ignore[method-assign]
+    assert not packing_is_exact(ad)
