@@ -355,7 +355,7 @@ def _run_rank(args: argparse.Namespace, device: torch.device, rank: int) -> int:
     from .io import (atomic_dir, check_not_inside, check_out_dir, check_parrot_file, load_model,
                      model_hidden_size, save_parrot)
     from .pipeline import sanitize
-    from .report import summary_table, write_reports
+    from .report import summary_table
 
     rank0 = rank == 0
     # bf16 on CUDA: keep fp32 master shards and compute in bf16 (FSDP mixed precision); the
@@ -401,22 +401,39 @@ def _run_rank(args: argparse.Namespace, device: torch.device, rank: int) -> int:
         if not coll.all_true(True):
             raise RuntimeError("rank 0 could not write --out; it was left untouched")
         return 0
-    with atomic_dir(args.out, args.force) as tmp:
-        failure: BaseException | None = None
-        try:
-            save_sharded(result.model, tok, tmp, state, progress=not args.quiet)
-            del state
-            if result.parrot is not None:
-                save_parrot(result.parrot, tmp / "parrot.safetensors",
-                            target=result.report.get("parrot_target"),
-                            rounds=len(result.report["rounds"]))
-            write_reports(result.report, tmp)
-        except Exception as e:  # tell the other ranks before leaving
-            failure = e
-        if not coll.all_true(failure is None):
-            raise failure or RuntimeError("another rank failed; --out was left untouched")
+    entered = False
+    try:
+        with atomic_dir(args.out, args.force) as tmp:
+            entered = True
+            _write_output(result, tok, tmp, state, coll, quiet=args.quiet)
+    except Exception:
+        if not entered:  # --out changed since the check: the other ranks still wait to hear
+            coll.all_true(False)
+        raise
     if resume.exists():
         resume.unlink()
     print(summary_table(result.report))
     cli._say(args, f"wrote {args.out}")
     return 0
+
+
+def _write_output(result: Any, tok: Any, tmp: Any, state: dict[str, Any], coll: Collective,
+                  quiet: bool) -> None:
+    """Rank 0: writes the model, parrot and reports into ``tmp``, then hears from every rank;
+    raises (so ``tmp`` is dropped) unless all of them succeeded."""
+    from .io import save_parrot
+    from .report import write_reports
+
+    failure: BaseException | None = None
+    try:
+        save_sharded(result.model, tok, tmp, state, progress=not quiet)
+        state.clear()
+        if result.parrot is not None:
+            save_parrot(result.parrot, tmp / "parrot.safetensors",
+                        target=result.report.get("parrot_target"),
+                        rounds=len(result.report["rounds"]))
+        write_reports(result.report, tmp)
+    except Exception as e:  # tell the other ranks before leaving
+        failure = e
+    if not coll.all_true(failure is None):
+        raise failure or RuntimeError("another rank failed; --out was left untouched")
