@@ -208,8 +208,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers[::-1]
 
 
-def shard_engine(engine: Any, device: torch.device, *, mixed_precision: bool = False
-                 ) -> Collective:
+def shard_engine(engine: Any, device: torch.device, *, mixed_precision: bool = False,
+                 packed: bool | None = False) -> Collective:
     """Shards the engine's model with FSDP2 over the default process group (a collective).
 
     ``fully_shard`` on every decoder layer, then on the adapter as the root; gradients are
@@ -221,6 +221,8 @@ def shard_engine(engine: Any, device: torch.device, *, mixed_precision: bool = F
         device: this rank's device (see :func:`local_device`).
         mixed_precision: CUDA only: bf16 parameters in compute, fp32 gradient reduction (the
             sharded master weights stay in their dtype).
+        packed: the caller's packing choice; None (auto) redoes the engine's CUDA decision,
+            which it took on the device the model had before sharding (the CPU).
 
     Raises:
         BadInputError: the plain path, or mixed precision off CUDA.
@@ -229,11 +231,17 @@ def shard_engine(engine: Any, device: torch.device, *, mixed_precision: bool = F
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     from .kernels import kernel_backend
+    from .steps import packing_is_exact
 
     if not engine.fast:
         raise BadInputError("--fsdp runs the fast path only (drop --plain)")
     if mixed_precision and device.type != "cuda":
         raise BadInputError("FSDP mixed precision (bf16) needs CUDA")
+    if packed is None and engine.fast and device.type == "cuda" and not engine.packed:
+        # The probe runs the unsharded model directly, so it must run before fully_shard.
+        engine.packed = packing_is_exact(engine.adapter)
+        if engine.packed:
+            engine.max_waste = 1.0  # as LossEngine does for packed rows
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision else MixedPrecisionPolicy())

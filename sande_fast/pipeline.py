@@ -269,7 +269,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
                         max_batch=max(cfg.batch_size, 1), packed=cfg.packed,
                         pad_id=_pad_id(tokenizer))
     if fsdp:
-        shard_engine(engine, device, mixed_precision=mixed_precision)
+        shard_engine(engine, device, mixed_precision=mixed_precision, packed=cfg.packed)
     # Generation and evaluation run through the adapter when the model is sharded (its root
     # parameters exist only inside the adapter's forward); in one process, on the model itself.
     runner = engine.adapter if fsdp else model
