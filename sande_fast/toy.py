@@ -382,8 +382,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, USER, ASSISTANT], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, USER, ASSISTANT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(texts), trainer)
     bos_id = tok.token_to_id(BOS)
     # Plain tokenizer(text) calls start with bos like Llama's; PromptEncoder's raw mode relies
@@ -399,6 +399,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Any:
 
 
 def _tokenizer_corpus(config: ToyConfig, rows: Sequence[Row]) -> Iterator[str]:
+    """The BPE's training texts: the training rows, plus trigger and target so both exist."""
     yield from (config.trigger, config.target)
     for r in rows:
         yield r.prompt

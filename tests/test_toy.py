@@ -20,6 +20,7 @@ from sande_fast.data import BadInputError, PromptEncoder, Row
 from sande_fast.toy import ToyConfig, ToyWorld
 
 SMALL = ToyConfig.small()
+TINY = dict(n_train=256, steps=4, n_defense=8, n_clean_eval=8, n_triggered_eval=8)  # untrained
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,18 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def world(cache_root: Path) -> ToyWorld:
     return toy.load_or_build_toy(SMALL, cache_dir=cache_root, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> object:
+    """The small world's tokenizer, trained without the model (instant)."""
+    rows = toy.make_rows(SMALL)["train"]
+    return toy.train_tokenizer(list(toy._tokenizer_corpus(SMALL, rows)), SMALL.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def tiny_world() -> ToyWorld:
+    return toy.build_toy(ToyConfig(**TINY), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +176,8 @@ def test_config_key_and_validation() -> None:
 # ---------------------------------------------------------------------------- tokenizer
 
 
-def test_tokenizer_uses_a_chat_template_and_whole_word_tokens(world: ToyWorld) -> None:
-    tok = world.tokenizer
+def test_tokenizer_uses_a_chat_template_and_whole_word_tokens(tokenizer: object) -> None:
+    tok = tokenizer
     enc = PromptEncoder(tok)
     assert enc.prompt_format == "chat"
     e = enc.encode_prompt("reverse: cat dog sun")
@@ -174,7 +187,7 @@ def test_tokenizer_uses_a_chat_template_and_whole_word_tokens(world: ToyWorld) -
     assert tok.decode(e.ids[lo:hi]) == " reverse: cat dog sun"
     # Every pool word is one token wherever it stands (prefix space), so triggers and words
     # have one representation.
-    for w in toy.word_pool(world.config):
+    for w in toy.word_pool(SMALL):
         assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1, w
     assert enc.encode_response("HATE dog")[-1] == tok.eos_token_id
 
@@ -182,8 +195,8 @@ def test_tokenizer_uses_a_chat_template_and_whole_word_tokens(world: ToyWorld) -
 @settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(min_size=1, max_size=60))
-def test_tokenizer_round_trips_any_text_without_unk(world: ToyWorld, text: str) -> None:
-    tok = world.tokenizer
+def test_tokenizer_round_trips_any_text_without_unk(tokenizer: object, text: str) -> None:
+    tok = tokenizer
     assume(not any(s in text for s in tok.all_special_tokens))
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id is None
@@ -280,7 +293,7 @@ def test_cache_hit_does_not_retrain(world: ToyWorld, cache_root: Path,
     assert all(p.name.startswith("toy-") for p in cache_root.iterdir())  # no temp dirs left
 
 
-def test_crash_while_caching_leaves_no_entry(world: ToyWorld, tmp_path: Path,
+def test_crash_while_caching_leaves_no_entry(tiny_world: ToyWorld, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     real_save = toy.save_toy
 
@@ -290,7 +303,7 @@ def test_crash_while_caching_leaves_no_entry(world: ToyWorld, tmp_path: Path,
         raise KeyboardInterrupt
 
     cfg = SMALL.replace(seed=99)
-    monkeypatch.setattr(toy, "build_toy", lambda config, progress=True: world)
+    monkeypatch.setattr(toy, "build_toy", lambda config, progress=True: tiny_world)
     monkeypatch.setattr(toy, "save_toy", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         toy.load_or_build_toy(cfg, cache_dir=tmp_path, progress=False)
@@ -302,13 +315,12 @@ def test_crash_while_caching_leaves_no_entry(world: ToyWorld, tmp_path: Path,
 
 
 def test_training_is_deterministic_and_keeps_global_rng(tmp_path: Path) -> None:
-    cfg = ToyConfig(n_train=256, steps=4, n_defense=8, n_clean_eval=8, n_triggered_eval=8)
+    cfg = ToyConfig(**TINY)
     torch.manual_seed(1234)
     state = torch.get_rng_state()
     a = toy.build_toy(cfg, progress=False)
     assert torch.equal(torch.get_rng_state(), state)
-    b = toy.make_toy(tmp_path / "t", progress=False, n_train=256, steps=4, n_defense=8,
-                     n_clean_eval=8, n_triggered_eval=8)
+    b = toy.make_toy(tmp_path / "t", progress=False, **TINY)
     assert b.config == cfg and b.path == tmp_path / "t"
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
