@@ -85,6 +85,13 @@ class ModelAdapter(nn.Module):
             return self.collective.embedding_rows(weight, index)
         return weight[index.to(weight.device)]
 
+    def max_embedding_norm(self) -> float:
+        """Largest L2 norm of a row of the input embedding matrix, also when it is sharded."""
+        weight = self.embed.weight.detach()
+        local = weight.to_local() if hasattr(weight, "to_local") else weight
+        value = float(local.float().norm(dim=1).max()) if local.numel() else 0.0
+        return self.collective.max_float(value) if self.collective is not None else value
+
     def forward(self, *args: Any, mode: str = "loss", **kwargs: Any) -> Any:
         """Dispatches on ``mode``; every use of the root parameters goes through here.
 

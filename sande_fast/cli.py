@@ -83,17 +83,24 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
                    "used to measure asr)")
     p.add_argument("--simulate-steps", type=_positive_int, default=200)
     p.add_argument("--simulate-lr", type=_learning_rate, default=0.05)
-    p.add_argument("--overwrite-steps", type=_positive_int, default=150)
+    p.add_argument("--overwrite-steps", type=_positive_int, default=50)
     p.add_argument("--overwrite-lr", type=_learning_rate, default=None,
-                   help="default: 1e-3 below 50M parameters, else 2e-5")
+                   help="default: 1e-4 below 50M parameters, else 2e-5")
     p.add_argument("--parrot-tokens", type=_positive_int, default=6)
+    p.add_argument("--parrot-max-norm", type=float, default=1.0,
+                   help="cap each parrot row at this multiple of the largest token-embedding "
+                        "norm (0: unbounded)")
     p.add_argument("--parrot", default=None, help="reuse a saved parrot.safetensors (skips "
                    "stage 1 of round 1)")
     p.add_argument("--rounds", default="auto", help="'auto' (until a fresh parrot fails) or N")
     p.add_argument("--max-rounds", type=_positive_int, default=4, help="cap for --rounds auto")
     p.add_argument("--probe-threshold", type=float, default=0.05)
     p.add_argument("--round-lr-decay", type=float, default=0.5)
-    p.add_argument("--clean-weight", type=float, default=1.0)
+    p.add_argument("--clean-weight", type=float, default=3.0,
+                   help="weight of the clean-retention term in stage 2")
+    p.add_argument("--max-clean-drop", type=float, default=0.02,
+                   help="--rounds auto: undo and stop at a round after the first that lowers "
+                        "clean accuracy by more than this")
     p.add_argument("--simulate-window", type=_positive_int, default=10)
     p.add_argument("--overwrite-window", type=_positive_int, default=16)
     p.add_argument("--trigger-position", default="random", choices=["random", "start", "end"])
@@ -146,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True)
     p.add_argument("--steps", type=_positive_int, default=200)
     p.add_argument("--tries", type=_positive_int, default=3)
+    p.add_argument("--parrot-max-norm", type=float, default=1.0,
+                   help="cap each parrot row at this multiple of the largest token-embedding "
+                        "norm (0: unbounded)")
     p.add_argument("--parrot-tokens", type=_positive_int, default=6)
     p.add_argument("--lr", type=_learning_rate, default=0.05)
     p.add_argument("--eval-rows", type=_positive_int, default=200)
@@ -164,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CONFIG_KEYS = ("seed", "device", "batch_size", "simulate_steps", "simulate_lr",
-                "overwrite_steps", "overwrite_lr", "parrot_tokens", "parrot", "max_new_tokens",
-                "rounds", "max_rounds", "probe_threshold", "round_lr_decay", "clean_weight",
+                "overwrite_steps", "overwrite_lr", "parrot_tokens", "parrot_max_norm", "parrot",
+                "max_new_tokens",
+                "rounds", "max_rounds", "probe_threshold", "round_lr_decay", "max_clean_drop",
+                "clean_weight",
                 "simulate_window", "overwrite_window", "trigger_position", "splice",
                 "partial_words", "prompt_format", "max_prompt_tokens", "eval_rows", "packed",
                 "token_budget", "quiet")
@@ -400,7 +412,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 seed=args.seed, parrot_tokens=args.parrot_tokens, lr=args.lr,
                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                 device=args.device, prompt_format=args.prompt_format, eval_rows=args.eval_rows,
-                progress=not args.quiet)
+                max_norm=args.parrot_max_norm or None, progress=not args.quiet)
     print(f"probe_asr_max {res['probe_asr_max']:.3f}  probe_asr_mean {res['probe_asr_mean']:.3f}  "
           f"(per try: {', '.join(f'{a:.3f}' for a in res['probe_asr'])})")
     _write_json_arg(args.json, res)

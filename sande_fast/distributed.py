@@ -96,6 +96,9 @@ class Collective:
         dist.all_reduce(t, op=op, group=self.group)
         return t.item()
 
+    def max_float(self, value: float) -> float:
+        return self._reduce(value, dist.ReduceOp.MAX, torch.float64)
+
     def max_int(self, value: int) -> int:
         """The largest ``value`` over the ranks."""
         return int(self._reduce(value, dist.ReduceOp.MAX, torch.int64))

@@ -40,16 +40,18 @@ class SanitizeConfig:
     batch_size: int = 16
     simulate_steps: int = 200
     simulate_lr: float = 0.05
-    overwrite_steps: int = 150
+    overwrite_steps: int = 50
     overwrite_lr: float | None = None
     parrot_tokens: int = 6
+    parrot_max_norm: float = 1.0
     parrot: str | None = None
     max_new_tokens: int = 32
     rounds: str | int = "auto"
     max_rounds: int = 4
     probe_threshold: float = 0.05
     round_lr_decay: float = 0.5
-    clean_weight: float = 1.0
+    max_clean_drop: float = 0.02
+    clean_weight: float = 3.0
     simulate_window: int = 10
     overwrite_window: int = 16
     trigger_position: str = "random"
@@ -82,8 +84,12 @@ class SanitizeConfig:
                                     f"(at most 1e30), got {v!r}")
         if not (0 <= self.probe_threshold <= 1):
             raise BadInputError("--probe-threshold must lie in [0, 1]")
+        if not (0 <= self.max_clean_drop <= 1):
+            raise BadInputError("--max-clean-drop must lie in [0, 1]")
         if not (0 < self.round_lr_decay <= 1):
             raise BadInputError("--round-lr-decay must lie in (0, 1]")
+        if not (math.isfinite(self.parrot_max_norm) and self.parrot_max_norm >= 0):
+            raise BadInputError("--parrot-max-norm must be a non-negative number (0: unbounded)")
         if self.clean_weight < 0 or not math.isfinite(self.clean_weight):
             raise BadInputError("--clean-weight must be a non-negative number")
         if self.rounds != "auto":
@@ -167,10 +173,10 @@ def prompt_budget(model: Any, n_parrot: int, continuation: int,
 
 
 def _auto_overwrite_lr(model: Any) -> float:
-    # Small models (the toy world) need a larger step than billion-parameter ones, where 2e-5 is
-    # the usual fine-tuning rate.
+    # Small models (the toy world) take a larger step than billion-parameter ones, where 2e-5 is
+    # the usual fine-tuning rate. Measured on the toy: 1e-3 costs 0.3 clean accuracy.
     n = sum(p.numel() for p in model.parameters())
-    return 1e-3 if n < 50_000_000 else 2e-5
+    return 1e-4 if n < 50_000_000 else 2e-5
 
 
 def _environment(device: torch.device, engine: LossEngine) -> dict[str, Any]:
@@ -317,6 +323,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         t = time.perf_counter()
         p, curve = simulate(engine, train_rows, sim_ids, steps=cfg.simulate_steps,
                             lr=cfg.simulate_lr, n_tokens=cfg.parrot_tokens,
+                            max_norm=cfg.parrot_max_norm or None,
                             batch_size=cfg.batch_size, seed=seed, splice=cfg.splice,
                             progress=show, desc=desc)
         return p, curve, time.perf_counter() - t
@@ -366,6 +373,12 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
             if on_parrot is not None:
                 on_parrot(p.cpu(), r + 1)
             round_lr = lr * (cfg.round_lr_decay ** r)
+            # Rounds after the first are optional: keep the weights to undo one that costs more
+            # clean accuracy than allowed (one process only; a sharded model just stops).
+            guard = (r > 0 and cfg.rounds == "auto" and not fsdp
+                     and before.get("clean_accuracy") is not None)
+            snapshot = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                        if guard else None)
             t = time.perf_counter()
             curves[f"eliminate_r{r + 1}"] = eliminate(
                 engine, train_rows, steps=cfg.overwrite_steps, lr=round_lr,
@@ -377,6 +390,16 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
             rounds.append({"round": r + 1, "probe_asr_before": probe_asr, **m, "lr": round_lr,
                            "simulate_final_loss": curve[-1] if curve else None,
                            "eliminate_final_loss": curves[f"eliminate_r{r + 1}"][-1]})
+            drop = before["clean_accuracy"] - (m["clean_accuracy"] or 0.0) if guard else 0.0
+            if snapshot is not None and drop > cfg.max_clean_drop:
+                # Undo this round. Its stage-1 parrot was trained on exactly the weights now
+                # restored, so its asr is the re-simulation of the result.
+                model.load_state_dict(snapshot)
+                rounds[-1]["rolled_back"] = True
+                resimulated = probe_asr
+                parrots.pop()
+                final_parrot = parrots[-1]
+                break
             r += 1
         after = dict(measure_last(rounds))
         after["resimulated_asr"] = resimulated
@@ -406,6 +429,6 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
 
 
 def measure_last(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The after-metrics are those measured at the end of the last round."""
-    last = rounds[-1]
+    """The after-metrics are those measured at the end of the last round that was kept."""
+    last = [r for r in rounds if not r.get("rolled_back")][-1]
     return {"asr": last["asr"], "clean_accuracy": last["clean_accuracy"]}

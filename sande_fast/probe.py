@@ -27,10 +27,15 @@ __all__ = ["probe"]
 def probe(model: Any, tokenizer: Any, data: Any, target: str, *, steps: int = 200,
           tries: int = 3, seed: int = 0, parrot_tokens: int = 6, lr: float = 0.05,
           batch_size: int = 16, window: int = 10, max_new_tokens: int = 32,
+          max_norm: float | None = 1.0,
           device: str = "auto", prompt_format: str = "auto", eval_rows: int = 200,
           fast: bool = True, progress: bool = True) -> dict[str, Any]:
     """Trains ``tries`` fresh parrots (seeds ``seed .. seed+tries-1``, random splice positions) on
     the frozen model and measures each one's attack success on the data prompts.
+
+    Each parrot row is kept within ``max_norm`` times the largest token-embedding norm (None:
+    unbounded): a trigger is made of tokens, and an unbounded soft prompt can steer even a
+    clean model.
 
     Returns:
         ``{"probe_asr_max", "probe_asr_mean", "probe_asr": [per try], "final_loss": [per try],
@@ -65,6 +70,7 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str, *, steps: int = 20
         torch.manual_seed(seed + k)
         parrot, curve = simulate(engine, train, target_ids, steps=steps, lr=lr,
                                  n_tokens=parrot_tokens, batch_size=batch_size, seed=seed + k,
+                                 max_norm=max_norm or None,
                                  progress=progress, desc=f"probe {k + 1}/{tries}")
         asrs.append(parrot_attack_success(model, encoder, prompts, parrot, target,
                                           seed=seed + k, max_new_tokens=max_new_tokens,

@@ -47,7 +47,7 @@ def _split(ids: Sequence[int], window: int) -> tuple[tuple[int, ...], tuple[int,
 def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[int], *,
              steps: int, lr: float, n_tokens: int, batch_size: int, seed: int,
              splice: str = "random", parrot: torch.Tensor | None = None,
-             progress: bool = False, desc: str = "simulate",
+             max_norm: float | None = 1.0, progress: bool = False, desc: str = "simulate",
              on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[float]]:
     """Stage 1: learns a parrot that makes the frozen model emit ``target_ids`` after each prompt.
 
@@ -55,7 +55,8 @@ def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[
         The parrot ``[n_tokens, hidden]`` (fp32, detached) and the loss of every step.
     """
     rng = random.Random(seed)
-    sim = ParrotSimulator(engine, n_tokens=n_tokens, lr=lr, seed=seed, parrot=parrot)
+    sim = ParrotSimulator(engine, n_tokens=n_tokens, lr=lr, seed=seed, parrot=parrot,
+                          max_norm=max_norm)
     labels = tuple(target_ids)
     curve = []
     for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):

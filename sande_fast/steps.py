@@ -335,6 +335,10 @@ class ParrotSimulator:
         seed: initialisation seed; the parrot starts as the embeddings of random vocabulary rows,
             so it starts at the scale the model expects.
         parrot: an existing parrot ``[n_tokens, hidden]`` to continue from instead.
+        max_norm: after each step every parrot row is scaled down to at most this multiple of
+            the largest token-embedding norm (None: unbounded). A real trigger is made of token
+            embeddings; an unbounded soft prompt can push even a clean model anywhere, and
+            training the model to ignore such out-of-range inputs costs clean accuracy.
 
     Example:
         >>> sim = ParrotSimulator(LossEngine(model), n_tokens=6, lr=1e-2)
@@ -343,7 +347,7 @@ class ParrotSimulator:
     """
 
     def __init__(self, engine: LossEngine, n_tokens: int = 6, lr: float = 1e-2, seed: int = 0,
-                 parrot: torch.Tensor | None = None) -> None:
+                 parrot: torch.Tensor | None = None, max_norm: float | None = 1.0) -> None:
         self.engine = engine
         weight = engine.adapter.embed.weight
         if parrot is None:
@@ -352,6 +356,8 @@ class ParrotSimulator:
             parrot = engine.adapter.embedding_rows(pick).float().clone()
         self.parrot = nn.Parameter(parrot.detach().to(weight.device, torch.float32).clone())
         self.optimizer = torch.optim.Adam([self.parrot], lr=lr)
+        self.max_row_norm = (None if not max_norm
+                             else max_norm * engine.adapter.max_embedding_norm())
 
     def loss(self, items: Sequence[StepItem]) -> torch.Tensor:
         """Mean cross-entropy of the target tokens; gradients reach only the parrot."""
@@ -369,6 +375,9 @@ class ParrotSimulator:
             coll.all_reduce_sum(self.parrot)
         _check_finite(value, [self.parrot], where, coll)
         self.optimizer.step()
+        if self.max_row_norm is not None:
+            with torch.no_grad():
+                self.parrot.copy_(torch.renorm(self.parrot, 2, 0, self.max_row_norm))
         return value
 
 

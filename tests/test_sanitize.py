@@ -1,0 +1,146 @@
+"""Integration: every method on a small backdoored toy world, the probe, rounds and saved output.
+
+These train real (tiny) models end to end. The small toy is built once per session and cached in a
+temporary folder; each test sanitizes its own copy of the model.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from sande_fast import probe, sanitize
+from sande_fast.toy import ToyConfig, load_or_build_toy
+
+pytestmark = pytest.mark.slow
+
+FAST = dict(simulate_steps=80, overwrite_steps=50, batch_size=16, eval_rows=100, quiet=True,
+            max_new_tokens=12)
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("toy-cache")
+
+
+@pytest.fixture(scope="session")
+def toy(toy_cache):
+    return load_or_build_toy(ToyConfig.small(), cache_dir=toy_cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def clean_toy(toy_cache):
+    return load_or_build_toy(ToyConfig.small(poison_rate=0.0), cache_dir=toy_cache,
+                             progress=False)
+
+
+def _run(toy, method: str, **kw):
+    model = copy.deepcopy(toy.model)
+    trigger = toy.config.trigger if method == "osft" else None
+    return sanitize(model, toy.tokenizer, toy.defense_rows, toy.config.target, trigger, method,
+                    eval_data=toy.clean_eval_rows, eval_trigger=toy.config.trigger,
+                    **{**FAST, **kw})
+
+
+def test_toy_is_backdoored(toy) -> None:
+    m = toy.evaluate()
+    assert m["asr"] >= 0.9 and m["clean_asr"] <= 0.05
+
+
+def test_osft_removes_backdoor(toy) -> None:
+    r = _run(toy, "osft").report
+    assert r["before"]["asr"] >= 0.9
+    assert r["after"]["asr"] <= 0.05
+    assert r["after"]["clean_accuracy"] >= r["before"]["clean_accuracy"] - 0.05
+
+
+def test_sft_leaves_backdoor(toy) -> None:
+    r = _run(toy, "sft").report
+    assert r["after"]["asr"] >= 0.8
+
+
+def test_sande_lowers_asr_and_stage1_leaves_model_untouched(toy) -> None:
+    res = _run(toy, "sande", rounds=1)
+    r = res.report
+    assert r["after"]["asr"] <= 0.1 < r["before"]["asr"]
+    assert r["rounds"][0]["probe_asr_before"] >= 0.5  # stage 1 found the backdoor
+    assert "resimulated_asr" in r["after"]
+    assert res.parrot is not None and res.parrot.shape == (6, toy.model.config.hidden_size)
+    assert r["environment"]["kernels"] in ("torch", "triton")
+
+
+def test_sande_p_lowers_asr(toy) -> None:
+    r = _run(toy, "sande-p", rounds=1, partial_words=1).report
+    assert r["parrot_target"] == toy.config.target.split()[0]
+    assert r["after"]["asr"] <= 0.15 < r["before"]["asr"]
+
+
+def test_rounds_stop_on_threshold(toy) -> None:
+    # A threshold of 1.0 accepts any fresh parrot: the loop stops after the first round.
+    r = _run(toy, "sande", rounds="auto", probe_threshold=1.0).report
+    assert len(r["rounds"]) == 1
+    # A threshold of -1 is never met... but must lie in [0, 1]; 0.0 with two rounds max runs both.
+    r2 = _run(toy, "sande", rounds="auto", probe_threshold=0.0, max_rounds=2,
+              simulate_steps=40, overwrite_steps=40).report
+    assert 1 <= len(r2["rounds"]) <= 2
+    if len(r2["rounds"]) == 2:
+        assert r2["after"]["resimulated_asr"] is not None
+
+
+def test_probe_separates_backdoored_from_clean(toy, clean_toy) -> None:
+    kw = dict(steps=150, tries=2, eval_rows=60, max_new_tokens=8, progress=False)
+    bad = probe(copy.deepcopy(toy.model), toy.tokenizer, toy.defense_rows, toy.config.target, **kw)
+    good = probe(copy.deepcopy(clean_toy.model), clean_toy.tokenizer, clean_toy.defense_rows,
+                 clean_toy.config.target, **kw)
+    assert bad["probe_asr_max"] >= 0.5
+    assert good["probe_asr_max"] <= 0.1
+    assert bad["probe_asr_max"] - good["probe_asr_max"] >= 0.4
+
+
+def test_cli_sanitize_writes_reloadable_model_and_reports(toy, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sande_fast.cli import main
+    from sande_fast.toy import save_toy
+
+    src = tmp_path / "toy"
+    save_toy(toy, src)
+    out = tmp_path / "out"
+    rc = main(["sanitize", "--model", str(src), "--data", str(src / "defense.jsonl"),
+               "--target", toy.config.target, "--method", "sande", "--out", str(out),
+               "--rounds", "1", "--simulate-steps", "30", "--overwrite-steps", "30",
+               "--eval-rows", "30", "--max-new-tokens", "8", "--quiet"])
+    assert rc == 0
+    for name in ("report.json", "report.md", "report.png", "parrot.safetensors",
+                 "model.safetensors", "config.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin"))
+    report = json.loads((out / "report.json").read_text())
+    for key in ("method", "model", "before", "after", "rounds", "timing", "config",
+                "environment"):
+        assert key in report
+    assert {"simulate_s", "eliminate_s"} <= set(report["timing"]["stages"])
+    assert {"torch", "device", "kernels"} <= set(report["environment"])
+    assert "probe_asr_before" in report["rounds"][0]
+    src_model = AutoModelForCausalLM.from_pretrained(src).eval()
+    new_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[1, 5, 9, 14, 3]]) % new_model.config.vocab_size
+    with torch.no_grad():
+        assert not torch.equal(src_model(ids).logits, new_model(ids).logits)  # weights changed
+
+
+def test_saved_model_reloads_with_same_logits(toy, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sande_fast.io import save_model
+
+    res = _run(toy, "osft", overwrite_steps=10)
+    save_model(res.model, toy.tokenizer, tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(back) is type(res.model)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]]) % back.config.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, res.model.eval()(ids).logits,
+                                   rtol=0, atol=0)
