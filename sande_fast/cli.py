@@ -249,38 +249,19 @@ def _check_stage_args(args: argparse.Namespace, target: str | None,
     SanitizeConfig(**_options(args)).validate(args.method)
 
 
-def _context_length(model: Any) -> int | None:
-    cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def _fit_prompt_budget(args: argparse.Namespace, model: Any, parrot_rows: int = 0) -> None:
     """Makes sure prompt + parrot + supervised window / generated answer fit the model's context.
 
     Without ``--max-prompt-tokens`` the budget is what the context leaves; longer prompts are cut
     from the left (counted in report.json ``config.prompts_truncated``). An explicit budget that
-    cannot fit is refused.
+    cannot fit is refused (before anything is trained).
     """
-    ctx = _context_length(model)
-    if ctx is None:
-        return
-    need = (max(args.parrot_tokens, parrot_rows)
-            + max(args.overwrite_window, args.simulate_window, args.max_new_tokens) + 1)
-    room = ctx - need
-    if room < 1:
-        raise BadInputError(f"the model's context ({ctx} tokens) has no room for a prompt next "
-                            f"to the parrot and the answer ({need} tokens); lower "
-                            "--max-new-tokens, --parrot-tokens or the windows")
-    if args.max_prompt_tokens is None:
-        args.max_prompt_tokens = room
-    elif args.max_prompt_tokens > room:
-        raise BadInputError(f"--max-prompt-tokens {args.max_prompt_tokens} does not fit the "
-                            f"model's context of {ctx} tokens (parrot and answer need {need}); "
-                            f"use at most {room}")
+    from .pipeline import prompt_budget
+
+    args.max_prompt_tokens = prompt_budget(
+        model, max(args.parrot_tokens, parrot_rows),
+        max(args.overwrite_window, args.simulate_window, args.max_new_tokens),
+        args.max_prompt_tokens)
 
 
 def _run_sanitize(args: argparse.Namespace, model: Any, tok: Any, data: Any, target: str,
@@ -352,7 +333,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .io import check_out_dir, check_parrot_file
     from .toy import ToyConfig, load_or_build_toy
 
-    _check_stage_args(args, None, None)
+    # osft takes the toy's own trigger
+    _check_stage_args(args, None, args.trigger or ("toy" if args.method == "osft" else None))
     check_out_dir(args.out, args.force)
     parrot_rows = check_parrot_file(args.parrot)[0] if args.parrot else 0
     cfg = ToyConfig(seed=args.seed)
@@ -434,11 +416,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model, device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, progress=not args.quiet)
     # Prompt + answer must fit the context: longer prompts are cut from the left and counted.
-    ctx = _context_length(model)
-    budget = None if ctx is None else ctx - args.max_new_tokens - 1
-    if budget is not None and budget < 1:
-        raise BadInputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
-                            f"in the model's context of {ctx} tokens")
+    from .pipeline import prompt_budget
+
+    budget = prompt_budget(model, 0, args.max_new_tokens)
     encoder = PromptEncoder(tok, args.prompt_format, max_prompt_tokens=budget)
     res = evaluate(model, tok, rows, args.target, args.trigger,
                    max_new_tokens=args.max_new_tokens, batch_size=max(args.batch_size, 32),

@@ -148,8 +148,11 @@ def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
 def context_length(model: Any) -> int | None:
     """The model's context window (positions), when its config states one."""
     cfg = getattr(model, "config", None)
-    return (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-            or None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
 
 
 def prompt_budget(model: Any, n_parrot: int, continuation: int,
@@ -165,7 +168,8 @@ def prompt_budget(model: Any, n_parrot: int, continuation: int,
     room = ctx - n_parrot - continuation - 1
     if room < 1:
         raise BadInputError(f"the model's context ({ctx} tokens) leaves no room for a prompt next "
-                            f"to {n_parrot} parrot tokens and {continuation} answer tokens")
+                            f"to {n_parrot} parrot tokens and {continuation} answer tokens; lower "
+                            "--max-new-tokens, --parrot-tokens or the windows")
     if requested is not None and requested > room:
         raise BadInputError(f"--max-prompt-tokens {requested} does not fit the model's context "
                             f"({ctx} tokens); use at most {room}")

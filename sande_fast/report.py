@@ -32,6 +32,7 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"rounds: {len(report['rounds'])}  "
                      + "  ".join(f"r{r['round']}: probe {fmt(r['probe_asr_before'], 2)} -> "
                                  f"asr {fmt(r['asr'], 2)}, clean {fmt(r['clean_accuracy'], 2)}"
+                                 + (" (undone)" if r.get("rolled_back") else "")
                                  for r in report["rounds"]))
     return "\n".join(lines)
 
@@ -48,11 +49,13 @@ def _markdown(report: dict[str, Any]) -> str:
     if "resimulated_asr" in a:
         out.append(f"| resimulated_asr | | {fmt(a.get('resimulated_asr'))} |")
     if report.get("rounds"):
-        out += ["", "## Rounds", "", "| round | probe asr before | asr | clean accuracy |",
-                "| --- | --- | --- | --- |"]
+        out += ["", "## Rounds", "",
+                "| round | probe asr before | asr | clean accuracy | kept |",
+                "| --- | --- | --- | --- | --- |"]
         for r in report["rounds"]:
+            kept = "no (clean accuracy cost too high, undone)" if r.get("rolled_back") else "yes"
             out.append(f"| {r['round']} | {fmt(r.get('probe_asr_before'))} | {fmt(r.get('asr'))} "
-                       f"| {fmt(r.get('clean_accuracy'))} |")
+                       f"| {fmt(r.get('clean_accuracy'))} | {kept} |")
     out += ["", "## Time by stage (s)", "", "| stage | seconds |", "| --- | --- |"]
     for k, v in report["timing"]["stages"].items():
         out.append(f"| {k} | {v:.2f} |")
