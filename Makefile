@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp)
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/sande-fast demo
+	$(VENV)/bin/sande-fast demo --force
 
 test: install
 	$(PY) -m pytest -q tests
