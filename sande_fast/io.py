@@ -271,18 +271,9 @@ def save_parrot(parrot: torch.Tensor, path: str | os.PathLike, **meta: Any) -> N
 
     The file is written next to ``path`` and renamed over it, so it is never seen half-written.
     """
-    dst = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.absolute().parent)
-    os.close(fd)
-    try:
-        save_file({"parrot": parrot.detach().float().cpu().contiguous()}, tmp,
+    with _atomic_file(path) as tmp:
+        save_file({"parrot": parrot.detach().float().cpu().contiguous()}, str(tmp),
                   metadata={k: json.dumps(v) for k, v in meta.items()})
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def check_parrot_file(path: str | os.PathLike, hidden_size: int | None = None) -> tuple[int, int]:
@@ -342,17 +333,24 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON; the file is replaced whole (temp file, then rename)."""
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary sibling of ``path`` that replaces it whole when the block succeeds."""
     dst = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.absolute().parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+        yield Path(tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON; the file is replaced whole (temp file, then rename)."""
+    with _atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
