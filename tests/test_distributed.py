@@ -128,7 +128,7 @@ def test_sharded_steps_and_generation_match_one_process(tmp_path: Path) -> None:
 
     out = tmp_path / "sharded.pt"
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
-    sharded = torch.load(out)
+    sharded = torch.load(out, weights_only=True)
     for arch in ARCHS:
         ref, got = _one_round(arch, shard=False), sharded[arch]
         assert got["free"] == ref["free"], arch
