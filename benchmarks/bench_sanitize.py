@@ -569,7 +569,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = make_rows(p, args.seed)
     batch = make_batch(rows, p.window, args.seed)
     packed = {"auto": None, "on": True, "off": False}[args.packed]
-    engines = {"ours": LossEngine(model, fast=True, packed=packed),
+    engines = {"ours": LossEngine(model, fast=True, packed=packed,
+                                  **({"max_waste": args.max_waste} if args.max_waste is not None
+                                     else {})),
                "ref": LossEngine(model, fast=False)}
     peak_flops = None
     gpu_name = None
@@ -624,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="untimed steps per side before timing (>= 1; the first checks the maths)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-waste", type=float, default=None,
+                    help="ours: padding share cap per bucket (default: the engine's)")
     ap.add_argument("--packed", default="auto", choices=["auto", "on", "off"],
                     help="ours: packed rows (auto: on CUDA when the model keeps them apart)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
