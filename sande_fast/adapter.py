@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelAdapter", "UnsupportedModelError"]
+__all__ = ["ModelAdapter", "UnsupportedModelError", "context_length"]
 
 # A sharded (FSDP2) model unshards its root parameters (embedding, final norm, LM head) only
 # inside the root module's forward. The fast loss therefore runs as the forward of this adapter,
@@ -143,6 +143,16 @@ class ModelAdapter(nn.Module):
         return fused_linear_cross_entropy(h, head.weight, labels, head.bias,
                                           normalizer=normalizer, logit_scale=self.logit_scale,
                                           backend=backend)
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context window (positions), when its config states one."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
 
 
 def _logit_scale(config: Any) -> float:

@@ -377,19 +377,31 @@ def cmd_make_toy(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
-    from .io import load_model, resolve_device
-    from .probe import probe
+def _load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Checks the target and ``--json``, reads the data, then loads the model: (rows, model, tok).
 
+    Shared by ``probe`` and ``eval``; cheap checks come first, so bad input fails before the
+    model is loaded.
+    """
     from .data import load_rows
+    from .io import load_model, resolve_device
 
     if not args.target.strip():
         raise BadInputError("--target must be a non-empty text (the attacker's response)")
+    if getattr(args, "trigger", None) is not None and not args.trigger.strip():
+        raise BadInputError("--trigger must be a non-empty text")
     _check_json_arg(args.json)
     device = resolve_device(args.device)
     rows = load_rows(args.data)
     model, tok = load_model(args.model, device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    return rows, model, tok
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .probe import probe
+
+    rows, model, tok = _load_inputs(args)
     res = probe(model, tok, rows, args.target, steps=args.steps, tries=args.tries,
                 seed=args.seed, parrot_tokens=args.parrot_tokens, lr=args.lr,
                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -402,22 +414,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import PromptEncoder, load_rows
+    from .data import PromptEncoder
     from .evaluate import evaluate
-    from .io import load_model, resolve_device
-
-    if not args.target.strip():
-        raise BadInputError("--target must be a non-empty text (the attacker's response)")
-    if args.trigger is not None and not args.trigger.strip():
-        raise BadInputError("--trigger must be a non-empty text")
-    _check_json_arg(args.json)
-    device = resolve_device(args.device)
-    rows = load_rows(args.data)
-    model, tok = load_model(args.model, device, dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code, progress=not args.quiet)
-    # Prompt + answer must fit the context: longer prompts are cut from the left and counted.
     from .pipeline import prompt_budget
 
+    rows, model, tok = _load_inputs(args)
+    # Prompt + answer must fit the context: longer prompts are cut from the left and counted.
     budget = prompt_budget(model, 0, args.max_new_tokens)
     encoder = PromptEncoder(tok, args.prompt_format, max_prompt_tokens=budget)
     res = evaluate(model, tok, rows, args.target, args.trigger,

@@ -23,6 +23,7 @@ from .data import BadInputError, PromptEncoder, Row, TRIGGER_POSITIONS, load_row
 from .evaluate import evaluate, greedy_generate, parrot_attack_success, _pad_id
 from .io import load_parrot, resolve_device
 from .stages import SPLICE_STRATEGIES, TrainRow, eliminate, simulate
+from .adapter import context_length
 from .steps import LossEngine
 
 __all__ = ["SanitizeConfig", "SanitizeResult", "sanitize", "METHODS", "prepare_rows",
@@ -143,16 +144,6 @@ def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
         resp = answers[i] if i in answers else encoder.encode_response(r.response)
         out.append(TrainRow(r.prompt, p, tuple(resp)))
     return out
-
-
-def context_length(model: Any) -> int | None:
-    """The model's context window (positions), when its config states one."""
-    cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None
 
 
 def prompt_budget(model: Any, n_parrot: int, continuation: int,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import planner
-from .adapter import ModelAdapter
+from .adapter import ModelAdapter, context_length
 from .kernels import kernel_backend
 
 __all__ = ["StepItem", "LossEngine", "ParrotSimulator", "OverwriteStep", "frozen",
@@ -229,7 +229,7 @@ class LossEngine:
         ad = self.adapter
         dev = ad.device
         rows, targets = [], []
-        ctx = _context(self.model)
+        ctx = context_length(self.model)
         for it in items:
             tail = list(it.tail)
             if ctx is not None:  # the unsupervised tail may not push past the context
@@ -283,11 +283,6 @@ def packing_is_exact(adapter: ModelAdapter) -> bool:
     ref = torch.cat([ha, hb], 1).float()
     tol = 1e-3 if ref.dtype == torch.float32 and ha.dtype == torch.float32 else 5e-2
     return bool(((hp.float() - ref).abs().max() <= tol * ref.abs().max().clamp_min(1.0)).item())
-
-
-def _context(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
 def _spliced(prompt: Sequence[int], splice: int, n: int, placeholder: int) -> list[int]:
