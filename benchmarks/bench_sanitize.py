@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sande_fast.steps import LossEngine, OverwriteStep, ParrotSimulator, StepItem
+from sande_fast.steps import LossEngine, OverwriteStep, ParrotSimulator, StepItem, frozen
 
 MIB = 2**20
 
@@ -210,8 +211,12 @@ def user_tokens(items: Sequence[StepItem]) -> int:
 
 
 def batch_stats(items: Sequence[StepItem], n_parrot: int, ours: LossEngine,
-                ref: LossEngine) -> dict[str, Any]:
-    """Token accounting of one item list on both paths: what each side actually pushes through."""
+                ref: LossEngine, frozen_model: bool = False) -> dict[str, Any]:
+    """Token accounting of one item list on both paths: what each side actually pushes through.
+
+    ``frozen_model``: stage 1, where ours runs long prefixes without a graph (``ours_rows``
+    counts prefix and graph rows, padding included; ``ours_no_graph_rows`` the prefix part).
+    """
     def full_len(it: StepItem) -> int:
         return len(it.prompt) + (n_parrot if it.splice >= 0 else 0) + len(it.labels) + len(it.tail)
 
@@ -224,8 +229,18 @@ def batch_stats(items: Sequence[StepItem], n_parrot: int, ours: LossEngine,
         return rows, rows - real
 
     ref_rows, ref_pad = padded(ref.micro_batches(items, n_parrot), full_len)
-    ours_mbs = ours.micro_batches(items, n_parrot)
-    ours_rows, ours_pad = padded(ours_mbs, fast_len)
+    with frozen(ours.model) if frozen_model else contextlib.nullcontext():
+        ours_mbs = ours.micro_batches(items, n_parrot)
+        split = [ours._splits_prefix(mb, n_parrot) for mb in ours_mbs]
+        prefix_buckets = ours.prefix_buckets(ours_mbs, n_parrot)
+    ours_rows = ours_pad = 0
+    for mb, cut in zip(ours_mbs, split):
+        rows, pad = padded([mb], (lambda it: fast_len(it) - it.splice) if cut else fast_len)
+        ours_rows, ours_pad = ours_rows + rows, ours_pad + pad
+    # the prefixes run once each, in buckets of their own
+    no_graph = sum(len(g) * max(map(len, g)) for g in prefix_buckets)
+    no_graph_pad = no_graph - sum(len(q) for g in prefix_buckets for q in g)
+    ours_rows, ours_pad = ours_rows + no_graph, ours_pad + no_graph_pad
     return {
         "sequences": len(items),
         "tokens": user_tokens(items),
@@ -233,6 +248,7 @@ def batch_stats(items: Sequence[StepItem], n_parrot: int, ours: LossEngine,
         "ref_rows": ref_rows, "ref_padding_rows": ref_pad,
         "ours_rows": ours_rows, "ours_padding_rows": ours_pad,
         "ours_micro_batches": len(ours_mbs),
+        "ours_no_graph_rows": no_graph,
         "ours_needed_rows": sum(fast_len(it) for it in items),
     }
 
@@ -594,7 +610,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              "(stage 2: the overwrite and the clean copy of each row); parrot "
                              "rows and padding excluded; same count for both sides",
         "peak_bf16_flops": peak_flops,
-        "batch": {"stage1": batch_stats(batch.stage1, p.parrot, engines["ours"], engines["ref"]),
+        "batch": {"stage1": batch_stats(batch.stage1, p.parrot, engines["ours"], engines["ref"],
+                                        frozen_model=True),
                   "stage2": batch_stats(stage2_items, p.parrot, engines["ours"], engines["ref"])},
     }
 

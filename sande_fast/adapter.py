@@ -6,12 +6,14 @@ embedding, the output projection (tied or not) and any logit transform the archi
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ModelAdapter", "UnsupportedModelError", "context_length"]
+__all__ = ["ModelAdapter", "UnsupportedModelError", "accepts_argument", "cache_argument",
+           "cache_tensors", "context_length"]
 
 # A sharded (FSDP2) model unshards its root parameters (embedding, final norm, LM head) only
 # inside the root module's forward. The fast loss therefore runs as the forward of this adapter,
@@ -71,12 +73,35 @@ class ModelAdapter(nn.Module):
 
     def hidden_states(self, inputs_embeds: torch.Tensor,
                       position_ids: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None,
+                      past_key_values: Any = None) -> torch.Tensor:
         """Final (normed) hidden states ``[B, L, H]`` of the base model, no logits."""
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if past_key_values is not None:
+            kwargs = {cache_argument(self.base): past_key_values, "use_cache": True}
         out = self.base(inputs_embeds=inputs_embeds, position_ids=position_ids,
-                        attention_mask=attention_mask, use_cache=False)
+                        attention_mask=attention_mask, **kwargs)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
+    def prefix_states(self, ids: torch.Tensor,
+                      position_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer keys and values ``[B, kv_heads, P, head_dim]`` of token rows ``ids``
+        ``[B, P]`` (right-padded rows, or one packed row with restarting ``position_ids``),
+        computed without a graph.
+
+        Right-padded rows need no attention mask: under causal attention a real token never sees
+        the pads that follow it, and every pad row sees at least the first column, so no row is
+        fully masked. Whoever attends to these states masks the pads out.
+        """
+        cache = _stopping_cache()
+        cache.stop_at = self.num_layers - 1  # only keys and values are needed
+        with torch.no_grad():
+            try:
+                self.base(inputs_embeds=self.embed(ids), position_ids=position_ids,
+                          use_cache=True, **{cache_argument(self.base): cache})
+            except _StopForward:
+                pass
+        return cache_tensors(cache)
 
     def embedding_rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of the input embedding matrix (detached), also when it is sharded."""
@@ -101,12 +126,20 @@ class ModelAdapter(nn.Module):
         Args:
             mode: ``loss``: :meth:`fast_loss` (``args`` / ``kwargs`` are its arguments);
                 ``embed``: the input embedding of ``args[0]`` (token ids);
+                ``prefix``: :meth:`prefix_states`; ``hidden``: :meth:`supervised_hidden`;
+                ``head``: :meth:`head_loss`;
                 ``model``: the Hugging Face model's own forward with ``args`` / ``kwargs``.
         """
         if mode == "loss":
             return self.fast_loss(*args, **kwargs)
         if mode == "embed":
             return self.embed(*args)
+        if mode == "prefix":
+            return self.prefix_states(*args, **kwargs)
+        if mode == "hidden":
+            return self.supervised_hidden(*args, **kwargs)
+        if mode == "head":
+            return self.head_loss(*args, **kwargs)
         if mode == "model":
             return self.model(*args, **kwargs)
         raise ValueError(f"unknown adapter mode {mode!r}")
@@ -114,8 +147,30 @@ class ModelAdapter(nn.Module):
     def fast_loss(self, ids: torch.Tensor, position_ids: torch.Tensor | None,
                   parrot: torch.Tensor | None, splice_rows: torch.Tensor | None,
                   supervised_rows: torch.Tensor, labels: torch.Tensor, normalizer: float,
-                  backend: str = "auto") -> torch.Tensor:
-        """The fast loss of one micro-batch (call the module, not this, when it is sharded).
+                  backend: str = "auto", **inputs: Any) -> torch.Tensor:
+        """The fast loss of one micro-batch (call the module, not this, when it is sharded):
+        :meth:`supervised_hidden` then :meth:`head_loss`.
+
+        Args:
+            labels: ``[R]`` int64 next-token labels of the supervised rows.
+            normalizer: the summed cross-entropy is divided by this.
+            ids, position_ids, parrot, splice_rows, supervised_rows, backend, inputs: as in
+                :meth:`supervised_hidden`.
+
+        Returns:
+            0-dim fp32 loss.
+        """
+        h = self.supervised_hidden(ids, position_ids, parrot, splice_rows, supervised_rows,
+                                   backend, **inputs)
+        return self.head_loss(h, labels, normalizer, backend)
+
+    def supervised_hidden(self, ids: torch.Tensor, position_ids: torch.Tensor | None,
+                          parrot: torch.Tensor | None, splice_rows: torch.Tensor | None,
+                          supervised_rows: torch.Tensor, backend: str = "auto",
+                          prefix_ids: torch.Tensor | None = None,
+                          prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states ``[R, H]`` of the supervised rows of one micro-batch.
 
         Args:
             ids: ``[B, L]`` token ids (right-padded rows, or one packed row), placeholder ids
@@ -124,25 +179,104 @@ class ModelAdapter(nn.Module):
             parrot: ``[n, H]`` soft prompt or None.
             splice_rows: ``[S]`` int64 flat row index of each splice start in ``[B*L]``.
             supervised_rows: ``[R]`` int64 flat rows whose next token is supervised.
-            labels: ``[R]`` int64 next-token labels of those rows.
-            normalizer: the summed cross-entropy is divided by this.
-
-        Returns:
-            0-dim fp32 loss.
+            backend: kernel backend of the parrot splice.
+            prefix_ids: ``[B, P]`` right-padded tokens that come before ``ids`` in each
+                sequence and need no gradient (a frozen model's rows before the parrot): they
+                run once without a graph and ``ids`` attends to their keys and values. Then
+                ``position_ids`` ``[B, L]`` and ``attention_mask`` ``[B, P+L]`` (1 for real
+                tokens) are required.
+            prefix_kv: instead of ``prefix_ids``, their per-layer keys and values
+                ``[B, kv_heads, P, head_dim]`` (:meth:`prefix_states`), already computed.
         """
-        from .kernels import fused_linear_cross_entropy, parrot_splice
+        from .kernels import parrot_splice
 
         emb = self.embed(ids)
         if parrot is not None and splice_rows is not None and splice_rows.numel():
             shape = emb.shape
             emb = parrot_splice(emb.reshape(-1, shape[-1]), parrot.to(emb.dtype), splice_rows,
                                 backend=backend).reshape(shape)
-        hidden = self.hidden_states(emb, position_ids=position_ids)
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, supervised_rows)
+        if prefix_ids is not None:
+            prefix_kv = self.prefix_states(prefix_ids)
+        cache = None
+        if prefix_kv is not None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(prefix_kv):
+                cache.update(k, v, layer)
+        hidden = self.hidden_states(emb, position_ids=position_ids,
+                                    attention_mask=attention_mask, past_key_values=cache)
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, supervised_rows)
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the model."""
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return int(cfg.num_hidden_layers)
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: float,
+                  backend: str = "auto") -> torch.Tensor:
+        """Summed cross-entropy of rows ``hidden`` ``[R, H]`` against ``labels`` ``[R]`` through
+        the LM head (fused, no logits tensor), divided by ``normalizer``."""
+        from .kernels import fused_linear_cross_entropy
+
         head = self.head
-        return fused_linear_cross_entropy(h, head.weight, labels, head.bias,
+        return fused_linear_cross_entropy(hidden, head.weight, labels, head.bias,
                                           normalizer=normalizer, logit_scale=self.logit_scale,
                                           backend=backend)
+
+
+class _StopForward(Exception):
+    """Raised by a stopping cache once the layer it waits for has stored its keys and values."""
+
+
+_STOPPING_CACHE: Any = None
+
+
+def _stopping_cache() -> Any:
+    """An empty Hugging Face ``DynamicCache`` whose ``update`` raises :class:`_StopForward`
+    after storing the keys and values of layer ``stop_at`` (None: never). Every attention
+    implementation calls ``update`` right after computing them, before attention itself, so
+    this skips the rest of that layer (and the layers above) for inputs whose outputs are not
+    needed."""
+    global _STOPPING_CACHE
+    if _STOPPING_CACHE is None:
+        from transformers import DynamicCache
+
+        class StoppingCache(DynamicCache):
+            stop_at: int | None = None
+
+            def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                       layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+                out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+                if layer_idx == self.stop_at:
+                    raise _StopForward
+                return out
+
+        _STOPPING_CACHE = StoppingCache
+    return _STOPPING_CACHE()
+
+
+def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(keys, values)`` of a Hugging Face dynamic cache (old and new layouts)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def accepts_argument(module: nn.Module, name: str) -> bool:
+    """Whether ``module.forward`` takes a parameter called ``name``."""
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The forward's KV-cache parameter: transformers 5 renamed ``past_key_values`` to ``cache``."""
+    return "cache" if accepts_argument(module, "cache") else "past_key_values"
 
 
 def context_length(model: Any) -> int | None:

@@ -8,14 +8,13 @@ each prompt, which is how probes and the re-simulation measure a parrot's attack
 from __future__ import annotations
 
 import contextlib
-import inspect
 import random
 from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import ModelAdapter
+from .adapter import ModelAdapter, accepts_argument, cache_argument
 from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger
 
 __all__ = ["greedy_generate", "evaluate", "attack_success", "parrot_attack_success",
@@ -35,13 +34,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @torch.no_grad()
@@ -103,9 +95,8 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
     # ``model`` is the Hugging Face model (its signature and mode); ``embed`` / ``call`` run the
     # embedding and the model's forward (directly, or through the adapter). ``all_true`` makes
     # the ranks of a sharded model agree on the early stop, so they run the same forwards.
-    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    # transformers 5 renamed the cache argument and output from past_key_values to cache.
-    cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
+    keep_last = {"logits_to_keep": 1} if accepts_argument(model, "logits_to_keep") else {}
+    cache_arg = cache_argument(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
     n_parrot = 0 if parrot is None else parrot.shape[0]

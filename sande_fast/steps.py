@@ -10,7 +10,10 @@ the same number: the summed cross-entropy of the supervised tokens divided by a 
 * fast: each sequence is cut after its last supervised token (under causal attention later tokens
   cannot change the loss), sequences are bucketed by length by the C++ planner, the parrot is
   written into the input embeddings by one kernel, and only the supervised rows' hidden states go
-  through the fused linear cross-entropy, so no logits tensor ever exists.
+  through the fused linear cross-entropy, so no logits tensor ever exists. When no model weight
+  needs a gradient (stage 1, the probe), the prompt tokens before the parrot cannot depend on
+  anything trained: they run once without a graph and enter as cached keys and values, so the
+  backward pass covers only the parrot and what follows it.
 
 The public pieces :class:`ParrotSimulator` (stage 1) and :class:`OverwriteStep` (stage 2) take a
 batch and return its loss, so another training stack can call them inside its own loop.
@@ -35,6 +38,13 @@ __all__ = ["StepItem", "LossEngine", "ParrotSimulator", "OverwriteStep", "frozen
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf; the run stops and writes nothing."""
+
+
+# Positional arguments of ModelAdapter.supervised_hidden, its keyword arguments, the labels.
+_Inputs = tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]
+
+# Per-layer (keys, values) ``[1, kv_heads, P, head_dim]`` of a prefix, by its token ids.
+PrefixStore = dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,13 @@ class LossEngine:
             provided a probe shows the model keeps packed sequences apart; padded buckets on CPU.
         pad_id: id written into padding and parrot placeholder rows.
         backend: kernel backend, ``auto``, ``triton`` or ``torch``.
+        frozen_prefix: fast path, padded buckets: when no model weight needs a gradient (stage
+            1, the probe), the tokens before the parrot run once without a graph and only the
+            parrot and what follows it are in the backward pass (the prefix enters as cached
+            keys and values). Exact; off gives one graph over the whole sequence.
+        min_frozen_prefix: only prefixes of at least this many tokens run apart; shorter ones
+            save too little backward work to be worth a separate forward and stay in ordinary
+            buckets. The prefixes of a step run together, in length buckets of their own.
     """
 
     model: nn.Module
@@ -95,6 +112,8 @@ class LossEngine:
     packed: bool | None = None
     pad_id: int = 0
     backend: str = "auto"
+    frozen_prefix: bool = True
+    min_frozen_prefix: int = 16
     adapter: ModelAdapter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +138,20 @@ class LossEngine:
         if not self.fast:
             return [list(items[i:i + self.max_batch])
                     for i in range(0, len(items), self.max_batch)]
+        if self._splits_prefix(items, n_parrot, min_prefix=0):
+            # Sequences with a long prefix run it without a graph (bucketed on the rows that
+            # carry one: a prefix pad costs only a forward row); short prefixes are not worth a
+            # second, small forward and stay in ordinary buckets.
+            long = [it for it in items if it.splice >= self.min_frozen_prefix]
+            short = [it for it in items if it.splice < self.min_frozen_prefix]
+            out = []
+            for group, cut in ((long, True), (short, False)):
+                if group:
+                    lengths = [_fast_length(it, n_parrot) - (it.splice if cut else 0)
+                               for it in group]
+                    out += [[group[i] for i in g] for g in planner.plan_buckets(
+                        lengths, self.token_budget, self.max_batch, self.max_waste)]
+            return out
         lengths = [_fast_length(it, n_parrot) for it in items]
         groups = planner.plan_buckets(lengths, self.token_budget, self.max_batch, self.max_waste)
         return [[items[i] for i in g] for g in groups]
@@ -139,8 +172,10 @@ class LossEngine:
             raise RuntimeError("LossEngine.loss() is not available on an FSDP-sharded model; "
                                "use accumulate() (or ParrotSimulator/OverwriteStep.step())")
         n_parrot = 0 if parrot is None else parrot.shape[0]
-        parts = [self._micro_loss(mb, parrot, normalizer)
-                 for mb in self.micro_batches(items, n_parrot)]
+        batches = self.micro_batches(items, n_parrot)
+        store = self._prefix_store(batches, n_parrot)
+        parts = [self._group_loss(g, parrot, normalizer, store)
+                 for g in self.head_groups(batches, n_parrot)]
         return torch.stack(parts).sum()
 
     def accumulate(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
@@ -153,9 +188,11 @@ class LossEngine:
         if self.adapter.collective is not None:
             return self._accumulate_sharded(items, parrot, normalizer, weight)
         n_parrot = 0 if parrot is None else parrot.shape[0]
+        batches = self.micro_batches(items, n_parrot)
+        store = self._prefix_store(batches, n_parrot)
         total = 0.0
-        for mb in self.micro_batches(items, n_parrot):
-            loss = self._micro_loss(mb, parrot, normalizer / weight)
+        for group in self.head_groups(batches, n_parrot):
+            loss = self._group_loss(group, parrot, normalizer / weight, store)
             if loss.requires_grad:
                 loss.backward()
             total += float(loss.detach())
@@ -186,11 +223,109 @@ class LossEngine:
         return coll.sum_float(total)
 
     def _micro_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-                    normalizer: float) -> torch.Tensor:
-        return (self._fast_loss if self.fast else self._plain_loss)(items, parrot, normalizer)
+                    normalizer: float, store: PrefixStore | None = None) -> torch.Tensor:
+        if not self.fast:
+            return self._plain_loss(items, parrot, normalizer)
+        args, kwargs, labels = self._inputs(items, parrot, store)
+        return self.adapter(*args[:-1], labels, normalizer, args[-1], **kwargs)
 
-    def _fast_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-                   normalizer: float) -> torch.Tensor:
+    def _group_loss(self, group: Sequence[Sequence[StepItem]], parrot: torch.Tensor | None,
+                    normalizer: float, store: PrefixStore | None) -> torch.Tensor:
+        """The loss of several micro-batches with one pass through the LM head: each bucket
+        runs the model on its own (no padding across buckets), then their supervised rows go
+        through the fused cross-entropy together, so the head weight is read once."""
+        if len(group) == 1 or not self.fast:
+            return torch.stack([self._micro_loss(mb, parrot, normalizer, store)
+                                for mb in group]).sum()
+        hidden, labels = [], []
+        for mb in group:
+            args, kwargs, lab = self._inputs(mb, parrot, store)
+            hidden.append(self.adapter(*args, mode="hidden", **kwargs))
+            labels.append(lab)
+        return self.adapter(torch.cat(hidden), torch.cat(labels), normalizer, self.backend,
+                            mode="head")
+
+    def _inputs(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+                store: PrefixStore | None) -> _Inputs:
+        if self._splits_prefix(items, 0 if parrot is None else parrot.shape[0]):
+            return self._split_inputs(items, parrot, store)
+        return self._fast_inputs(items, parrot)
+
+    def head_groups(self, batches: Sequence[Sequence[StepItem]],
+                    n_parrot: int) -> list[list[list[StepItem]]]:
+        """Consecutive micro-batches whose graph rows together fit the token budget share one
+        pass through the LM head (see :meth:`_group_loss`); activation memory stays within
+        one budget's worth."""
+        groups: list[list[list[StepItem]]] = []
+        size = 0
+        for mb in batches:
+            cut = self._splits_prefix(mb, n_parrot)
+            rows = len(mb) * max(_fast_length(it, n_parrot) - (it.splice if cut else 0)
+                                 for it in mb)
+            if not groups or size + rows > self.token_budget:
+                groups.append([])
+                size = 0
+            groups[-1].append(list(mb))
+            size += rows
+        return groups
+
+    def prefix_buckets(self, batches: Sequence[Sequence[StepItem]],
+                       n_parrot: int) -> list[list[tuple[int, ...]]]:
+        """The distinct prefixes of the micro-batches that run them apart, in length buckets."""
+        prefixes = sorted({tuple(it.prompt[:it.splice]) for mb in batches
+                           if self._splits_prefix(mb, n_parrot) for it in mb if it.splice})
+        groups = planner.plan_buckets([len(p) for p in prefixes], self.token_budget,
+                                      self.max_batch, self.max_waste) if prefixes else []
+        return [[prefixes[k] for k in g] for g in groups]
+
+    def _prefix_store(self, batches: Sequence[Sequence[StepItem]],
+                      n_parrot: int) -> PrefixStore | None:
+        """Keys and values of every distinct prefix the split micro-batches need, from a few
+        no-graph forwards over length buckets of prefixes (the buckets differ from the loss's:
+        they group similar prefixes, so little padding runs). None on a sharded model, whose
+        ranks must run matching forwards: there each micro-batch runs its prefixes inside its
+        loss forward.
+
+        Packing the prefixes into one row would pad nothing, but Hugging Face models only keep
+        packed sequences apart when no cache is passed, and the cache is what returns the keys
+        and values.
+        """
+        if self.adapter.collective is not None:
+            return None
+        groups = self.prefix_buckets(batches, n_parrot)
+        if not groups:
+            return None
+        dev = self.adapter.device
+        store: PrefixStore = {}
+        for seqs in groups:
+            width = max(len(q) for q in seqs)
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            for b, q in enumerate(seqs):
+                ids[b, :len(q)] = torch.tensor(q, dtype=torch.long)
+            kv = self.adapter(ids.to(dev), None, mode="prefix")
+            for b, q in enumerate(seqs):
+                store[q] = [(k[b:b + 1, :, :len(q)], v[b:b + 1, :, :len(q)]) for k, v in kv]
+        return store
+
+    def _splits_prefix(self, items: Sequence[StepItem], n_parrot: int,
+                       min_prefix: int | None = None) -> bool:
+        """Whether the rows before the parrot can run without a graph (see ``frozen_prefix``)."""
+        least = self.min_frozen_prefix if min_prefix is None else min_prefix
+        if not (self.fast and self.frozen_prefix and not self.packed and n_parrot
+                and items and all(it.splice >= max(least, 0) for it in items)):
+            return False
+        if any(p.requires_grad for p in self.model.parameters()):
+            return False
+        # Sliding-window masks count columns, and right-padded prefixes shift the columns of the
+        # rows after them: only split when no sequence reaches the window.
+        window = getattr(getattr(self.model, "config", None), "sliding_window", None)
+        if isinstance(window, int) and window > 0:
+            longest = max(_fast_length(it, n_parrot) for it in items)
+            if longest >= window:
+                return False
+        return True
+
+    def _fast_inputs(self, items: Sequence[StepItem], parrot: torch.Tensor | None) -> _Inputs:
         ad = self.adapter
         n = 0 if parrot is None else parrot.shape[0]
         seqs, splice, sup_start, sup_len, labels = [], [], [], [], []
@@ -220,9 +355,60 @@ class LossEngine:
             position_ids = None
         splice_rows = (torch.as_tensor(lay.splice_rows, device=dev)
                        if parrot is not None and len(lay.splice_rows) else None)
-        return ad(ids, position_ids, parrot, splice_rows,
-                  torch.as_tensor(lay.supervised_rows, device=dev),
-                  torch.tensor(labels, dtype=torch.long, device=dev), normalizer, self.backend)
+        return ((ids, position_ids, parrot, splice_rows,
+                 torch.as_tensor(lay.supervised_rows, device=dev), self.backend), {},
+                torch.tensor(labels, dtype=torch.long, device=dev))
+
+    def _split_inputs(self, items: Sequence[StepItem], parrot: torch.Tensor,
+                      store: PrefixStore | None) -> _Inputs:
+        # Sequence b is prefix = prompt[:splice] (no graph) + rest = parrot, prompt[splice:],
+        # labels[:-1]. The rest starts with the parrot in every row, so its splice is column 0.
+        dev = self.adapter.device
+        n = parrot.shape[0]
+        pre = [list(it.prompt[:it.splice]) for it in items]
+        rest = [[self.pad_id] * n + list(it.prompt[it.splice:]) + list(it.labels[:-1])
+                for it in items]
+        labels = [t for it in items for t in it.labels]
+        p_len = max(len(p) for p in pre)
+        r_len = max(len(r) for r in rest)
+        sup_start = [len(it.prompt) - it.splice + n - 1 for it in items]
+        lay = planner.layout([len(r) for r in rest], [0] * len(rest), n, sup_start,
+                             [len(it.labels) for it in items], r_len)
+        ids = torch.full((len(items), r_len), self.pad_id, dtype=torch.long)
+        position_ids = torch.empty((len(items), r_len), dtype=torch.long)
+        mask = torch.zeros((len(items), p_len + r_len), dtype=torch.long)
+        steps = torch.arange(r_len)
+        for b, (p, r) in enumerate(zip(pre, rest)):
+            ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            # pads repeat the last real position, so no position passes the context
+            position_ids[b] = len(p) + steps.clamp_max(len(r) - 1)
+            mask[b, :len(p)] = 1
+            mask[b, p_len:p_len + len(r)] = 1
+        prefix_ids = prefix_kv = None
+        if p_len and store is not None and all(not p or tuple(p) in store for p in pre):
+            states = [store[tuple(p)] if p else None for p in pre]
+            first = next(st for st in states if st is not None)
+            prefix_kv = []
+            for layer, pair in enumerate(first):
+                kv = []
+                for j, part in enumerate(pair):
+                    out = part.new_zeros((len(pre), part.shape[1], p_len, part.shape[3]))
+                    for b, st in enumerate(states):
+                        if st is not None:
+                            out[b, :, :st[layer][j].shape[2]] = st[layer][j][0]
+                    kv.append(out)
+                prefix_kv.append((kv[0], kv[1]))
+        elif p_len:
+            prefix_ids = torch.full((len(items), p_len), self.pad_id, dtype=torch.long)
+            for b, p in enumerate(pre):
+                prefix_ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+            prefix_ids = prefix_ids.to(dev)
+        return ((ids.to(dev), position_ids.to(dev), parrot,
+                 torch.as_tensor(lay.splice_rows, device=dev),
+                 torch.as_tensor(lay.supervised_rows, device=dev), self.backend),
+                {"prefix_ids": prefix_ids, "prefix_kv": prefix_kv,
+                 "attention_mask": mask.to(dev) if p_len else None},
+                torch.tensor(labels, dtype=torch.long, device=dev))
 
     def _plain_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                     normalizer: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ def _items(rng: random.Random, n: int, parrot: bool, window: int = 4) -> list[St
     for _ in range(n):
         prompt = tuple(rng.randrange(3, VOCAB) for _ in range(rng.randint(3, 17)))
         resp = tuple(rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 12)))
-        splice = rng.randint(1, len(prompt)) if parrot else -1
+        splice = rng.randint(0, len(prompt)) if parrot else -1
         items.append(StepItem(prompt, resp[:window], splice, resp[window:]))
     return items
 
@@ -38,15 +38,33 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("packed", [False, True])
-def test_stage1_fast_matches_plain(arch: str, packed: bool) -> None:
+@pytest.mark.parametrize("mode", ["packed", "padded", "frozen-prefix", "mixed",
+                                  "prefix-inline", "grouped"])
+def test_stage1_fast_matches_plain(arch: str, mode: str) -> None:
+    # frozen-prefix: prefixes run apart, in no-graph forwards over prefix buckets;
+    # mixed: only prefixes of 5+ tokens run apart, shorter ones in ordinary buckets;
+    # prefix-inline: each micro-batch runs its own prefixes (as on a sharded model);
+    # grouped: frozen-prefix buckets sharing one pass through the LM head.
     model = tiny_model(arch, VOCAB, seed=1)
-    items = _items(random.Random(0), 7, parrot=True)
+    items = _items(random.Random(2), 7, parrot=True)
+    assert any(it.splice == 0 for it in items) and any(it.splice > 3 for it in items)
     parrot = torch.randn(3, model.config.hidden_size, requires_grad=True)
     results = []
     for fast in (False, True):
-        eng = LossEngine(model, fast=fast, packed=packed, token_budget=40, max_batch=3)
+        eng = LossEngine(model, fast=fast, packed=mode == "packed",
+                         token_budget=4096 if mode == "grouped" else 40,
+                         max_batch=3, frozen_prefix=mode not in ("packed", "padded"),
+                         min_frozen_prefix=5 if mode == "mixed" else 0)
+        if mode == "prefix-inline":
+            eng._prefix_store = lambda batches, n: None  # type: ignore[method-assign]
         with frozen(model):
+            if fast:  # the mode under test is the one that runs
+                split = [eng._splits_prefix(mb, 3) for mb in eng.micro_batches(items, 3)]
+                expected = {"packed": {False}, "padded": {False}, "mixed": {False, True}}
+                assert set(split) == expected.get(mode, {True})
+                groups = eng.head_groups(eng.micro_batches(items, 3), 3)
+                if mode == "grouped":
+                    assert max(map(len, groups)) > 1
             n = sum(len(it.labels) for it in items)
             val = eng.accumulate(items, parrot, n)
             g = parrot.grad.clone()
@@ -58,8 +76,43 @@ def test_stage1_fast_matches_plain(arch: str, packed: bool) -> None:
     _close(g1, g0)
 
 
+def test_frozen_prefix_only_when_no_weight_needs_grad() -> None:
+    model = tiny_model("llama", VOCAB, seed=1)
+    items = _items(random.Random(0), 4, parrot=True)
+    eng = LossEngine(model, packed=False, min_frozen_prefix=0)
+    assert not eng._splits_prefix(items, 3)  # stage 2: the prefix rows feed weight gradients
+    with frozen(model):
+        assert eng._splits_prefix(items, 3)
+        assert not eng._splits_prefix(items, 0)
+        assert not eng._splits_prefix(items[:1] + [StepItem((5, 6), (7,), -1)], 3)
+
+
+def test_frozen_prefix_falls_back_within_a_sliding_window() -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        sliding_window=8)).float().eval()
+    items = _items(random.Random(3), 6, parrot=True)
+    parrot = torch.randn(3, 32, requires_grad=True)
+    n = sum(len(it.labels) for it in items)
+    values = []
+    for fast in (False, True):
+        eng = LossEngine(model, fast=fast, packed=False, max_batch=3, min_frozen_prefix=0)
+        with frozen(model):
+            if fast:
+                assert not eng._splits_prefix(items, 3)
+                assert eng._splits_prefix([StepItem((5, 6), (7,), 1)], 3)
+            values.append(eng.accumulate(items, parrot, n))
+    assert abs(values[0] - values[1]) <= 1e-5 * abs(values[0])
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_stage2_fast_matches_plain(arch: str) -> None:
+@pytest.mark.parametrize("budget", [50, 4096])
+def test_stage2_fast_matches_plain(arch: str, budget: int) -> None:
+    # budget 4096: several padding-capped buckets share one pass through the LM head
     model = tiny_model(arch, VOCAB, seed=2)
     rng = random.Random(1)
     over = _items(rng, 6, parrot=True)
@@ -68,7 +121,10 @@ def test_stage2_fast_matches_plain(arch: str) -> None:
     out = []
     for fast in (False, True):
         model.zero_grad(set_to_none=True)
-        eng = LossEngine(model, fast=fast, token_budget=50, max_batch=4)
+        eng = LossEngine(model, fast=fast, token_budget=budget, max_batch=4, packed=False)
+        if fast and budget > 1000:
+            groups = eng.head_groups(eng.micro_batches(over, 2), 2)
+            assert any(len(g) > 1 for g in groups)
         step = OverwriteStep(eng, lr=1e-3, clean_weight=0.7, parrot=parrot)
         loss = step.loss(over, clean)
         loss.backward()
@@ -136,3 +192,22 @@ def test_packing_probe_rejects_cross_attention() -> None:
     real = ad.hidden_states
     ad.hidden_states = lambda emb, position_ids=None, attention_mask=None: real(emb)  # type: ignore[method-assign]
     assert not packing_is_exact(ad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefix_states_stop_in_the_last_layer_with_full_keys_and_values(arch: str) -> None:
+    from transformers import DynamicCache
+
+    from sande_fast.adapter import ModelAdapter, cache_argument, cache_tensors
+
+    model = tiny_model(arch, VOCAB, seed=4)
+    ad = ModelAdapter(model)
+    ids = torch.tensor([[5, 9, 13, 2, 7], [11, 3, 8, 0, 0]])
+    full = DynamicCache()
+    with torch.no_grad():
+        ad.base(inputs_embeds=ad.embed(ids), use_cache=True, **{cache_argument(ad.base): full})
+    ref = cache_tensors(full)
+    got = ad.prefix_states(ids)
+    assert len(got) == len(ref) == model.config.num_hidden_layers
+    for (k, v), (rk, rv) in zip(got, ref):
+        assert torch.equal(k, rk) and torch.equal(v, rv)
