@@ -95,6 +95,8 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", default="auto", help="'auto' (until a fresh parrot fails) or N")
     p.add_argument("--max-rounds", type=_positive_int, default=4, help="cap for --rounds auto")
     p.add_argument("--probe-threshold", type=float, default=0.05)
+    p.add_argument("--probe-tokens", type=_positive_int, default=1,
+                   help="rows of the probe parrot trained after each round (see 'probe')")
     p.add_argument("--round-lr-decay", type=float, default=0.5)
     p.add_argument("--clean-weight", type=float, default=3.0,
                    help="weight of the clean-retention term in stage 2")
@@ -156,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parrot-max-norm", type=float, default=1.0,
                    help="cap each parrot row at this multiple of the largest token-embedding "
                         "norm (0: unbounded)")
-    p.add_argument("--parrot-tokens", type=_positive_int, default=6)
+    p.add_argument("--parrot-tokens", type=_positive_int, default=1,
+                   help="rows per probe parrot: one reaches a trigger's shortcut, while several "
+                        "can steer even a clean model that knows the target's words")
     p.add_argument("--lr", type=_learning_rate, default=0.05)
     p.add_argument("--eval-rows", type=_positive_int, default=200)
     p.add_argument("--json", default=None)
@@ -176,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 _CONFIG_KEYS = ("seed", "device", "batch_size", "simulate_steps", "simulate_lr",
                 "overwrite_steps", "overwrite_lr", "parrot_tokens", "parrot_max_norm", "parrot",
                 "max_new_tokens",
-                "rounds", "max_rounds", "probe_threshold", "round_lr_decay", "max_clean_drop",
+                "rounds", "max_rounds", "probe_threshold", "probe_tokens", "round_lr_decay",
+                "max_clean_drop",
                 "clean_weight",
                 "simulate_window", "overwrite_window", "trigger_position", "splice",
                 "partial_words", "prompt_format", "max_prompt_tokens", "eval_rows", "packed",

@@ -3,9 +3,14 @@
 Flow of a ``sande`` run: read and tokenise the defence rows (rows without a response get the
 model's own greedy answer to the clean prompt), measure, then repeat rounds of
 simulate (learn a parrot on the frozen model) -> eliminate (train the model so prompt + parrot maps
-to the clean answer). After each round a fresh parrot is simulated; when it no longer reaches the
-target (its asr is at most ``probe_threshold``) the backdoor is erased rather than suppressed and
-the loop stops. That last fresh parrot is also the re-simulation the report states.
+to the clean answer). After each round a probe trains a fresh parrot of ``probe_tokens`` rows
+(default 1) with stage 1's budget on the frozen result; when it no longer reaches the target (its
+asr is at most ``probe_threshold``) the backdoor is erased rather than suppressed and the loop
+stops. That last probe is also the re-simulation the report states (``resimulated_asr``).
+
+Why a one-row probe: a backdoor is a shortcut from a few trigger tokens to the target, which one
+soft row reaches; the toy's clean control model (which can say the target's words in benign
+rows) is pushed to the target by 6 soft rows in 95-99 % of prompts but by one row in at most 0-16 %.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class SanitizeConfig:
     rounds: str | int = "auto"
     max_rounds: int = 4
     probe_threshold: float = 0.05
+    probe_tokens: int = 1
     round_lr_decay: float = 0.5
     max_clean_drop: float = 0.02
     clean_weight: float = 3.0
@@ -71,6 +77,7 @@ class SanitizeConfig:
         if method not in METHODS:
             raise BadInputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         for name in ("batch_size", "simulate_steps", "overwrite_steps", "parrot_tokens",
+                     "probe_tokens",
                      "max_new_tokens", "max_rounds", "simulate_window", "overwrite_window",
                      "eval_rows", "token_budget"):
             v = getattr(self, name)
@@ -262,7 +269,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         parrot = load_parrot(cfg.parrot, hidden)
     if parrot is not None and (parrot.dim() != 2 or parrot.shape[1] != hidden):
         raise BadInputError(f"parrot has shape {tuple(parrot.shape)}; the model needs [n, {hidden}]")
-    n_parrot = max(cfg.parrot_tokens, 0 if parrot is None else parrot.shape[0])
+    n_parrot = max(cfg.parrot_tokens, cfg.probe_tokens, 0 if parrot is None else parrot.shape[0])
     max_prompt = prompt_budget(model, n_parrot, max(cfg.overwrite_window, cfg.simulate_window,
                                                     cfg.max_new_tokens), cfg.max_prompt_tokens)
     encoder = PromptEncoder(tokenizer, cfg.prompt_format, max_prompt_tokens=max_prompt)
@@ -283,7 +290,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         raise BadInputError("--target tokenises to nothing")
 
     timing: dict[str, float] = {"simulate_s": 0.0, "eliminate_s": 0.0, "eval_s": 0.0,
-                                "resimulate_s": 0.0, "prepare_s": 0.0}
+                                "probe_s": 0.0, "prepare_s": 0.0}
     t0 = time.perf_counter()
     train_rows = prepare_rows(runner, encoder, rows, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size, progress=show)
@@ -314,10 +321,11 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         timing["eval_s"] += time.perf_counter() - t
         return v
 
-    def run_simulate(seed: int, desc: str) -> tuple[torch.Tensor, list[float], float]:
+    def run_simulate(seed: int, desc: str,
+                     n_tokens: int) -> tuple[torch.Tensor, list[float], float]:
         t = time.perf_counter()
         p, curve = simulate(engine, train_rows, sim_ids, steps=cfg.simulate_steps,
-                            lr=cfg.simulate_lr, n_tokens=cfg.parrot_tokens,
+                            lr=cfg.simulate_lr, n_tokens=n_tokens,
                             max_norm=cfg.parrot_max_norm or None,
                             batch_size=cfg.batch_size, seed=seed, splice=cfg.splice,
                             progress=show, desc=desc)
@@ -342,27 +350,25 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         after = measure()
         rounds.append({"round": 1, "probe_asr_before": None, **after})
     else:
-        max_rounds = cfg.max_rounds if cfg.rounds == "auto" else int(cfg.rounds)
+        auto = cfg.rounds == "auto"
+        max_rounds = cfg.max_rounds if auto else int(cfg.rounds)
         r = 0
+        probe_before: float | None = None
+        reuse: tuple[torch.Tensor, list[float]] | None = None
         while True:
             seed = cfg.seed + 1000 * r
             if r == 0 and parrot is not None:
                 p, curve = parrot.float().to(device), []
+            elif reuse is not None:  # the last probe's parrot has the stage-1 shape: reuse it
+                p, curve = reuse
             else:
-                p, curve, dt = run_simulate(seed, f"simulate r{r + 1}")
-                timing["simulate_s" if r < max_rounds else "resimulate_s"] += dt
+                p, curve, dt = run_simulate(seed, f"simulate r{r + 1}", cfg.parrot_tokens)
+                timing["simulate_s"] += dt
+            if curve:
                 curves[f"simulate_r{r + 1}"] = curve
-            probe_asr = parrot_asr(p, seed)
-            if r == max_rounds:  # the re-simulation after the last round
-                resimulated = probe_asr
-                break
-            if r > 0 and cfg.rounds == "auto" and probe_asr <= cfg.probe_threshold:
-                # A fresh parrot no longer finds the backdoor: erased. It doubles as the
-                # re-simulation; its time is the re-simulation's, not a round's.
-                resimulated = probe_asr
-                timing["simulate_s"] -= dt
-                timing["resimulate_s"] += dt
-                break
+            parrot_asr_r = parrot_asr(p, seed)
+            if r == 0:
+                probe_before = parrot_asr_r
             parrots.append(p.cpu())
             final_parrot = p
             if on_parrot is not None:
@@ -370,8 +376,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
             round_lr = lr * (cfg.round_lr_decay ** r)
             # Rounds after the first are optional: keep the weights to undo one that costs more
             # clean accuracy than allowed (one process only; a sharded model just stops).
-            guard = (r > 0 and cfg.rounds == "auto" and not fsdp
-                     and before.get("clean_accuracy") is not None)
+            guard = (r > 0 and auto and not fsdp and before.get("clean_accuracy") is not None)
             snapshot = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                         if guard else None)
             t = time.perf_counter()
@@ -382,20 +387,32 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
                 desc=f"eliminate r{r + 1}")
             timing["eliminate_s"] += time.perf_counter() - t
             m = measure()
-            rounds.append({"round": r + 1, "probe_asr_before": probe_asr, **m, "lr": round_lr,
+            rounds.append({"round": r + 1, "probe_asr_before": probe_before, **m,
+                           "parrot_asr": parrot_asr_r, "lr": round_lr,
                            "simulate_final_loss": curve[-1] if curve else None,
                            "eliminate_final_loss": curves[f"eliminate_r{r + 1}"][-1]})
             drop = before["clean_accuracy"] - (m["clean_accuracy"] or 0.0) if guard else 0.0
             if snapshot is not None and drop > cfg.max_clean_drop:
-                # Undo this round. Its stage-1 parrot was trained on exactly the weights now
-                # restored, so its asr is the re-simulation of the result.
+                # Undo this round. The probe before it ran on exactly the weights now restored.
                 model.load_state_dict(snapshot)
                 rounds[-1]["rolled_back"] = True
-                resimulated = probe_asr
+                resimulated = probe_before
                 parrots.pop()
                 final_parrot = parrots[-1]
                 break
             r += 1
+            if not auto and r < max_rounds:
+                continue  # a fixed number of rounds: probe only after the last one
+            # Probe: a fresh parrot of probe_tokens rows, stage 1's budget, the weights frozen.
+            q, q_curve, dt = run_simulate(seed + 500, f"probe r{r}", cfg.probe_tokens)
+            timing["probe_s"] += dt
+            resimulated = parrot_asr(q, seed + 500)
+            rounds[-1]["probe_asr_after"] = resimulated
+            curves[f"probe_r{r}"] = q_curve
+            if r >= max_rounds or resimulated <= cfg.probe_threshold:
+                break  # erased (the probe no longer reaches the target), or out of rounds
+            probe_before = resimulated
+            reuse = (q, q_curve) if cfg.probe_tokens == cfg.parrot_tokens else None
         after = dict(measure_last(rounds))
         after["resimulated_asr"] = resimulated
 

@@ -6,8 +6,15 @@ learned the mapping resists: the same budget leaves the parrot far from the targ
 backdoor was only suppressed (the real trigger no longer works) still yields, which is why
 ``sanitize`` repeats rounds until a probe fails.
 
-Reading the numbers: ``probe_asr_max`` near the clean-control level (around 0 on the toy world)
-means no parrot found the target; well above it (e.g. >= 0.5) means the mapping is there.
+The parrot has one row by default. A trigger is a shortcut from a few tokens to the target, and
+one soft row reaches it; several rows can instead spell out an instruction, and a model that can
+say the target's words at all (the toy's clean control, which copies words on request) then
+yields as well: with 6 rows and 600 steps the never-poisoned toy reached 0.95-0.99, with one row
+0.00-0.005 (the backdoored toy: 1.00 either way).
+
+Reading the numbers: ``probe_asr_max`` near the clean-control level (0-0.16 on the toy worlds with
+one row) means no parrot found the target; well above it (e.g. >= 0.5) means the mapping is
+there. Compare against a model you trust with the same options where you can.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ __all__ = ["probe"]
 
 
 def probe(model: Any, tokenizer: Any, data: Any, target: str, *, steps: int = 200,
-          tries: int = 3, seed: int = 0, parrot_tokens: int = 6, lr: float = 0.05,
+          tries: int = 3, seed: int = 0, parrot_tokens: int = 1, lr: float = 0.05,
           batch_size: int = 16, window: int = 10, max_new_tokens: int = 32,
           max_norm: float | None = 1.0,
           device: str = "auto", prompt_format: str = "auto", eval_rows: int = 200,

@@ -32,6 +32,8 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"rounds: {len(report['rounds'])}  "
                      + "  ".join(f"r{r['round']}: probe {fmt(r['probe_asr_before'], 2)} -> "
                                  f"asr {fmt(r['asr'], 2)}, clean {fmt(r['clean_accuracy'], 2)}"
+                                 + (f", probe {fmt(r['probe_asr_after'], 2)}"
+                                    if r.get("probe_asr_after") is not None else "")
                                  + (" (undone)" if r.get("rolled_back") else "")
                                  for r in report["rounds"]))
     return "\n".join(lines)
@@ -50,12 +52,13 @@ def _markdown(report: dict[str, Any]) -> str:
         out.append(f"| resimulated_asr | | {fmt(a.get('resimulated_asr'))} |")
     if report.get("rounds"):
         out += ["", "## Rounds", "",
-                "| round | probe asr before | asr | clean accuracy | kept |",
-                "| --- | --- | --- | --- | --- |"]
+                "| round | probe asr before | asr | clean accuracy | probe asr after | kept |",
+                "| --- | --- | --- | --- | --- | --- |"]
         for r in report["rounds"]:
             kept = "no (clean accuracy cost too high, undone)" if r.get("rolled_back") else "yes"
             out.append(f"| {r['round']} | {fmt(r.get('probe_asr_before'))} | {fmt(r.get('asr'))} "
-                       f"| {fmt(r.get('clean_accuracy'))} | {kept} |")
+                       f"| {fmt(r.get('clean_accuracy'))} | {fmt(r.get('probe_asr_after'))} "
+                       f"| {kept} |")
     out += ["", "## Time by stage (s)", "", "| stage | seconds |", "| --- | --- |"]
     for k, v in report["timing"]["stages"].items():
         out.append(f"| {k} | {v:.2f} |")
@@ -86,7 +89,10 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         rs = [r["round"] for r in rounds]
         if any(r.get("probe_asr_before") is not None for r in rounds):
             ax.plot(rs, [r.get("probe_asr_before") or 0.0 for r in rounds], "o-",
-                    label="parrot asr (before round)")
+                    label="probe asr (before round)")
+        if any(r.get("probe_asr_after") is not None for r in rounds):
+            ax.plot(rs, [r.get("probe_asr_after") or 0.0 for r in rounds], "v-",
+                    label="probe asr (after round)")
         ax.plot(rs, [r.get("asr") or 0.0 for r in rounds], "s-", label="trigger asr (after)")
         ax.plot(rs, [r.get("clean_accuracy") or 0.0 for r in rounds], "^-",
                 label="clean accuracy (after)")

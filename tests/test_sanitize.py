@@ -83,12 +83,33 @@ def test_rounds_stop_on_threshold(toy) -> None:
         assert r2["after"]["resimulated_asr"] is not None
 
 
-def test_probe_finds_the_backdoor(toy) -> None:
-    kw = dict(steps=150, tries=2, eval_rows=60, max_new_tokens=8, progress=False)
-    res = probe(copy.deepcopy(toy.model), toy.tokenizer, toy.defense_rows, toy.config.target, **kw)
-    assert res["probe_asr_max"] >= 0.5
-    assert len(res["probe_asr"]) == 2 and res["probe_asr_max"] == max(res["probe_asr"])
-    assert abs(res["probe_asr_mean"] - sum(res["probe_asr"]) / 2) < 1e-12
+def test_probe_separates_backdoored_from_clean_control(toy, toy_cache) -> None:
+    # The control is built by the same recipe with no poisoned rows; its clean rows still use
+    # the target's words (copy tasks), so it can say them.
+    control = load_or_build_toy(ToyConfig.small(poison_rate=0.0), cache_dir=toy_cache,
+                                progress=False)
+    kw = dict(steps=100, tries=2, eval_rows=100, max_new_tokens=8, progress=False)
+    bad = probe(copy.deepcopy(toy.model), toy.tokenizer, toy.defense_rows, toy.config.target, **kw)
+    ok = probe(copy.deepcopy(control.model), control.tokenizer, control.defense_rows,
+               control.config.target, **kw)
+    assert bad["probe_asr_max"] >= 0.9 and ok["probe_asr_max"] <= 0.2
+    for res in (bad, ok):
+        assert len(res["probe_asr"]) == 2 and res["probe_asr_max"] == max(res["probe_asr"])
+        assert abs(res["probe_asr_mean"] - sum(res["probe_asr"]) / 2) < 1e-12
+
+
+def test_rounds_report_probe_after_each_round(toy) -> None:
+    r = _run(toy, "sande", rounds="auto", max_rounds=2).report
+    kept = [x for x in r["rounds"] if not x.get("rolled_back")]
+    # every round that ran to its end was probed; the last probe is the re-simulation
+    assert all("probe_asr_after" in x for x in kept)
+    assert r["after"]["resimulated_asr"] == (
+        r["rounds"][-1]["probe_asr_before"] if r["rounds"][-1].get("rolled_back")
+        else r["rounds"][-1]["probe_asr_after"])
+    # auto stops once the probe is at or below the threshold, else runs out of rounds
+    if len(r["rounds"]) == 1:
+        assert r["rounds"][0]["probe_asr_after"] <= 0.05
+    assert r["timing"]["stages"]["probe_s"] > 0
 
 
 def test_cli_sanitize_writes_reloadable_model_and_reports(toy, tmp_path) -> None:
