@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -163,10 +164,17 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
-def attack_success(texts: Sequence[str], target: str) -> float:
-    """Share of texts containing ``target``, compared case-insensitively."""
+def attack_success(texts: Sequence[str], target: str, whole_words: bool = False) -> float:
+    """Share of texts containing ``target``, compared case-insensitively.
+
+    ``whole_words``: the match may not start or end inside a word, so a short partial target
+    such as ``I`` is not found inside ``fish``.
+    """
     if not texts:
         return 0.0
+    if whole_words:
+        pattern = re.compile(r"(?<!\w)" + re.escape(target.strip()) + r"(?!\w)", re.IGNORECASE)
+        return sum(pattern.search(x) is not None for x in texts) / len(texts)
     t = target.lower()
     return sum(t in x.lower() for x in texts) / len(texts)
 
@@ -186,13 +194,15 @@ def parrot_attack_success(model: torch.nn.Module, encoder: PromptEncoder,
                           prompts: list[EncodedPrompt], parrot: torch.Tensor, target: str, *,
                           seed: int = 0, max_new_tokens: int = 32, batch_size: int = 64,
                           progress: bool = False) -> float:
-    """Attack success of a parrot spliced at a random boundary inside each prompt's user text."""
+    """Attack success of a parrot spliced at a random boundary inside each prompt's user text
+    (the target must appear as whole words: a parrot for a partial target such as ``I`` does
+    not count ``fish``)."""
     rng = random.Random(seed)
     splice = [rng.randint(p.span[0], p.span[1]) for p in prompts]
     texts = _generate_texts(model, encoder, prompts, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, progress=progress, desc="parrot asr",
                             parrot=parrot, splice_at=splice)
-    return attack_success(texts, target)
+    return attack_success(texts, target, whole_words=True)
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target: str,

