@@ -169,7 +169,8 @@ class ModelAdapter(nn.Module):
                           supervised_rows: torch.Tensor, backend: str = "auto",
                           prefix_ids: torch.Tensor | None = None,
                           prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                          attention_mask: torch.Tensor | None = None,
+                          query_from: int = 0) -> torch.Tensor:
         """Final hidden states ``[R, H]`` of the supervised rows of one micro-batch.
 
         Args:
@@ -187,6 +188,9 @@ class ModelAdapter(nn.Module):
                 tokens) are required.
             prefix_kv: instead of ``prefix_ids``, their per-layer keys and values
                 ``[B, kv_heads, P, head_dim]`` (:meth:`prefix_states`), already computed.
+            query_from: right-padded rows only: no supervised row lies in the first this many
+                columns, so the last decoder layer only needs their keys and values
+                (:meth:`_last_layer_tail`). 0: one ordinary pass.
         """
         from .kernels import parrot_splice
 
@@ -204,9 +208,104 @@ class ModelAdapter(nn.Module):
             cache = DynamicCache()
             for layer, (k, v) in enumerate(prefix_kv):
                 cache.update(k, v, layer)
+        if query_from > 0:
+            tail = self._last_layer_tail(emb, position_ids, attention_mask, cache, query_from)
+            if tail is not None:
+                width = emb.shape[1]
+                rows = (supervised_rows // width) * (width - query_from) \
+                    + supervised_rows % width - query_from
+                return tail.reshape(-1, tail.shape[-1]).index_select(0, rows)
         hidden = self.hidden_states(emb, position_ids=position_ids,
                                     attention_mask=attention_mask, past_key_values=cache)
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, supervised_rows)
+
+    def _last_layer_tail(self, emb: torch.Tensor, position_ids: torch.Tensor | None,
+                         attention_mask: torch.Tensor | None, cache: Any,
+                         c: int) -> torch.Tensor | None:
+        """Final hidden states of columns ``c:`` only, with the last decoder layer run on those
+        query rows alone (its attention output and MLP skipped for the first ``c`` columns).
+
+        Pass 1 runs the model over every column and stops in the last layer right after it has
+        stored its keys and values; a pre-hook keeps that layer's inputs. Pass 2 calls the last
+        layer on rows ``c:`` with the same inputs cut to those query rows, attending to the
+        stored keys and values (the cache replays them instead of appending), then the final
+        norm. Returns None where this does not apply (not SDPA attention, an unknown layout, or
+        a model that never stopped), and the caller runs one ordinary pass.
+        """
+        base = self.base
+        layers = getattr(base, "layers", None) or getattr(base, "h", None)
+        norm = next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm")
+                     if isinstance(getattr(base, n, None), nn.Module)), None)
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if layers is None or norm is None or impl != "sdpa":
+            return None
+        last = len(layers) - 1
+        if cache is None:
+            cache = _stopping_cache()
+        if not hasattr(cache, "replay"):  # a plain cache from elsewhere
+            stopping = _stopping_cache()
+            for layer, (k, v) in enumerate(cache_tensors(cache)):
+                stopping.update(k, v, layer)
+            cache = stopping
+        past = cache.get_seq_length() if cache_tensors(cache) else 0
+        captured: dict[str, Any] = {}
+
+        def keep_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["args"], captured["kwargs"] = args, kwargs
+
+        hook = layers[last].register_forward_pre_hook(keep_inputs, with_kwargs=True)
+        cache.stop_at = last
+        try:
+            self.base(inputs_embeds=emb, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=True, **{cache_argument(base): cache})
+            return None  # the model never stored keys and values through the cache
+        except _StopForward:
+            pass
+        finally:
+            hook.remove()
+            cache.stop_at = None
+        rows, kv_len = emb.shape[1], past + emb.shape[1]
+
+        def cut(x: Any) -> Any:
+            if isinstance(x, tuple):
+                return tuple(cut(t) for t in x)
+            if not isinstance(x, torch.Tensor):
+                return x
+            if x.dim() == 4 and x.shape[-2] == rows and x.shape[-1] == kv_len:
+                return x[..., c:, :]  # attention mask [B, 1, q, kv]
+            if x.dim() == 3 and x.shape[-2] == rows:
+                return x[:, c:]  # rotary cos / sin [B, q, d]
+            if x.dim() == 2 and x.shape[-1] == rows:
+                return x[..., c:]  # position ids
+            if x.dim() == 1 and x.shape[0] == rows:
+                return x[c:]  # cache positions
+            return x
+
+        args, kwargs = captured["args"], dict(captured["kwargs"])
+        if args:
+            hidden_in, rest = args[0], tuple(cut(a) for a in args[1:])
+        else:
+            hidden_in, rest = kwargs.pop("hidden_states"), ()
+        kwargs = {k: cut(v) for k, v in kwargs.items()}
+        masks = [x for x in rest + tuple(kwargs.values())
+                 if isinstance(x, torch.Tensor) and x.dim() == 4]
+        if not masks:
+            # SDPA ran causal without a mask; a query block that is not the whole sequence
+            # needs an explicit, bottom-right aligned one.
+            q = torch.arange(c, rows, device=emb.device)[:, None] + past
+            causal = torch.arange(kv_len, device=emb.device)[None, :] <= q
+            mask = causal[None, None].expand(emb.shape[0], 1, -1, -1)
+            if "attention_mask" in kwargs or len(rest) < 2:
+                kwargs["attention_mask"] = mask
+            else:  # positional, as GPT-2 passes it (after the cache)
+                rest = rest[:1] + (mask,) + rest[2:]
+        cache.replay = last
+        try:
+            out = layers[last](hidden_in[:, c:], *rest, **kwargs)
+        finally:
+            cache.replay = None
+        out = out[0] if isinstance(out, tuple) else out
+        return norm(out)
 
     @property
     def num_layers(self) -> int:
@@ -246,9 +345,13 @@ def _stopping_cache() -> Any:
 
         class StoppingCache(DynamicCache):
             stop_at: int | None = None
+            replay: int | None = None
 
             def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                        layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+                if layer_idx == self.replay:  # already stored: return it, append nothing
+                    layer = self.layers[layer_idx]
+                    return layer.keys, layer.values
                 out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
                 if layer_idx == self.stop_at:
                     raise _StopForward

@@ -40,6 +40,9 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf; the run stops and writes nothing."""
 
 
+# Fewer leading unsupervised columns than this are not worth the second, small pass.
+_MIN_TAIL_SKIP = 8
+
 # Positional arguments of ModelAdapter.supervised_hidden, its keyword arguments, the labels.
 _Inputs = tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]
 
@@ -99,6 +102,9 @@ class LossEngine:
             1, the probe), the tokens before the parrot run once without a graph and only the
             parrot and what follows it are in the backward pass (the prefix enters as cached
             keys and values). Exact; off gives one graph over the whole sequence.
+        last_layer_tail: fast path, padded buckets, one process, SDPA attention: the last
+            decoder layer runs its attention output and MLP only for the columns from the first
+            supervised row on (the others only need that layer's keys and values). Exact.
         min_frozen_prefix: only prefixes of at least this many tokens run apart; shorter ones
             save too little backward work to be worth a separate forward and stay in ordinary
             buckets. The prefixes of a step run together, in length buckets of their own.
@@ -113,6 +119,7 @@ class LossEngine:
     pad_id: int = 0
     backend: str = "auto"
     frozen_prefix: bool = True
+    last_layer_tail: bool = True
     min_frozen_prefix: int = 16
     adapter: ModelAdapter = field(init=False)
 
@@ -245,6 +252,14 @@ class LossEngine:
         return self.adapter(torch.cat(hidden), torch.cat(labels), normalizer, self.backend,
                             mode="head")
 
+    def _query_from(self, sup_start: Sequence[int]) -> int:
+        """Leading columns of a padded micro-batch without a supervised row, for which the last
+        decoder layer only computes keys and values (see ``last_layer_tail``)."""
+        if not self.last_layer_tail or self.adapter.collective is not None:
+            return 0
+        c = min(sup_start)
+        return c if c >= _MIN_TAIL_SKIP else 0
+
     def _inputs(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                 store: PrefixStore | None) -> _Inputs:
         if self._splits_prefix(items, 0 if parrot is None else parrot.shape[0]):
@@ -356,7 +371,8 @@ class LossEngine:
         splice_rows = (torch.as_tensor(lay.splice_rows, device=dev)
                        if parrot is not None and len(lay.splice_rows) else None)
         return ((ids, position_ids, parrot, splice_rows,
-                 torch.as_tensor(lay.supervised_rows, device=dev), self.backend), {},
+                 torch.as_tensor(lay.supervised_rows, device=dev), self.backend),
+                {"query_from": 0 if self.packed else self._query_from(sup_start)},
                 torch.tensor(labels, dtype=torch.long, device=dev))
 
     def _split_inputs(self, items: Sequence[StepItem], parrot: torch.Tensor,
@@ -407,7 +423,8 @@ class LossEngine:
                  torch.as_tensor(lay.splice_rows, device=dev),
                  torch.as_tensor(lay.supervised_rows, device=dev), self.backend),
                 {"prefix_ids": prefix_ids, "prefix_kv": prefix_kv,
-                 "attention_mask": mask.to(dev) if p_len else None},
+                 "attention_mask": mask.to(dev) if p_len else None,
+                 "query_from": self._query_from(sup_start)},
                 torch.tensor(labels, dtype=torch.long, device=dev))
 
     def _plain_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,

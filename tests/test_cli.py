@@ -172,6 +172,7 @@ OPTION_CASES: dict[str, tuple[Callable[[list[str]], list[str]], str]] = {
     "zero rounds": (lambda a: a + ["--rounds", "0"], "--rounds"),
     "word rounds": (lambda a: a + ["--rounds", "many"], "--rounds"),
     "threshold": (lambda a: a + ["--probe-threshold", "2"], "--probe-threshold"),
+    "zero probe tokens": (lambda a: a + ["--probe-tokens", "0"], "--probe-tokens"),
     "decay": (lambda a: a + ["--round-lr-decay", "0"], "--round-lr-decay"),
     "missing --out": (lambda a: a[:a.index("--out")] + a[a.index("--out") + 2:],
                       "required: --out"),

@@ -211,3 +211,43 @@ def test_prefix_states_stop_in_the_last_layer_with_full_keys_and_values(arch: st
     assert len(got) == len(ref) == model.config.num_hidden_layers
     for (k, v), (rk, rv) in zip(got, ref):
         assert torch.equal(k, rk) and torch.equal(v, rv)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_last_layer_on_supervised_tail_matches_plain(arch: str, stage: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last decoder layer run only from the first supervised column (keys and values of the
+    columns before it from a stopped first pass) gives the plain path's loss and gradients."""
+    import sande_fast.steps as steps_mod
+    from sande_fast.adapter import ModelAdapter
+
+    monkeypatch.setattr(steps_mod, "_MIN_TAIL_SKIP", 1)  # the test sequences are short
+    used = []
+    original = ModelAdapter._last_layer_tail
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = original(self, *args, **kwargs)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ModelAdapter, "_last_layer_tail", spy)
+    model = tiny_model(arch, VOCAB, seed=1)
+    items = _items(random.Random(2), 7, parrot=True)
+    parrot = torch.randn(3, model.config.hidden_size, requires_grad=stage == 1)
+    n = sum(len(it.labels) for it in items)
+    results = []
+    for fast in (False, True):
+        model.zero_grad(set_to_none=True)
+        parrot.grad = None
+        eng = LossEngine(model, fast=fast, packed=False, token_budget=40, max_batch=3)
+        with frozen(model) if stage == 1 else torch.enable_grad():
+            val = eng.accumulate(items, parrot, n)
+        grads = {"parrot": parrot.grad.clone()} if stage == 1 else _grads(model)
+        results.append((val, grads))
+    assert used and all(used)
+    (v0, g0), (v1, g1) = results
+    assert abs(v0 - v1) <= 1e-5 * abs(v0)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        _close(g1[name], g0[name])
