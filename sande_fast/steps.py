@@ -13,7 +13,9 @@ the same number: the summed cross-entropy of the supervised tokens divided by a 
   through the fused linear cross-entropy, so no logits tensor ever exists. When no model weight
   needs a gradient (stage 1, the probe), the prompt tokens before the parrot cannot depend on
   anything trained: they run once without a graph and enter as cached keys and values, so the
-  backward pass covers only the parrot and what follows it.
+  backward pass covers only the parrot and what follows it. In the last decoder layer only the
+  columns from the first supervised row on run attention and MLP; the columns before them only
+  need that layer's keys and values.
 
 The public pieces :class:`ParrotSimulator` (stage 1) and :class:`OverwriteStep` (stage 2) take a
 batch and return its loss, so another training stack can call them inside its own loop.
