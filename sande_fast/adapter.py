@@ -229,15 +229,17 @@ class ModelAdapter(nn.Module):
         stored its keys and values; a pre-hook keeps that layer's inputs. Pass 2 calls the last
         layer on rows ``c:`` with the same inputs cut to those query rows, attending to the
         stored keys and values (the cache replays them instead of appending), then the final
-        norm. Returns None where this does not apply (not SDPA attention, an unknown layout, or
-        a model that never stopped), and the caller runs one ordinary pass.
+        norm. Returns None where this does not apply (not SDPA attention, an unknown layout,
+        activation checkpointing, or a model that never stopped), and the caller runs one
+        ordinary pass.
         """
         base = self.base
         layers = getattr(base, "layers", None) or getattr(base, "h", None)
         norm = next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm")
                      if isinstance(getattr(base, n, None), nn.Module)), None)
         impl = getattr(self.model.config, "_attn_implementation", None)
-        if layers is None or norm is None or impl != "sdpa":
+        # Activation checkpointing would recompute the stopped pass in full during backward.
+        if layers is None or norm is None or impl != "sdpa" or _checkpointing(self.model):
             return None
         last = len(layers) - 1
         if cache is None:
@@ -324,6 +326,14 @@ class ModelAdapter(nn.Module):
         return fused_linear_cross_entropy(hidden, head.weight, labels, head.bias,
                                           normalizer=normalizer, logit_scale=self.logit_scale,
                                           backend=backend)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on (transformers 5 renamed the gradient flag)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 class _StopForward(Exception):

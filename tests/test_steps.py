@@ -251,3 +251,15 @@ def test_last_layer_on_supervised_tail_matches_plain(arch: str, stage: int,
     assert g0.keys() == g1.keys()
     for name in g0:
         _close(g1[name], g0[name])
+
+
+def test_last_layer_tail_steps_aside_for_activation_checkpointing() -> None:
+    from sande_fast.adapter import ModelAdapter
+
+    model = tiny_model("llama", VOCAB, seed=1)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()
+    model.train()
+    ad = ModelAdapter(model)
+    emb = ad.embed(torch.tensor([[5, 6, 7, 8, 9, 10]]))
+    assert ad._last_layer_tail(emb, None, None, None, 3) is None
