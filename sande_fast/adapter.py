@@ -203,9 +203,7 @@ class ModelAdapter(nn.Module):
             prefix_kv = self.prefix_states(prefix_ids)
         cache = None
         if prefix_kv is not None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
+            cache = _stopping_cache()  # a DynamicCache; the last-layer tail can reuse it
             for layer, (k, v) in enumerate(prefix_kv):
                 cache.update(k, v, layer)
         if query_from > 0:
@@ -231,7 +229,7 @@ class ModelAdapter(nn.Module):
         stored keys and values (the cache replays them instead of appending), then the final
         norm. Returns None where this does not apply (not SDPA attention, an unknown layout,
         activation checkpointing, or a model that never stopped), and the caller runs one
-        ordinary pass.
+        ordinary pass. ``cache`` is None or a :func:`_stopping_cache` holding the prefix.
         """
         base = self.base
         layers = getattr(base, "layers", None) or getattr(base, "h", None)
@@ -244,11 +242,6 @@ class ModelAdapter(nn.Module):
         last = len(layers) - 1
         if cache is None:
             cache = _stopping_cache()
-        if not hasattr(cache, "replay"):  # a plain cache from elsewhere
-            stopping = _stopping_cache()
-            for layer, (k, v) in enumerate(cache_tensors(cache)):
-                stopping.update(k, v, layer)
-            cache = stopping
         past = cache.get_seq_length() if cache_tensors(cache) else 0
         captured: dict[str, Any] = {}
 

@@ -315,11 +315,8 @@ class LossEngine:
         dev = self.adapter.device
         store: PrefixStore = {}
         for seqs in groups:
-            width = max(len(q) for q in seqs)
-            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-            for b, q in enumerate(seqs):
-                ids[b, :len(q)] = torch.tensor(q, dtype=torch.long)
-            kv = self.adapter(ids.to(dev), None, mode="prefix")
+            ids = _right_padded(seqs, max(len(q) for q in seqs), self.pad_id, dev)
+            kv = self.adapter(ids, None, mode="prefix")
             for b, q in enumerate(seqs):
                 store[q] = [(k[b:b + 1, :, :len(q)], v[b:b + 1, :, :len(q)]) for k, v in kv]
         return store
@@ -363,10 +360,7 @@ class LossEngine:
             ids = torch.tensor([flat], dtype=torch.long, device=dev)
             position_ids = torch.as_tensor(lay.position_ids, device=dev)[None]
         else:
-            ids = torch.full((len(seqs), padded_len), self.pad_id, dtype=torch.long)
-            for b, s in enumerate(seqs):
-                ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-            ids = ids.to(dev)
+            ids = _right_padded(seqs, padded_len, self.pad_id, dev)
             # Right padding under a causal mask needs no attention mask: real tokens never see
             # the pads, and leaving the mask out keeps SDPA on its fused causal kernel.
             position_ids = None
@@ -392,12 +386,11 @@ class LossEngine:
         sup_start = [len(it.prompt) - it.splice + n - 1 for it in items]
         lay = planner.layout([len(r) for r in rest], [0] * len(rest), n, sup_start,
                              [len(it.labels) for it in items], r_len)
-        ids = torch.full((len(items), r_len), self.pad_id, dtype=torch.long)
+        ids = _right_padded(rest, r_len, self.pad_id, dev)
         position_ids = torch.empty((len(items), r_len), dtype=torch.long)
         mask = torch.zeros((len(items), p_len + r_len), dtype=torch.long)
         steps = torch.arange(r_len)
         for b, (p, r) in enumerate(zip(pre, rest)):
-            ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
             # pads repeat the last real position, so no position passes the context
             position_ids[b] = len(p) + steps.clamp_max(len(r) - 1)
             mask[b, :len(p)] = 1
@@ -417,11 +410,8 @@ class LossEngine:
                     kv.append(out)
                 prefix_kv.append((kv[0], kv[1]))
         elif p_len:
-            prefix_ids = torch.full((len(items), p_len), self.pad_id, dtype=torch.long)
-            for b, p in enumerate(pre):
-                prefix_ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-            prefix_ids = prefix_ids.to(dev)
-        return ((ids.to(dev), position_ids.to(dev), parrot,
+            prefix_ids = _right_padded(pre, p_len, self.pad_id, dev)
+        return ((ids, position_ids.to(dev), parrot,
                  torch.as_tensor(lay.splice_rows, device=dev),
                  torch.as_tensor(lay.supervised_rows, device=dev), self.backend),
                 {"prefix_ids": prefix_ids, "prefix_kv": prefix_kv,
@@ -488,6 +478,15 @@ def packing_is_exact(adapter: ModelAdapter) -> bool:
     ref = torch.cat([ha, hb], 1).float()
     tol = 1e-3 if ref.dtype == torch.float32 and ha.dtype == torch.float32 else 5e-2
     return bool(((hp.float() - ref).abs().max() <= tol * ref.abs().max().clamp_min(1.0)).item())
+
+
+def _right_padded(seqs: Sequence[Sequence[int]], width: int, pad_id: int,
+                  device: torch.device) -> torch.Tensor:
+    """``[len(seqs), width]`` int64 token rows, each sequence followed by ``pad_id``."""
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+    return ids.to(device)
 
 
 def _spliced(prompt: Sequence[int], splice: int, n: int, placeholder: int) -> list[int]:
