@@ -100,6 +100,9 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-lr-decay", type=float, default=0.5)
     p.add_argument("--clean-weight", type=float, default=3.0,
                    help="weight of the clean-retention term in stage 2")
+    p.add_argument("--retain-weight", type=float, default=30.0,
+                   help="weight of the term that holds the clean rows' final hidden states at "
+                        "the original model's (0: off)")
     p.add_argument("--max-clean-drop", type=float, default=0.02,
                    help="--rounds auto: undo and stop at a round after the first that lowers "
                         "clean accuracy by more than this")
@@ -182,7 +185,7 @@ _CONFIG_KEYS = ("seed", "device", "batch_size", "simulate_steps", "simulate_lr",
                 "max_new_tokens",
                 "rounds", "max_rounds", "probe_threshold", "probe_tokens", "round_lr_decay",
                 "max_clean_drop",
-                "clean_weight",
+                "clean_weight", "retain_weight",
                 "simulate_window", "overwrite_window", "trigger_position", "splice",
                 "partial_words", "prompt_format", "max_prompt_tokens", "eval_rows", "packed",
                 "token_budget", "quiet")

@@ -27,7 +27,7 @@ from . import __version__
 from .data import BadInputError, PromptEncoder, Row, TRIGGER_POSITIONS, load_rows
 from .evaluate import evaluate, greedy_generate, parrot_attack_success, _pad_id
 from .io import load_parrot, resolve_device
-from .stages import SPLICE_STRATEGIES, TrainRow, eliminate, simulate
+from .stages import SPLICE_STRATEGIES, TrainRow, clean_anchors, eliminate, simulate
 from .adapter import context_length
 from .steps import LossEngine
 
@@ -59,6 +59,7 @@ class SanitizeConfig:
     round_lr_decay: float = 0.5
     max_clean_drop: float = 0.02
     clean_weight: float = 3.0
+    retain_weight: float = 30.0
     simulate_window: int = 10
     overwrite_window: int = 16
     trigger_position: str = "random"
@@ -100,6 +101,11 @@ class SanitizeConfig:
             raise BadInputError("--parrot-max-norm must be a non-negative number (0: unbounded)")
         if self.clean_weight < 0 or not math.isfinite(self.clean_weight):
             raise BadInputError("--clean-weight must be a non-negative number")
+        if self.retain_weight < 0 or not math.isfinite(self.retain_weight):
+            raise BadInputError("--retain-weight must be a non-negative number")
+        if self.retain_weight and not self.clean_weight and method != "sft":
+            raise BadInputError("--retain-weight needs a --clean-weight above 0 (it holds the "
+                                "clean rows' hidden states)")
         if self.rounds != "auto":
             try:
                 r = int(self.rounds)
@@ -332,6 +338,12 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         return p, curve, time.perf_counter() - t
 
     before = measure()
+    anchors = None
+    if cfg.retain_weight:
+        # The original model's hidden states on the clean rows, held by every round.
+        t = time.perf_counter()
+        anchors = clean_anchors(engine, train_rows, cfg.overwrite_window)
+        timing["prepare_s"] += time.perf_counter() - t
     curves: dict[str, list[float]] = {}
     rounds: list[dict[str, Any]] = []
     parrots: list[torch.Tensor] = []
@@ -345,7 +357,8 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
             seed=cfg.seed, window=cfg.overwrite_window, clean_weight=cfg.clean_weight,
             trigger=trigger if method == "osft" else None, encoder=encoder,
             trigger_position=cfg.trigger_position, progress=show,
-            desc="overwrite" if method == "osft" else "sft")
+            desc="overwrite" if method == "osft" else "sft", retain_weight=cfg.retain_weight,
+            anchors=anchors)
         timing["eliminate_s"] += time.perf_counter() - t
         after = measure()
         rounds.append({"round": 1, "probe_asr_before": None, **after})
@@ -384,7 +397,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
                 engine, train_rows, steps=cfg.overwrite_steps, lr=round_lr,
                 batch_size=cfg.batch_size, seed=seed + 1, window=cfg.overwrite_window,
                 clean_weight=cfg.clean_weight, parrot=p, splice=cfg.splice, progress=show,
-                desc=f"eliminate r{r + 1}")
+                desc=f"eliminate r{r + 1}", retain_weight=cfg.retain_weight, anchors=anchors)
             timing["eliminate_s"] += time.perf_counter() - t
             m = measure()
             rounds.append({"round": r + 1, "probe_asr_before": probe_before, **m,
@@ -392,7 +405,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
                            "simulate_final_loss": curve[-1] if curve else None,
                            "eliminate_final_loss": curves[f"eliminate_r{r + 1}"][-1]})
             drop = before["clean_accuracy"] - (m["clean_accuracy"] or 0.0) if guard else 0.0
-            if snapshot is not None and drop > cfg.max_clean_drop:
+            if snapshot is not None and drop > cfg.max_clean_drop + 1e-9:  # eval counts, not floats
                 # Undo this round. The probe before it ran on exactly the weights now restored.
                 model.load_state_dict(snapshot)
                 rounds[-1]["rolled_back"] = True

@@ -14,9 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import EncodedPrompt, PromptEncoder, insert_trigger
-from .steps import LossEngine, OverwriteStep, ParrotSimulator, StepItem
+from .steps import Anchors, LossEngine, OverwriteStep, ParrotSimulator, StepItem
 
-__all__ = ["TrainRow", "simulate", "eliminate", "splice_position", "SPLICE_STRATEGIES"]
+__all__ = ["TrainRow", "simulate", "eliminate", "clean_anchors", "splice_position",
+           "SPLICE_STRATEGIES"]
 
 SPLICE_STRATEGIES = ("random", "start", "end")
 
@@ -42,6 +43,17 @@ def splice_position(prompt: EncodedPrompt, strategy: str, rng: random.Random) ->
 
 def _split(ids: Sequence[int], window: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(ids[:window]), tuple(ids[window:])
+
+
+def _clean_item(row: TrainRow, window: int) -> StepItem:
+    labels, tail = _split(row.response, window)
+    return StepItem(tuple(row.prompt.ids), labels, -1, tail)
+
+
+def clean_anchors(engine: LossEngine, rows: Sequence[TrainRow], window: int) -> Anchors:
+    """The model's current final hidden states on every row's clean item (the retention
+    targets of :func:`eliminate`); call it once, before the first training step."""
+    return Anchors(engine, [_clean_item(r, window) for r in rows])
 
 
 def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[int], *,
@@ -74,12 +86,15 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
               parrot: torch.Tensor | None = None, trigger: str | None = None,
               encoder: PromptEncoder | None = None, trigger_position: str = "random",
               splice: str = "random", progress: bool = False, desc: str = "eliminate",
-              on_step: Callable[[int], None] | None = None) -> list[float]:
+              on_step: Callable[[int], None] | None = None, retain_weight: float = 0.0,
+              anchors: Anchors | None = None) -> list[float]:
     """Stage 2 / OSFT / SFT: trains the model on (prompt + parrot or trigger) -> clean response.
 
     With a ``parrot``: overwrite items splice it at a fresh position each step. With a ``trigger``
     (OSFT): the trigger text is inserted into the prompt at ``trigger_position``. With neither
-    (SFT baseline): only the clean term is trained, at weight 1.
+    (SFT baseline): only the clean term is trained, at weight 1. ``retain_weight`` and
+    ``anchors`` (from :func:`clean_anchors`, taken before any training) add the hidden-state
+    retention term of :class:`~sande_fast.steps.OverwriteStep`.
 
     Returns:
         The loss of every step.
@@ -91,14 +106,14 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
     rng = random.Random(seed)
     sft = parrot is None and trigger is None
     step_fn = OverwriteStep(engine, lr=lr, clean_weight=1.0 if sft else clean_weight,
-                            parrot=parrot)
+                            parrot=parrot, retain_weight=retain_weight, anchors=anchors)
     curve = []
     for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
         clean, overwrite = [], []
         for r in batch:
-            labels, tail = _split(r.response, window)
-            clean.append(StepItem(r.prompt.ids, labels, -1, tail))
+            clean.append(_clean_item(r, window))
+            labels, tail = clean[-1].labels, clean[-1].tail
             if parrot is not None:
                 overwrite.append(StepItem(r.prompt.ids, labels,
                                           splice_position(r.prompt, splice, rng), tail))

@@ -23,6 +23,7 @@ batch and return its loss, so another training stack can call them inside its ow
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -34,7 +35,7 @@ from . import planner
 from .adapter import ModelAdapter, context_length
 from .kernels import kernel_backend
 
-__all__ = ["StepItem", "LossEngine", "ParrotSimulator", "OverwriteStep", "frozen",
+__all__ = ["StepItem", "LossEngine", "ParrotSimulator", "OverwriteStep", "Anchors", "frozen",
            "NonFiniteError"]
 
 
@@ -167,11 +168,12 @@ class LossEngine:
 
     # -- losses ---------------------------------------------------------------------------------
     def loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-             normalizer: float) -> torch.Tensor:
+             normalizer: float, anchors: Anchors | None = None) -> torch.Tensor:
         """Sum of the supervised tokens' cross-entropy over ``items``, divided by ``normalizer``.
 
         One graph over all items (for callers that run their own backward); use
-        :meth:`accumulate` to bound memory by micro-batching.
+        :meth:`accumulate` to bound memory by micro-batching. With ``anchors`` (see
+        :class:`Anchors`), the retention term of each item's supervised rows is added.
 
         Raises:
             RuntimeError: on a sharded model, where ranks must run matching forwards and split
@@ -183,32 +185,35 @@ class LossEngine:
         n_parrot = 0 if parrot is None else parrot.shape[0]
         batches = self.micro_batches(items, n_parrot)
         store = self._prefix_store(batches, n_parrot)
-        parts = [self._group_loss(g, parrot, normalizer, store)
+        parts = [self._group_loss(g, parrot, normalizer, store, anchors)
                  for g in self.head_groups(batches, n_parrot)]
         return torch.stack(parts).sum()
 
     def accumulate(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-                   normalizer: float, weight: float = 1.0) -> float:
+                   normalizer: float, weight: float = 1.0,
+                   anchors: Anchors | None = None) -> float:
         """Forward and backward per micro-batch, gradients accumulating; returns the loss value.
 
         On a sharded model (``adapter.collective`` set) ``items`` is the global batch, the same
         on every rank: each rank runs its share and the returned value is the global loss.
+        ``weight`` scales the whole loss, the retention term of ``anchors`` included.
         """
         if self.adapter.collective is not None:
-            return self._accumulate_sharded(items, parrot, normalizer, weight)
+            return self._accumulate_sharded(items, parrot, normalizer, weight, anchors)
         n_parrot = 0 if parrot is None else parrot.shape[0]
         batches = self.micro_batches(items, n_parrot)
         store = self._prefix_store(batches, n_parrot)
         total = 0.0
         for group in self.head_groups(batches, n_parrot):
-            loss = self._group_loss(group, parrot, normalizer / weight, store)
+            loss = self._group_loss(group, parrot, normalizer / weight, store, anchors)
             if loss.requires_grad:
                 loss.backward()
             total += float(loss.detach())
         return total
 
     def _accumulate_sharded(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-                            normalizer: float, weight: float) -> float:
+                            normalizer: float, weight: float,
+                            anchors: Anchors | None = None) -> float:
         # Each rank takes a strided share of the global batch; ``normalizer`` stays the global
         # label count, so summing the ranks' gradients (FSDP's reduce-scatter is set to SUM, the
         # parrot's gradient is all-reduced by the caller) gives the one-process gradient.
@@ -223,36 +228,67 @@ class LossEngine:
         total = 0.0
         for k in range(count):
             if k < len(batches):
-                loss = self._micro_loss(batches[k], parrot, normalizer / weight)
+                loss = self._micro_loss(batches[k], parrot, normalizer / weight, None, anchors)
             else:
-                loss = self._micro_loss(items[:1], parrot, normalizer / weight) * 0.0
+                loss = self._micro_loss(items[:1], parrot, normalizer / weight, None,
+                                        anchors) * 0.0
             if loss.requires_grad:
                 loss.backward()
             total += float(loss.detach())
         return coll.sum_float(total)
 
     def _micro_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-                    normalizer: float, store: PrefixStore | None = None) -> torch.Tensor:
+                    normalizer: float, store: PrefixStore | None = None,
+                    anchors: Anchors | None = None) -> torch.Tensor:
         if not self.fast:
-            return self._plain_loss(items, parrot, normalizer)
+            loss = self._plain_loss(items, parrot, normalizer)
+            if anchors is not None:
+                loss = loss + anchors.term(self._plain_hidden(items, parrot), items, normalizer)
+            return loss
         args, kwargs, labels = self._inputs(items, parrot, store)
-        return self.adapter(*args[:-1], labels, normalizer, args[-1], **kwargs)
+        if anchors is None:
+            return self.adapter(*args[:-1], labels, normalizer, args[-1], **kwargs)
+        hidden = self.adapter(*args, mode="hidden", **kwargs)
+        return (self.adapter(hidden, labels, normalizer, self.backend, mode="head")
+                + anchors.term(hidden, items, normalizer))
 
     def _group_loss(self, group: Sequence[Sequence[StepItem]], parrot: torch.Tensor | None,
-                    normalizer: float, store: PrefixStore | None) -> torch.Tensor:
+                    normalizer: float, store: PrefixStore | None,
+                    anchors: Anchors | None = None) -> torch.Tensor:
         """The loss of several micro-batches with one pass through the LM head: each bucket
         runs the model on its own (no padding across buckets), then their supervised rows go
         through the fused cross-entropy together, so the head weight is read once."""
         if len(group) == 1 or not self.fast:
-            return torch.stack([self._micro_loss(mb, parrot, normalizer, store)
+            return torch.stack([self._micro_loss(mb, parrot, normalizer, store, anchors)
                                 for mb in group]).sum()
         hidden, labels = [], []
         for mb in group:
             args, kwargs, lab = self._inputs(mb, parrot, store)
             hidden.append(self.adapter(*args, mode="hidden", **kwargs))
             labels.append(lab)
-        return self.adapter(torch.cat(hidden), torch.cat(labels), normalizer, self.backend,
-                            mode="head")
+        h = torch.cat(hidden)
+        loss = self.adapter(h, torch.cat(labels), normalizer, self.backend, mode="head")
+        if anchors is not None:
+            loss = loss + anchors.term(h, [it for mb in group for it in mb], normalizer)
+        return loss
+
+    @torch.no_grad()
+    def supervised_states(self, items: Sequence[StepItem]) -> list[torch.Tensor]:
+        """Final hidden states ``[len(labels), H]`` of each item's supervised rows (no parrot),
+        in the order of ``items``, without a graph. On a sharded model every rank passes the
+        same items and gets all the states."""
+        if any(it.splice >= 0 for it in items):
+            raise ValueError("supervised_states takes items without a parrot (splice -1)")
+        out: dict[int, torch.Tensor] = {}
+        for mb in self.micro_batches(items, 0):
+            if self.fast:
+                args, kwargs, _ = self._fast_inputs(mb, None)
+                hidden = self.adapter(*args, mode="hidden", **kwargs)
+            else:
+                hidden = self._plain_hidden(mb, None)
+            for it, h in zip(mb, hidden.split([len(it.labels) for it in mb])):
+                out[id(it)] = h
+        return [out[id(it)] for it in items]
 
     def _query_from(self, sup_start: Sequence[int]) -> int:
         """Leading columns of a padded micro-batch without a supervised row, for which the last
@@ -419,8 +455,10 @@ class LossEngine:
                  "query_from": self._query_from(sup_start)},
                 torch.tensor(labels, dtype=torch.long, device=dev))
 
-    def _plain_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-                    normalizer: float) -> torch.Tensor:
+    def _plain_batch(self, items: Sequence[StepItem], parrot: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded input embeddings (parrot spliced with ``torch.cat``, full response),
+        next-token targets (-100 off the supervised rows) and the attention mask."""
         ad = self.adapter
         dev = ad.device
         rows, targets = [], []
@@ -447,10 +485,23 @@ class LossEngine:
         labels = torch.stack([F.pad(t, (0, width - t.shape[0]), value=-100) for t in targets])
         mask = torch.stack([F.pad(torch.ones(e.shape[0], dtype=torch.long, device=dev),
                                   (0, width - e.shape[0])) for e in rows])
+        return emb, labels, mask
+
+    def _plain_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+                    normalizer: float) -> torch.Tensor:
+        emb, labels, mask = self._plain_batch(items, parrot)
         logits = self.model(inputs_embeds=emb, attention_mask=mask, use_cache=False).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
         return loss / normalizer
+
+    def _plain_hidden(self, items: Sequence[StepItem],
+                      parrot: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states of the supervised rows, item by item, from the base model's
+        full padded forward."""
+        emb, labels, mask = self._plain_batch(items, parrot)
+        hidden = self.adapter.hidden_states(emb, attention_mask=mask)
+        return hidden[labels != -100]
 
 
 @torch.no_grad()
@@ -580,11 +631,74 @@ class ParrotSimulator:
         return value
 
 
+class Anchors:
+    """Retention targets: a model's final hidden states at the supervised rows of clean items,
+    taken once (before training), and the term that keeps the trained model near them.
+
+    The term of a batch is ``weight * sum ||h - h0||^2 / (scale * normalizer)`` over the
+    supervised rows, where ``h0`` is the stored state and ``scale`` the mean ``||h0||^2`` of all
+    stored rows, so ``weight`` means the same on any model width. Cross-entropy on clean answers
+    only asks that the top token stays on top; this also holds the representation the answer
+    is read from, which is what other prompts share.
+
+    Args:
+        engine: the loss engine of the model, in the state to retain.
+        items: clean items (no parrot) whose supervised rows are kept; items are looked up by
+            their prompt and labels.
+        weight: weight of the term (see :meth:`with_weight`).
+    """
+
+    def __init__(self, engine: LossEngine, items: Sequence[StepItem],
+                 weight: float = 1.0) -> None:
+        self.weight = float(weight)
+        self.states: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+        unique = {}
+        for it in items:
+            unique.setdefault(_anchor_key(it), StepItem(tuple(it.prompt), tuple(it.labels)))
+        keys = list(unique)
+        total, rows = 0.0, 0
+        for start in range(0, len(keys), max(engine.max_batch, 1) * 4):
+            chunk = keys[start:start + max(engine.max_batch, 1) * 4]
+            for key, h in zip(chunk, engine.supervised_states([unique[k] for k in chunk])):
+                self.states[key] = h.detach()
+                total += float(h.float().pow(2).sum())
+                rows += h.shape[0]
+        self.scale = total / rows if rows and total > 0 else 1.0
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def with_weight(self, weight: float) -> "Anchors":
+        """The same stored states with another weight (nothing is copied)."""
+        out = copy.copy(self)
+        out.weight = float(weight)
+        return out
+
+    def term(self, hidden: torch.Tensor, items: Sequence[StepItem],
+             normalizer: float) -> torch.Tensor:
+        """The retention term of ``hidden``, the supervised rows of ``items`` in order."""
+        try:
+            ref = torch.cat([self.states[_anchor_key(it)] for it in items])
+        except KeyError:
+            raise KeyError("an item has no retention anchor: build Anchors from every clean "
+                           "item the step will see") from None
+        diff = hidden.float() - ref.to(hidden.device, torch.float32)
+        return diff.pow(2).sum() * (self.weight / (self.scale * normalizer))
+
+
+def _anchor_key(item: StepItem) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(item.prompt), tuple(item.labels)
+
+
 class OverwriteStep:
     """Stage 2 (and OSFT / SFT): trains the model so triggered or parrot-spliced prompts map to
     the clean response, with a clean-retention term.
 
-    loss = mean CE(overwrite items) + clean_weight * mean CE(clean items).
+    loss = mean CE(overwrite items) + clean_weight * mean CE(clean items)
+           + retain_weight * mean over clean supervised rows of ||h - h0||^2 / scale
+
+    where ``h0`` are the final hidden states stored in ``anchors`` before training
+    (:class:`Anchors`).
 
     Args:
         engine: the loss engine of the model being trained.
@@ -593,13 +707,32 @@ class OverwriteStep:
         parrot: the frozen parrot spliced into overwrite items (None for OSFT with a real trigger
             and for SFT).
         weight_decay: AdamW weight decay.
+        retain_weight: weight of the hidden-state retention term (0: off).
+        anchors: the stored states, covering every clean item passed to :meth:`step`; required
+            when ``retain_weight`` is set.
+
+    Example:
+        >>> anchors = Anchors(engine, clean_items)      # before any training step
+        >>> step = OverwriteStep(engine, lr=1e-4, clean_weight=3, parrot=parrot,
+        ...                      retain_weight=30, anchors=anchors)
+        >>> loss = step.step(overwrite_items, clean_items)
     """
 
     def __init__(self, engine: LossEngine, lr: float = 1e-4, clean_weight: float = 1.0,
-                 parrot: torch.Tensor | None = None, weight_decay: float = 0.0) -> None:
+                 parrot: torch.Tensor | None = None, weight_decay: float = 0.0,
+                 retain_weight: float = 0.0, anchors: Anchors | None = None) -> None:
         self.engine = engine
         self.clean_weight = clean_weight
         self.parrot = None if parrot is None else parrot.detach()
+        self.anchors = None
+        if retain_weight:
+            if anchors is None:
+                raise ValueError("retain_weight needs anchors (Anchors(engine, clean_items), "
+                                 "built before training)")
+            if not clean_weight:
+                raise ValueError("retain_weight needs a clean_weight above 0")
+            # The clean items' loss is scaled by clean_weight as a whole, retention included.
+            self.anchors = anchors.with_weight(retain_weight / clean_weight)
         self.params = [p for p in engine.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
 
@@ -609,7 +742,8 @@ class OverwriteStep:
         if overwrite:
             parts.append(self.engine.loss(overwrite, self.parrot, _label_count(overwrite)))
         if clean and self.clean_weight:
-            parts.append(self.engine.loss(clean, None, _label_count(clean) / self.clean_weight))
+            parts.append(self.engine.loss(clean, None, _label_count(clean) / self.clean_weight,
+                                          self.anchors))
         return torch.stack(parts).sum()
 
     def step(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem],
@@ -621,7 +755,7 @@ class OverwriteStep:
             value += self.engine.accumulate(overwrite, self.parrot, _label_count(overwrite))
         if clean and self.clean_weight:
             value += self.engine.accumulate(clean, None, _label_count(clean),
-                                            weight=self.clean_weight)
+                                            weight=self.clean_weight, anchors=self.anchors)
         _check_finite(value, self.params, where, self.engine.adapter.collective)
         self.optimizer.step()
         return value

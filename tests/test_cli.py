@@ -174,6 +174,8 @@ OPTION_CASES: dict[str, tuple[Callable[[list[str]], list[str]], str]] = {
     "threshold": (lambda a: a + ["--probe-threshold", "2"], "--probe-threshold"),
     "zero probe tokens": (lambda a: a + ["--probe-tokens", "0"], "--probe-tokens"),
     "decay": (lambda a: a + ["--round-lr-decay", "0"], "--round-lr-decay"),
+    "negative retain": (lambda a: a + ["--retain-weight", "-1"], "--retain-weight"),
+    "retain without clean": (lambda a: a + ["--clean-weight", "0"], "--retain-weight needs"),
     "missing --out": (lambda a: a[:a.index("--out")] + a[a.index("--out") + 2:],
                       "required: --out"),
     "unknown flag": (lambda a: a + ["--colour", "red"], "unrecognized arguments"),

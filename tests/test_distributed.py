@@ -72,7 +72,7 @@ def _one_round(arch: str, shard: bool) -> dict[str, Any]:
     """One stage-1 step, one stage-2 step and a greedy generation; returns what they produced."""
     from sande_fast.distributed import shard_engine
     from sande_fast.evaluate import greedy_generate
-    from sande_fast.steps import LossEngine, OverwriteStep, ParrotSimulator
+    from sande_fast.steps import Anchors, LossEngine, OverwriteStep, ParrotSimulator
 
     from tiny_models import tiny_model
 
@@ -85,8 +85,15 @@ def _one_round(arch: str, shard: bool) -> dict[str, Any]:
     rng = random.Random(7)
     sim = ParrotSimulator(engine, n_tokens=3, lr=0.05, seed=5)
     sim_loss = sim.step(_items(rng, 7, parrot=True))
-    step = OverwriteStep(engine, lr=1e-2, clean_weight=0.5, parrot=sim.parrot.detach())
-    over_loss = step.step(_items(rng, 5, parrot=True), _items(rng, 6, parrot=False))
+    over, clean = _items(rng, 5, parrot=True), _items(rng, 6, parrot=False)
+    # Retention targets from the untrained model, then a weight change so the term is not 0.
+    anchors = Anchors(engine, clean)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    step = OverwriteStep(engine, lr=1e-2, clean_weight=0.5, parrot=sim.parrot.detach(),
+                         retain_weight=2.0, anchors=anchors)
+    over_loss = step.step(over, clean)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 9))] for _ in range(5)]
     free = greedy_generate(runner, prompts, pad_id=0, eos_id=None, max_new_tokens=5,
                            batch_size=2)

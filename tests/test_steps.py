@@ -11,7 +11,8 @@ import random
 import pytest
 import torch
 
-from sande_fast.steps import LossEngine, OverwriteStep, ParrotSimulator, StepItem, frozen
+from sande_fast.steps import (Anchors, LossEngine, OverwriteStep, ParrotSimulator, StepItem,
+                              frozen)
 
 from tiny_models import ARCHS, tiny_model
 
@@ -134,6 +135,94 @@ def test_stage2_fast_matches_plain(arch: str, budget: int) -> None:
     assert g0.keys() == g1.keys() and len(g0) > 0
     for k in g0:
         _close(g1[k], g0[k])
+
+
+def _nudge(model: torch.nn.Module, seed: int) -> None:
+    """Moves every weight a little, so hidden states leave their anchors."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("budget", [50, 4096])
+def test_retention_fast_matches_plain(arch: str, budget: int) -> None:
+    model = tiny_model(arch, VOCAB, seed=6)
+    rng = random.Random(4)
+    over = _items(rng, 6, parrot=True)
+    clean = _items(rng, 7, parrot=False)
+    parrot = torch.randn(2, model.config.hidden_size)
+    engines = [LossEngine(model, fast=fast, token_budget=budget, max_batch=4, packed=False)
+               for fast in (False, True)]
+    anchors = [Anchors(e, clean) for e in engines]
+    for a in anchors[1].states:  # the stored states agree too
+        _close(anchors[1].states[a], anchors[0].states[a])
+    _nudge(model, 1)
+    out = []
+    for eng, anc in zip(engines, anchors):
+        model.zero_grad(set_to_none=True)
+        step = OverwriteStep(eng, lr=1e-3, clean_weight=0.7, parrot=parrot, retain_weight=5.0,
+                             anchors=anc)
+        loss = step.loss(over, clean)
+        loss.backward()
+        out.append((float(loss.detach()), _grads(model)))
+    (l0, g0), (l1, g1) = out
+    assert abs(l0 - l1) <= 1e-5 * abs(l0)
+    for k in g0:
+        _close(g1[k], g0[k])
+
+
+def test_retention_term_matches_brute_force() -> None:
+    """Independent reference: the base model's own last hidden states at the label rows."""
+    model = tiny_model("llama", VOCAB, seed=7)
+    clean = _items(random.Random(5), 5, parrot=False)
+
+    def states() -> list[torch.Tensor]:
+        out = []
+        with torch.no_grad():
+            for it in clean:
+                ids = torch.tensor([list(it.prompt + it.labels)])
+                h = model.model(input_ids=ids).last_hidden_state[0]
+                out.append(h[len(it.prompt) - 1:len(it.prompt) - 1 + len(it.labels)])
+        return out
+
+    h0 = states()
+    eng = LossEngine(model, fast=True)
+    anchors = Anchors(eng, clean)
+    _nudge(model, 2)
+    h1 = states()
+    rows = torch.cat(h0)
+    scale = float(rows.pow(2).sum(-1).mean())
+    want_retain = float(torch.cat([a - b for a, b in zip(h1, h0)]).pow(2).sum(-1).mean()) / scale
+    n = sum(len(it.labels) for it in clean)
+    with torch.no_grad():
+        ce = float(eng.loss(clean, None, n))
+        got = float(OverwriteStep(eng, clean_weight=1.0, retain_weight=3.0,
+                                  anchors=anchors).loss([], clean))
+    assert want_retain > 1e-4  # the nudge moved the states
+    assert abs((got - ce) - 3.0 * want_retain) <= 1e-4 * 3.0 * want_retain
+    # Unchanged weights: the term is zero.
+    anchors_now = Anchors(eng, clean)
+    with torch.no_grad():
+        same = float(OverwriteStep(eng, clean_weight=1.0, retain_weight=3.0,
+                                   anchors=anchors_now).loss([], clean))
+    assert abs(same - ce) <= 1e-6 * ce
+
+
+def test_retention_needs_anchors_for_every_clean_item() -> None:
+    model = tiny_model("llama", VOCAB, seed=8)
+    eng = LossEngine(model)
+    clean = _items(random.Random(6), 4, parrot=False)
+    with pytest.raises(ValueError, match="anchors"):
+        OverwriteStep(eng, retain_weight=1.0)
+    with pytest.raises(ValueError, match="clean_weight"):
+        OverwriteStep(eng, clean_weight=0.0, retain_weight=1.0, anchors=Anchors(eng, clean))
+    step = OverwriteStep(eng, retain_weight=1.0, anchors=Anchors(eng, clean[:2]))
+    with pytest.raises(KeyError, match="anchor"):
+        step.step([], clean)
+    with pytest.raises(ValueError, match="parrot"):
+        eng.supervised_states(_items(random.Random(7), 2, parrot=True))
 
 
 def test_truncation_is_exact() -> None:
