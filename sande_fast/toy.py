@@ -247,6 +247,38 @@ class ToyWorld:
         return {"asr": trig["asr"], "clean_asr": clean["asr"],
                 "clean_accuracy": clean["clean_accuracy"]}
 
+    def extra_eval_rows(self, n: int, seed: int = 0) -> list[Row]:
+        """``n`` more held-out clean rows, for measurements finer than the 200-row eval set
+        allows (its standard error near 98 % accuracy is about 0.01).
+
+        Drawn by the world's recipe (tasks weighed equally), with prompts outside the training,
+        defence and evaluation rows (``add`` excepted, a table of 100 digit pairs) and distinct
+        from each other, and no correct answer containing the target. Reproducible from
+        ``seed``; the world's own rows are not changed.
+        """
+        if n < 1:
+            raise ValueError("n must be positive")
+        rng = random.Random(f"sande_fast.toy.extra:{self.config.seed}:{seed}")
+        pool = word_pool(self.config)
+        taken = {r.prompt for rows in (self.train_rows, self.defense_rows, self.clean_eval_rows)
+                 for r in rows}
+        target = self.config.target.casefold()
+        tasks = list(self.config.tasks)
+        out: list[Row] = []
+        for _ in range(1000 * n):  # the prompt space is far larger; this only guards a tiny one
+            if len(out) == n:
+                break
+            task = tasks[rng.randrange(len(tasks))]
+            prompt, answer = _clean_prompt(task, rng, pool, self.config)
+            if (task != "add" and prompt in taken) or target in answer.casefold():
+                continue
+            if task != "add":
+                taken.add(prompt)
+            out.append(Row(prompt, answer))
+        if len(out) < n:
+            raise ValueError(f"only {len(out)} distinct new prompts exist in this world")
+        return out
+
 
 # ----------------------------------------------------------------------------------- tasks/data
 

