@@ -38,7 +38,8 @@ def _probe_max(model: Any, world: Any) -> float:
                  **PROBE)["probe_asr_max"]
 
 
-def run_pair(name: str, seed: int, with_probe: bool) -> dict[str, Any]:
+def run_pair(name: str, seed: int, with_probe: bool,
+             options: dict[str, Any] | None = None) -> dict[str, Any]:
     trigger, target = PAIRS[name]
     world = load_or_build_toy(ToyConfig(trigger=trigger, target=target), progress=False)
     extra = world.extra_eval_rows(1000)
@@ -47,7 +48,7 @@ def run_pair(name: str, seed: int, with_probe: bool) -> dict[str, Any]:
                            "extra_before": {"asr": base["asr"],
                                             "clean_accuracy": base["clean_accuracy"]}}
     for method in METHODS + ("sande-1round",):
-        opts: dict[str, Any] = {"seed": seed, "quiet": True}
+        opts: dict[str, Any] = {**(options or {}), "seed": seed, "quiet": True}
         meth = method
         if method == "sande-p":
             opts["partial_words"] = 1
@@ -91,8 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="sanitize seed (the toys stay the same)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-probe", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a sanitize option for every run, e.g. retain_weight=0 (repeatable)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    options = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set wants OPTION=VALUE, got {item!r}")
+        options[key] = json.loads(value)
     if args.threads:
         torch.set_num_threads(args.threads)
     unknown = [p for p in args.pairs.split(",") if p not in PAIRS]
@@ -100,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown pair(s) {unknown}; known: {', '.join(PAIRS)}")
     result = {"machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "seed": args.seed,
-              "pairs": {p: run_pair(p, args.seed, not args.no_probe)
+              "seed": args.seed, "options": options,
+              "pairs": {p: run_pair(p, args.seed, not args.no_probe, options)
                         for p in args.pairs.split(",")}}
     if args.json:
         with open(args.json, "w") as f:
