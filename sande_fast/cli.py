@@ -103,9 +103,9 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retain-weight", type=float, default=30.0,
                    help="weight of the term that holds the clean rows' final hidden states at "
                         "the original model's (0: off)")
-    p.add_argument("--max-clean-drop", type=float, default=0.02,
+    p.add_argument("--max-clean-drop", type=float, default=None,
                    help="--rounds auto: undo and stop at a round after the first that lowers "
-                        "clean accuracy by more than this")
+                        "clean accuracy by more than this (default 0.02; sande-p 0.03)")
     p.add_argument("--simulate-window", type=_positive_int, default=10)
     p.add_argument("--overwrite-window", type=_positive_int, default=16)
     p.add_argument("--trigger-position", default="random", choices=["random", "start", "end"])

@@ -36,6 +36,9 @@ __all__ = ["SanitizeConfig", "SanitizeResult", "sanitize", "METHODS", "prepare_r
 
 METHODS = ("osft", "sande", "sande-p", "sft")
 
+# --max-clean-drop auto: how much clean accuracy a round after the first may cost.
+AUTO_MAX_CLEAN_DROP = {"sande": 0.02, "sande-p": 0.03}
+
 
 @dataclass
 class SanitizeConfig:
@@ -57,7 +60,7 @@ class SanitizeConfig:
     probe_threshold: float = 0.05
     probe_tokens: int = 1
     round_lr_decay: float = 0.5
-    max_clean_drop: float = 0.02
+    max_clean_drop: float | None = None
     clean_weight: float = 3.0
     retain_weight: float = 30.0
     simulate_window: int = 10
@@ -93,7 +96,7 @@ class SanitizeConfig:
                                     f"(at most 1e30), got {v!r}")
         if not (0 <= self.probe_threshold <= 1):
             raise BadInputError("--probe-threshold must lie in [0, 1]")
-        if not (0 <= self.max_clean_drop <= 1):
+        if self.max_clean_drop is not None and not (0 <= self.max_clean_drop <= 1):
             raise BadInputError("--max-clean-drop must lie in [0, 1]")
         if not (0 < self.round_lr_decay <= 1):
             raise BadInputError("--round-lr-decay must lie in (0, 1]")
@@ -288,6 +291,10 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
     # parameters exist only inside the adapter's forward); in one process, on the model itself.
     runner = engine.adapter if fsdp else model
     lr = cfg.overwrite_lr or _auto_overwrite_lr(model)
+    # With only part of the target known the parrot is less specific: later rounds are needed
+    # more often and cost a little more clean accuracy, so sande-p allows a little more.
+    max_drop = (cfg.max_clean_drop if cfg.max_clean_drop is not None
+                else AUTO_MAX_CLEAN_DROP.get(method, 0.02))
     measure_trigger = eval_trigger if eval_trigger is not None else trigger
     asr_target = eval_target or target
     sim_text = parrot_target(target, method, cfg.partial_words)
@@ -405,7 +412,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
                            "simulate_final_loss": curve[-1] if curve else None,
                            "eliminate_final_loss": curves[f"eliminate_r{r + 1}"][-1]})
             drop = before["clean_accuracy"] - (m["clean_accuracy"] or 0.0) if guard else 0.0
-            if snapshot is not None and drop > cfg.max_clean_drop + 1e-9:  # eval counts, not floats
+            if snapshot is not None and drop > max_drop + 1e-9:  # eval counts, not floats
                 # Undo this round. The probe before it ran on exactly the weights now restored.
                 model.load_state_dict(snapshot)
                 rounds[-1]["rolled_back"] = True
@@ -443,7 +450,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         "timing": {"total_s": timing["total_s"],
                    "stages": {k: v for k, v in timing.items() if k != "total_s"}},
         "curves": curves,
-        "config": {**asdict(cfg), "method": method, "overwrite_lr": lr,
+        "config": {**asdict(cfg), "method": method, "overwrite_lr": lr, "max_clean_drop": max_drop,
                    "trigger_known": method == "osft", "n_rows": len(rows),
                    "n_eval_rows": len(eval_rows), "prompts_truncated": truncated,
                    "prompt_format": encoder.prompt_format},

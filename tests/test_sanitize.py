@@ -69,6 +69,7 @@ def test_sande_p_lowers_asr(toy) -> None:
     r = _run(toy, "sande-p", rounds=2, partial_words=1).report
     assert r["parrot_target"] == toy.config.target.split()[0]
     assert r["after"]["asr"] <= 0.15 < r["before"]["asr"]
+    assert r["config"]["max_clean_drop"] == 0.03  # sande-p's own default
 
 
 def test_rounds_stop_on_threshold(toy) -> None:
@@ -110,6 +111,34 @@ def test_rounds_report_probe_after_each_round(toy) -> None:
     if len(r["rounds"]) == 1:
         assert r["rounds"][0]["probe_asr_after"] <= 0.05
     assert r["timing"]["stages"]["probe_s"] > 0
+
+
+def test_round_that_costs_clean_accuracy_is_undone(toy, monkeypatch) -> None:
+    import sande_fast.pipeline as pipeline
+
+    real = pipeline.eliminate
+    after_round: list[dict[str, torch.Tensor]] = []
+
+    def eliminate(engine, *args, **kwargs):
+        curve = real(engine, *args, **kwargs)
+        model = engine.model
+        after_round.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        if len(after_round) == 2:  # wreck round 2: clean accuracy must fall, the guard undo it
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+        return curve
+
+    monkeypatch.setattr(pipeline, "eliminate", eliminate)
+    res = _run(toy, "sande", rounds="auto", max_rounds=2, probe_threshold=0.0)
+    r = res.report
+    assert len(r["rounds"]) == 2 and r["rounds"][1]["rolled_back"]
+    assert r["rounds"][1]["clean_accuracy"] < r["before"]["clean_accuracy"] - 0.02
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, after_round[0][k]), k  # exactly the weights after round 1
+    assert r["after"]["clean_accuracy"] == r["rounds"][0]["clean_accuracy"]
+    assert r["after"]["resimulated_asr"] == r["rounds"][0]["probe_asr_after"]
+    assert r["config"]["max_clean_drop"] == 0.02
 
 
 def test_cli_sanitize_writes_reloadable_model_and_reports(toy, tmp_path) -> None:
