@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sande_fast.steps import LossEngine, OverwriteStep, ParrotSimulator, StepItem, frozen
+from sande_fast.steps import (Anchors, LossEngine, OverwriteStep, ParrotSimulator, StepItem,
+                              frozen)
 
 MIB = 2**20
 
@@ -411,11 +412,19 @@ def stage1_sides(model: nn.Module, engines: dict[str, LossEngine], batch: Batch,
 
 
 def stage2_sides(model: nn.Module, engines: dict[str, LossEngine], batch: Batch,
-                 parrot: torch.Tensor, p: Preset) -> dict[str, Side]:
-    """``OverwriteStep.step`` on each engine (own AdamW each), the same frozen parrot."""
+                 parrot: torch.Tensor, p: Preset, retain_weight: float = 0.0) -> dict[str, Side]:
+    """``OverwriteStep.step`` on each engine (own AdamW each), the same frozen parrot.
+
+    ``retain_weight``: ours also carries the hidden-state retention term, as ``sanitize`` does
+    (anchored at the current weights, so the first, checked step has a zero term and the same
+    loss and gradients as without it); the reference never has it.
+    """
     sides = {}
     for name, eng in engines.items():
-        ow = OverwriteStep(eng, lr=p.lr2, clean_weight=1.0, parrot=parrot)
+        retain = retain_weight if name == "ours" else 0.0
+        anchors = Anchors(eng, batch.clean) if retain else None
+        ow = OverwriteStep(eng, lr=p.lr2, clean_weight=1.0, parrot=parrot,
+                           retain_weight=retain, anchors=anchors)
         sides[name] = Side(run=lambda ow=ow: ow.step(batch.overwrite, batch.clean),
                            prepare=lambda: model.zero_grad(set_to_none=True),
                            grads=lambda: model_grads(model))
@@ -623,7 +632,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parrot = sims["ours"].parrot.detach().clone()
     del s1, sims
     gc.collect()
-    s2 = stage2_sides(model, engines, batch, parrot, p)
+    s2 = stage2_sides(model, engines, batch, parrot, p, args.retain_weight)
+    result["ours_retain_weight"] = args.retain_weight
     result["stage2"] = measure_stage(
         model, s2, user_tokens(stage2_items), useful_flops(model, stage2_items, p.parrot, True),
         device, args, restore_weights=True, peak_flops=peak_flops)
@@ -648,6 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--packed", default="auto", choices=["auto", "on", "off"],
                     help="ours: packed rows (auto: on CUDA when the model keeps them apart)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--retain-weight", type=float, default=0.0,
+                    help="stage 2, ours only: add sanitize's hidden-state retention term")
     ap.add_argument("--peak-flops", type=float, default=None,
                     help="GPU peak bf16 FLOP/s for MFU (default: looked up from the GPU name)")
     args = ap.parse_args(argv)
