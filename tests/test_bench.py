@@ -26,12 +26,15 @@ def test_bench_sanitize_tiny_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--iters", "1", "--device", "cpu",
-         "--threads", "1", "--json", str(out)],
+         "--threads", "1", "--retain-weight", "30", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(out.read_text())
 
     assert res["device"] == "cpu"
+    # Ours carries the retention term in stage 2; anchored at the starting weights, the checked
+    # first step still has the reference's loss and gradients (below).
+    assert res["ours_retain_weight"] == 30
     assert res["preset"] == "tiny"
     for stage in ("stage1", "stage2"):
         r = res[stage]
