@@ -98,6 +98,8 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-tokens", type=_positive_int, default=1,
                    help="rows of the probe parrot trained after each round (see 'probe')")
     p.add_argument("--round-lr-decay", type=float, default=0.5)
+    p.add_argument("--round-retain-factor", type=float, default=3.0,
+                   help="rounds after the first multiply --retain-weight by this")
     p.add_argument("--clean-weight", type=float, default=3.0,
                    help="weight of the clean-retention term in stage 2")
     p.add_argument("--retain-weight", type=float, default=30.0,
@@ -184,6 +186,7 @@ _CONFIG_KEYS = ("seed", "device", "batch_size", "simulate_steps", "simulate_lr",
                 "overwrite_steps", "overwrite_lr", "parrot_tokens", "parrot_max_norm", "parrot",
                 "max_new_tokens",
                 "rounds", "max_rounds", "probe_threshold", "probe_tokens", "round_lr_decay",
+                "round_retain_factor",
                 "max_clean_drop",
                 "clean_weight", "retain_weight",
                 "simulate_window", "overwrite_window", "trigger_position", "splice",

@@ -60,6 +60,7 @@ class SanitizeConfig:
     probe_threshold: float = 0.05
     probe_tokens: int = 1
     round_lr_decay: float = 0.5
+    round_retain_factor: float = 3.0
     max_clean_drop: float | None = None
     clean_weight: float = 3.0
     retain_weight: float = 30.0
@@ -98,6 +99,8 @@ class SanitizeConfig:
             raise BadInputError("--probe-threshold must lie in [0, 1]")
         if self.max_clean_drop is not None and not (0 <= self.max_clean_drop <= 1):
             raise BadInputError("--max-clean-drop must lie in [0, 1]")
+        if not (math.isfinite(self.round_retain_factor) and self.round_retain_factor >= 1):
+            raise BadInputError("--round-retain-factor must be a number of at least 1")
         if not (0 < self.round_lr_decay <= 1):
             raise BadInputError("--round-lr-decay must lie in (0, 1]")
         if not (math.isfinite(self.parrot_max_norm) and self.parrot_max_norm >= 0):
@@ -394,6 +397,10 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
             if on_parrot is not None:
                 on_parrot(p.cpu(), r + 1)
             round_lr = lr * (cfg.round_lr_decay ** r)
+            # A later round faces a backdoor already suppressed and needs a smaller change, while
+            # the clean accuracy it may still cost is what the first round left: hold the clean
+            # states harder.
+            round_retain = cfg.retain_weight * (cfg.round_retain_factor if r else 1.0)
             # Rounds after the first are optional: keep the weights to undo one that costs more
             # clean accuracy than allowed (one process only; a sharded model just stops).
             guard = (r > 0 and auto and not fsdp and before.get("clean_accuracy") is not None)
@@ -404,11 +411,12 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
                 engine, train_rows, steps=cfg.overwrite_steps, lr=round_lr,
                 batch_size=cfg.batch_size, seed=seed + 1, window=cfg.overwrite_window,
                 clean_weight=cfg.clean_weight, parrot=p, splice=cfg.splice, progress=show,
-                desc=f"eliminate r{r + 1}", retain_weight=cfg.retain_weight, anchors=anchors)
+                desc=f"eliminate r{r + 1}", retain_weight=round_retain, anchors=anchors)
             timing["eliminate_s"] += time.perf_counter() - t
             m = measure()
             rounds.append({"round": r + 1, "probe_asr_before": probe_before, **m,
                            "parrot_asr": parrot_asr_r, "lr": round_lr,
+                           "retain_weight": round_retain,
                            "simulate_final_loss": curve[-1] if curve else None,
                            "eliminate_final_loss": curves[f"eliminate_r{r + 1}"][-1]})
             drop = before["clean_accuracy"] - (m["clean_accuracy"] or 0.0) if guard else 0.0
