@@ -175,6 +175,7 @@ OPTION_CASES: dict[str, tuple[Callable[[list[str]], list[str]], str]] = {
     "zero probe tokens": (lambda a: a + ["--probe-tokens", "0"], "--probe-tokens"),
     "decay": (lambda a: a + ["--round-lr-decay", "0"], "--round-lr-decay"),
     "negative retain": (lambda a: a + ["--retain-weight", "-1"], "--retain-weight"),
+    "retain factor": (lambda a: a + ["--round-retain-factor", "0.5"], "--round-retain-factor"),
     "retain without clean": (lambda a: a + ["--clean-weight", "0"], "--retain-weight needs"),
     "missing --out": (lambda a: a[:a.index("--out")] + a[a.index("--out") + 2:],
                       "required: --out"),

@@ -139,6 +139,8 @@ def test_round_that_costs_clean_accuracy_is_undone(toy, monkeypatch) -> None:
     assert r["after"]["clean_accuracy"] == r["rounds"][0]["clean_accuracy"]
     assert r["after"]["resimulated_asr"] == r["rounds"][0]["probe_asr_after"]
     assert r["config"]["max_clean_drop"] == 0.02
+    # later rounds hold the clean states harder
+    assert [x["retain_weight"] for x in r["rounds"]] == [30.0, 90.0]
 
 
 def test_cli_sanitize_writes_reloadable_model_and_reports(toy, tmp_path) -> None:
