@@ -126,6 +126,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         results = {arch: _one_round(arch, shard=True) for arch in ARCHS}
         if rank == 0:
             torch.save(results, out)
+        # Both ranks reach the teardown together: a rank that tears gloo down while its peer is
+        # still busy can abort the peer at exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
