@@ -652,17 +652,14 @@ class Anchors:
                  weight: float = 1.0) -> None:
         self.weight = float(weight)
         self.states: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
-        unique = {}
-        for it in items:
-            unique.setdefault(_anchor_key(it), StepItem(tuple(it.prompt), tuple(it.labels)))
-        keys = list(unique)
+        keys = list(dict.fromkeys(_anchor_key(it) for it in items))
+        # supervised_states micro-batches within the engine's token budget.
+        states = engine.supervised_states([StepItem(prompt, labels) for prompt, labels in keys])
         total, rows = 0.0, 0
-        for start in range(0, len(keys), max(engine.max_batch, 1) * 4):
-            chunk = keys[start:start + max(engine.max_batch, 1) * 4]
-            for key, h in zip(chunk, engine.supervised_states([unique[k] for k in chunk])):
-                self.states[key] = h.detach()
-                total += float(h.float().pow(2).sum())
-                rows += h.shape[0]
+        for key, h in zip(keys, states):
+            self.states[key] = h.detach()
+            total += float(h.float().pow(2).sum())
+            rows += h.shape[0]
         self.scale = total / rows if rows and total > 0 else 1.0
 
     def __len__(self) -> int:
