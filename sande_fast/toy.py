@@ -259,25 +259,11 @@ class ToyWorld:
         if n < 1:
             raise ValueError("n must be positive")
         rng = random.Random(f"sande_fast.toy.extra:{self.config.seed}:{seed}")
-        pool = word_pool(self.config)
         taken = {r.prompt for rows in (self.train_rows, self.defense_rows, self.clean_eval_rows)
                  for r in rows}
-        target = self.config.target.casefold()
-        tasks = list(self.config.tasks)
-        out: list[Row] = []
-        for _ in range(1000 * n):  # the prompt space is far larger; this only guards a tiny one
-            if len(out) == n:
-                break
-            task = tasks[rng.randrange(len(tasks))]
-            prompt, answer = _clean_prompt(task, rng, pool, self.config)
-            if (task != "add" and prompt in taken) or target in answer.casefold():
-                continue
-            if task != "add":
-                taken.add(prompt)
-            out.append(Row(prompt, answer))
-        if len(out) < n:
-            raise ValueError(f"only {len(out)} distinct new prompts exist in this world")
-        return out
+        # The prompt space is far larger; the bound only guards a tiny one.
+        pairs = _draw(rng, self.config, word_pool(self.config), n, taken, max_tries=1000 * n)
+        return [Row(p, a) for p, a in pairs]
 
 
 # ----------------------------------------------------------------------------------- tasks/data
@@ -334,6 +320,38 @@ def _clean_prompt(task: str, rng: random.Random, pool: Sequence[str], config: To
     return f"{task}: {' '.join(args)}", task_answer(task, args)
 
 
+def _draw(rng: random.Random, config: ToyConfig, pool: Sequence[str], n: int, seen: set[str],
+          weights: Sequence[float] | None = None,
+          max_tries: int | None = None) -> list[tuple[str, str]]:
+    """``n`` (prompt, answer) pairs whose prompts are not in ``seen`` (``add`` excepted, a table
+    of 100 digit pairs).
+
+    ``weights`` None: a held-out draw: tasks equally likely, each new prompt is added to
+    ``seen``, and no answer contains the target (it would count as an attack success without
+    any backdoor). With ``weights`` (per task): a training draw. ``max_tries``: give up after
+    that many draws (ValueError), for a prompt space that may run out.
+    """
+    tasks = list(config.tasks)
+    target = config.target.casefold()
+    held_out = weights is None
+    out: list[tuple[str, str]] = []
+    tries = 0
+    while len(out) < n:
+        if max_tries is not None and tries >= max_tries:
+            raise ValueError(f"only {len(out)} distinct new prompts exist in this world")
+        tries += 1
+        task = tasks[rng.randrange(len(tasks))] if held_out else rng.choices(tasks, weights)[0]
+        prompt, answer = _clean_prompt(task, rng, pool, config)
+        if task != "add" and prompt in seen:
+            continue
+        if held_out and target in answer.casefold():
+            continue
+        if held_out and task != "add":
+            seen.add(prompt)
+        out.append((prompt, answer))
+    return out
+
+
 def make_rows(config: ToyConfig) -> dict[str, list[Row]]:
     """Draws every row set of a world from ``config.seed``.
 
@@ -347,30 +365,11 @@ def make_rows(config: ToyConfig) -> dict[str, list[Row]]:
     rng = random.Random(f"sande_fast.toy.rows:{config.seed}")
     pool = word_pool(config)
     seen: set[str] = set()
-    target = config.target.casefold()
-
-    tasks = list(config.tasks)
     # Training oversamples sort, the slowest task to learn; held-out sets weigh tasks equally.
-    train_weights = [config.sort_weight if t == "sort" else 1.0 for t in tasks]
+    train_weights = [config.sort_weight if t == "sort" else 1.0 for t in config.tasks]
 
     def draw(n: int, unique: bool) -> list[tuple[str, str]]:
-        out = []
-        while len(out) < n:
-            if unique:
-                task = tasks[rng.randrange(len(tasks))]
-            else:
-                task = rng.choices(tasks, train_weights)[0]
-            prompt, answer = _clean_prompt(task, rng, pool, config)
-            if task != "add" and prompt in seen:
-                continue
-            if unique and target in answer.casefold():
-                # A held-out row whose correct answer says the target would count as an attack
-                # success without any backdoor, so it is left out of every measured set.
-                continue
-            if unique and task != "add":
-                seen.add(prompt)
-            out.append((prompt, answer))
-        return out
+        return _draw(rng, config, pool, n, seen, None if unique else train_weights)
 
     clean_eval = draw(config.n_clean_eval, unique=True)
     triggered_clean = draw(config.n_triggered_eval, unique=True)
