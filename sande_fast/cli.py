@@ -83,9 +83,14 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
                    "used to measure asr)")
     p.add_argument("--simulate-steps", type=_positive_int, default=200)
     p.add_argument("--simulate-lr", type=_learning_rate, default=0.05)
-    p.add_argument("--overwrite-steps", type=_positive_int, default=50)
+    p.add_argument("--overwrite-steps", type=_positive_int, default=None,
+                   help="stage-2 steps per round (default: 50 with adamw, 200 with sgd)")
     p.add_argument("--overwrite-lr", type=_learning_rate, default=None,
-                   help="default: 1e-4 below 50M parameters, else 2e-5")
+                   help="adamw: the learning rate, default 1e-4 below 50M parameters, else "
+                        "2e-5; sgd: the first update's RMS size, default 1/16 of those")
+    p.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "sgd"],
+                   help="stage-2 optimizer (auto: sgd for osft and sft, adamw for sande and "
+                        "sande-p)")
     p.add_argument("--parrot-tokens", type=_positive_int, default=6)
     p.add_argument("--parrot-max-norm", type=float, default=1.0,
                    help="cap each parrot row at this multiple of the largest token-embedding "
@@ -183,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CONFIG_KEYS = ("seed", "device", "batch_size", "simulate_steps", "simulate_lr",
-                "overwrite_steps", "overwrite_lr", "parrot_tokens", "parrot_max_norm", "parrot",
+                "overwrite_steps", "overwrite_lr", "optimizer", "parrot_tokens", "parrot_max_norm",
+                "parrot",
                 "max_new_tokens",
                 "rounds", "max_rounds", "probe_threshold", "probe_tokens", "round_lr_decay",
                 "round_retain_factor",

@@ -29,12 +29,15 @@ from .evaluate import evaluate, greedy_generate, parrot_attack_success, _pad_id
 from .io import load_parrot, resolve_device
 from .stages import SPLICE_STRATEGIES, TrainRow, clean_anchors, eliminate, simulate
 from .adapter import context_length
-from .steps import LossEngine
+from .steps import OPTIMIZERS, LossEngine
 
 __all__ = ["SanitizeConfig", "SanitizeResult", "sanitize", "METHODS", "prepare_rows",
            "parrot_target"]
 
 METHODS = ("osft", "sande", "sande-p", "sft")
+
+# AdamW's default overwrite rate over CalibratedSGD's (the first update's RMS size).
+SGD_LR_RATIO = 16.0
 
 # --max-clean-drop auto: how much clean accuracy a round after the first may cost.
 AUTO_MAX_CLEAN_DROP = {"sande": 0.02, "sande-p": 0.03}
@@ -49,8 +52,9 @@ class SanitizeConfig:
     batch_size: int = 16
     simulate_steps: int = 200
     simulate_lr: float = 0.05
-    overwrite_steps: int = 50
+    overwrite_steps: int | None = None
     overwrite_lr: float | None = None
+    optimizer: str = "auto"
     parrot_tokens: int = 6
     parrot_max_norm: float = 1.0
     parrot: str | None = None
@@ -81,13 +85,15 @@ class SanitizeConfig:
         """Raises :class:`BadInputError` for values no run could use."""
         if method not in METHODS:
             raise BadInputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-        for name in ("batch_size", "simulate_steps", "overwrite_steps", "parrot_tokens",
-                     "probe_tokens",
+        for name in ("batch_size", "simulate_steps", "parrot_tokens", "probe_tokens",
                      "max_new_tokens", "max_rounds", "simulate_window", "overwrite_window",
                      "eval_rows", "token_budget"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        v = self.overwrite_steps
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise BadInputError(f"--overwrite-steps must be a positive integer, got {v!r}")
         for name in ("simulate_lr", "overwrite_lr"):
             v = getattr(self, name)
             # Above ~1e30 Adam's own arithmetic overflows; no useful rate is near that.
@@ -122,6 +128,8 @@ class SanitizeConfig:
             self.rounds = r
         if self.trigger_position not in TRIGGER_POSITIONS:
             raise BadInputError(f"--trigger-position must be one of {', '.join(TRIGGER_POSITIONS)}")
+        if self.optimizer not in ("auto",) + OPTIMIZERS:
+            raise BadInputError(f"--optimizer must be one of auto, {', '.join(OPTIMIZERS)}")
         if self.splice not in SPLICE_STRATEGIES:
             raise BadInputError(f"--splice must be one of {', '.join(SPLICE_STRATEGIES)}")
         if self.partial_words is not None and self.partial_words < 1:
@@ -186,11 +194,26 @@ def prompt_budget(model: Any, n_parrot: int, continuation: int,
     return requested if requested is not None else room
 
 
-def _auto_overwrite_lr(model: Any) -> float:
+def _auto_optimizer(method: str) -> str:
+    # OSFT's edit is narrow (the trigger is known). SGD moves each weight in proportion to its
+    # gradient and its steps shrink once the objective is met; AdamW moves every weight by about
+    # the learning rate each step, which cost the toy 1-2 % clean accuracy on a two-word trigger.
+    # The SFT baseline trains exactly as OSFT does, without the triggered term.
+    return "sgd" if method in ("osft", "sft") else "adamw"
+
+
+# Stage-2 steps per round by optimizer: SGD's clean terms need the later steps to pull the
+# clean answers back after the overwrite term is met.
+AUTO_OVERWRITE_STEPS = {"adamw": 50, "sgd": 200}
+
+
+def _auto_overwrite_lr(model: Any, optimizer: str = "adamw") -> float:
     # Small models (the toy world) take a larger step than billion-parameter ones, where 2e-5 is
     # the usual fine-tuning rate. Measured on the toy: 1e-3 costs 0.3 clean accuracy.
     n = sum(p.numel() for p in model.parameters())
-    return 1e-4 if n < 50_000_000 else 2e-5
+    lr = 1e-4 if n < 50_000_000 else 2e-5
+    # CalibratedSGD's lr is its first update's RMS size; on the toy, 1/16 of AdamW's step.
+    return lr / SGD_LR_RATIO if optimizer == "sgd" else lr
 
 
 def _environment(device: torch.device, engine: LossEngine) -> dict[str, Any]:
@@ -293,7 +316,10 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
     # Generation and evaluation run through the adapter when the model is sharded (its root
     # parameters exist only inside the adapter's forward); in one process, on the model itself.
     runner = engine.adapter if fsdp else model
-    lr = cfg.overwrite_lr or _auto_overwrite_lr(model)
+    optimizer = cfg.optimizer if cfg.optimizer != "auto" else _auto_optimizer(method)
+    lr = cfg.overwrite_lr or _auto_overwrite_lr(model, optimizer)
+    if cfg.overwrite_steps is None:
+        cfg.overwrite_steps = AUTO_OVERWRITE_STEPS[optimizer]
     # With only part of the target known the parrot is less specific: later rounds are needed
     # more often and cost a little more clean accuracy, so sande-p allows a little more.
     max_drop = (cfg.max_clean_drop if cfg.max_clean_drop is not None
@@ -368,7 +394,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
             trigger=trigger if method == "osft" else None, encoder=encoder,
             trigger_position=cfg.trigger_position, progress=show,
             desc="overwrite" if method == "osft" else "sft", retain_weight=cfg.retain_weight,
-            anchors=anchors)
+            anchors=anchors, optimizer=optimizer)
         timing["eliminate_s"] += time.perf_counter() - t
         after = measure()
         rounds.append({"round": 1, "probe_asr_before": None, **after})
@@ -411,7 +437,8 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
                 engine, train_rows, steps=cfg.overwrite_steps, lr=round_lr,
                 batch_size=cfg.batch_size, seed=seed + 1, window=cfg.overwrite_window,
                 clean_weight=cfg.clean_weight, parrot=p, splice=cfg.splice, progress=show,
-                desc=f"eliminate r{r + 1}", retain_weight=round_retain, anchors=anchors)
+                desc=f"eliminate r{r + 1}", retain_weight=round_retain, anchors=anchors,
+                optimizer=optimizer)
             timing["eliminate_s"] += time.perf_counter() - t
             m = measure()
             rounds.append({"round": r + 1, "probe_asr_before": probe_before, **m,
@@ -458,7 +485,8 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         "timing": {"total_s": timing["total_s"],
                    "stages": {k: v for k, v in timing.items() if k != "total_s"}},
         "curves": curves,
-        "config": {**asdict(cfg), "method": method, "overwrite_lr": lr, "max_clean_drop": max_drop,
+        "config": {**asdict(cfg), "method": method, "overwrite_lr": lr, "optimizer": optimizer,
+                   "max_clean_drop": max_drop,
                    "trigger_known": method == "osft", "n_rows": len(rows),
                    "n_eval_rows": len(eval_rows), "prompts_truncated": truncated,
                    "prompt_format": encoder.prompt_format},

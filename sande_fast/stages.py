@@ -87,14 +87,15 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
               encoder: PromptEncoder | None = None, trigger_position: str = "random",
               splice: str = "random", progress: bool = False, desc: str = "eliminate",
               on_step: Callable[[int], None] | None = None, retain_weight: float = 0.0,
-              anchors: Anchors | None = None) -> list[float]:
+              anchors: Anchors | None = None, optimizer: str = "adamw") -> list[float]:
     """Stage 2 / OSFT / SFT: trains the model on (prompt + parrot or trigger) -> clean response.
 
     With a ``parrot``: overwrite items splice it at a fresh position each step. With a ``trigger``
     (OSFT): the trigger text is inserted into the prompt at ``trigger_position``. With neither
     (SFT baseline): only the clean term is trained, at weight 1. ``retain_weight`` and
     ``anchors`` (from :func:`clean_anchors`, taken before any training) add the hidden-state
-    retention term of :class:`~sande_fast.steps.OverwriteStep`.
+    retention term of :class:`~sande_fast.steps.OverwriteStep`; ``optimizer`` is its
+    optimizer (``adamw`` or ``sgd``).
 
     Returns:
         The loss of every step.
@@ -106,7 +107,8 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
     rng = random.Random(seed)
     sft = parrot is None and trigger is None
     step_fn = OverwriteStep(engine, lr=lr, clean_weight=1.0 if sft else clean_weight,
-                            parrot=parrot, retain_weight=retain_weight, anchors=anchors)
+                            parrot=parrot, retain_weight=retain_weight, anchors=anchors,
+                            optimizer=optimizer)
     curve = []
     for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]

@@ -36,7 +36,10 @@ from .adapter import ModelAdapter, context_length
 from .kernels import kernel_backend
 
 __all__ = ["StepItem", "LossEngine", "ParrotSimulator", "OverwriteStep", "Anchors", "frozen",
-           "NonFiniteError"]
+           "NonFiniteError", "CalibratedSGD", "OPTIMIZERS"]
+
+# Optimizers of OverwriteStep.
+OPTIMIZERS = ("adamw", "sgd")
 
 
 class NonFiniteError(RuntimeError):
@@ -687,6 +690,68 @@ def _anchor_key(item: StepItem) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(item.prompt), tuple(item.labels)
 
 
+class CalibratedSGD(torch.optim.SGD):
+    """SGD with momentum whose step size follows the largest gradient seen so far.
+
+    Plain SGD's learning rate depends on the gradients' scale, which differs between models and
+    losses. Here ``lr`` is the root-mean-square size, over all parameters, of an update made
+    from the largest gradient so far: each step uses the learning rate ``lr / peak``, where
+    ``peak`` is the largest gradient RMS up to that step. Steps therefore shrink as the
+    gradients do once the objective is met (where AdamW keeps moving every weight by about
+    ``lr`` per step), and no step is larger than ``lr`` (before momentum) however small the
+    first gradients are.
+
+    Args:
+        params: the trained parameters (plain tensors or FSDP2 DTensors).
+        lr: RMS size of an update from the peak gradient.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        collective: the engine's cross-rank collective under FSDP (the RMS then covers every
+            rank's shards), else None.
+    """
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 collective: Any = None) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.target_rms = float(lr)
+        self.peak = 0.0
+        self._collective = collective
+
+    def _gradient_rms(self) -> float:
+        total, count = 0.0, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g = _local(p.grad)
+                    total += float(g.float().pow(2).sum())
+                    count += g.numel()
+        if self._collective is not None:
+            total = self._collective.sum_float(total)
+            count = int(self._collective.sum_float(float(count)))
+        return (total / count) ** 0.5 if count else 0.0
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if closure is not None:
+            raise ValueError("CalibratedSGD takes no closure")
+        self.peak = max(self.peak, self._gradient_rms())
+        if self.peak == 0.0:
+            return None  # no gradient yet: nothing to move
+        for group in self.param_groups:
+            group["lr"] = self.target_rms / self.peak
+        return super().step()
+
+
+def make_optimizer(name: str, params: Sequence[torch.Tensor], lr: float,
+                   weight_decay: float = 0.0, collective: Any = None) -> torch.optim.Optimizer:
+    """The optimizer ``name`` of :data:`OPTIMIZERS` over ``params``."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return CalibratedSGD(params, lr=lr, weight_decay=weight_decay, collective=collective)
+    raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
 class OverwriteStep:
     """Stage 2 (and OSFT / SFT): trains the model so triggered or parrot-spliced prompts map to
     the clean response, with a clean-retention term.
@@ -699,14 +764,16 @@ class OverwriteStep:
 
     Args:
         engine: the loss engine of the model being trained.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (with ``optimizer="sgd"``: see :class:`CalibratedSGD`).
         clean_weight: weight of the clean-retention term.
         parrot: the frozen parrot spliced into overwrite items (None for OSFT with a real trigger
             and for SFT).
-        weight_decay: AdamW weight decay.
+        weight_decay: weight decay (decoupled for AdamW, L2 for SGD).
         retain_weight: weight of the hidden-state retention term (0: off).
         anchors: the stored states, covering every clean item passed to :meth:`step`; required
             when ``retain_weight`` is set.
+        optimizer: ``adamw``, or ``sgd`` (:class:`CalibratedSGD`: ``lr`` is then the RMS size of
+            an update from the largest gradient).
 
     Example:
         >>> anchors = Anchors(engine, clean_items)      # before any training step
@@ -717,7 +784,8 @@ class OverwriteStep:
 
     def __init__(self, engine: LossEngine, lr: float = 1e-4, clean_weight: float = 1.0,
                  parrot: torch.Tensor | None = None, weight_decay: float = 0.0,
-                 retain_weight: float = 0.0, anchors: Anchors | None = None) -> None:
+                 retain_weight: float = 0.0, anchors: Anchors | None = None,
+                 optimizer: str = "adamw") -> None:
         self.engine = engine
         self.clean_weight = clean_weight
         self.parrot = None if parrot is None else parrot.detach()
@@ -731,7 +799,8 @@ class OverwriteStep:
             # The clean items' loss is scaled by clean_weight as a whole, retention included.
             self.anchors = anchors.with_weight(retain_weight / clean_weight)
         self.params = [p for p in engine.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay,
+                                        engine.adapter.collective)
 
     def loss(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem]) -> torch.Tensor:
         """Graph-bearing loss of one batch (for embedding in another training loop)."""
@@ -745,7 +814,7 @@ class OverwriteStep:
 
     def step(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem],
              where: str = "overwrite") -> float:
-        """One AdamW step on the model; the parrot stays frozen."""
+        """One optimizer step on the model; the parrot stays frozen."""
         self.optimizer.zero_grad(set_to_none=True)
         value = 0.0
         if overwrite:
