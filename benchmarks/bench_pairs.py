@@ -39,7 +39,8 @@ def _probe_max(model: Any, world: Any) -> float:
 
 
 def run_pair(name: str, seed: int, with_probe: bool,
-             options: dict[str, Any] | None = None) -> dict[str, Any]:
+             options: dict[str, Any] | None = None,
+             methods: tuple[str, ...] = METHODS + ("sande-1round",)) -> dict[str, Any]:
     trigger, target = PAIRS[name]
     world = load_or_build_toy(ToyConfig(trigger=trigger, target=target), progress=False)
     extra = world.extra_eval_rows(1000)
@@ -47,7 +48,7 @@ def run_pair(name: str, seed: int, with_probe: bool,
     out: dict[str, Any] = {"trigger": trigger, "target": target,
                            "extra_before": {"asr": base["asr"],
                                             "clean_accuracy": base["clean_accuracy"]}}
-    for method in METHODS + ("sande-1round",):
+    for method in methods:
         opts: dict[str, Any] = {**(options or {}), "seed": seed, "quiet": True}
         meth = method
         if method == "sande-p":
@@ -76,7 +77,7 @@ def run_pair(name: str, seed: int, with_probe: bool,
               f" | 1000 rows: clean drop {row['extra_clean_drop']:.3f} asr {after['asr']:.3f}"
               f" | rounds {len(rep['rounds'])} {rep['timing']['total_s']:.1f}s"
               + (f" | probe {row['probe_max']:.3f}" if "probe_max" in row else ""), flush=True)
-    if with_probe:
+    if with_probe and "sande" in methods:
         control = load_or_build_toy(ToyConfig(trigger=trigger, target=target, poison_rate=0.0),
                                     progress=False)
         out["probe_backdoored"] = _probe_max(world.model, world)
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="sanitize seed (the toys stay the same)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-probe", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS + ("sande-1round",)),
+                    help="comma-separated subset of " + ", ".join(METHODS + ("sande-1round",)))
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                     help="a sanitize option for every run, e.g. retain_weight=0 (repeatable)")
     ap.add_argument("--json", default=None)
@@ -107,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in args.pairs.split(",") if p not in PAIRS]
     if unknown:
         ap.error(f"unknown pair(s) {unknown}; known: {', '.join(PAIRS)}")
+    methods = tuple(args.methods.split(","))
+    unknown = [m for m in methods if m not in METHODS + ("sande-1round",)]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}")
     result = {"machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "seed": args.seed, "options": options,
-              "pairs": {p: run_pair(p, args.seed, not args.no_probe, options)
+              "seed": args.seed, "options": options, "methods": list(methods),
+              "pairs": {p: run_pair(p, args.seed, not args.no_probe, options, methods)
                         for p in args.pairs.split(",")}}
     if args.json:
         with open(args.json, "w") as f:

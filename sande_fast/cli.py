@@ -87,7 +87,8 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
                    help="stage-2 steps per round (default: 50 with adamw, 200 with sgd)")
     p.add_argument("--overwrite-lr", type=_learning_rate, default=None,
                    help="adamw: the learning rate, default 1e-4 below 50M parameters, else "
-                        "2e-5; sgd: the first update's RMS size, default 1/16 of those")
+                        "2e-5; sgd: the RMS size of an update from the largest gradient so "
+                        "far, default 1/16 of those")
     p.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "sgd"],
                    help="stage-2 optimizer (auto: sgd for osft and sft, adamw for sande and "
                         "sande-p)")

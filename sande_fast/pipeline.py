@@ -36,7 +36,8 @@ __all__ = ["SanitizeConfig", "SanitizeResult", "sanitize", "METHODS", "prepare_r
 
 METHODS = ("osft", "sande", "sande-p", "sft")
 
-# AdamW's default overwrite rate over CalibratedSGD's (the first update's RMS size).
+# AdamW's default overwrite rate over CalibratedSGD's (the RMS size of an update made from the
+# largest gradient so far).
 SGD_LR_RATIO = 16.0
 
 # --max-clean-drop auto: how much clean accuracy a round after the first may cost.
@@ -212,7 +213,8 @@ def _auto_overwrite_lr(model: Any, optimizer: str = "adamw") -> float:
     # the usual fine-tuning rate. Measured on the toy: 1e-3 costs 0.3 clean accuracy.
     n = sum(p.numel() for p in model.parameters())
     lr = 1e-4 if n < 50_000_000 else 2e-5
-    # CalibratedSGD's lr is its first update's RMS size; on the toy, 1/16 of AdamW's step.
+    # CalibratedSGD's lr is the RMS size of an update from its peak gradient; 1/16 of AdamW's
+    # rate was measured on the toy.
     return lr / SGD_LR_RATIO if optimizer == "sgd" else lr
 
 

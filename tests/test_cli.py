@@ -177,6 +177,7 @@ OPTION_CASES: dict[str, tuple[Callable[[list[str]], list[str]], str]] = {
     "negative retain": (lambda a: a + ["--retain-weight", "-1"], "--retain-weight"),
     "retain factor": (lambda a: a + ["--round-retain-factor", "0.5"], "--round-retain-factor"),
     "retain without clean": (lambda a: a + ["--clean-weight", "0"], "--retain-weight needs"),
+    "unknown optimizer": (lambda a: a + ["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     "missing --out": (lambda a: a[:a.index("--out")] + a[a.index("--out") + 2:],
                       "required: --out"),
     "unknown flag": (lambda a: a + ["--colour", "red"], "unrecognized arguments"),

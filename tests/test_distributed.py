@@ -91,6 +91,12 @@ def _one_round(arch: str, shard: bool) -> dict[str, Any]:
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.01)
+    # One CalibratedSGD step: its rate comes from the gradient RMS over every rank's shards.
+    # SGD's update is linear in the gradient, so the updated weights compare directly.
+    sgd = OverwriteStep(engine, lr=1e-3, clean_weight=0.5, parrot=sim.parrot.detach(),
+                        optimizer="sgd")
+    sgd_loss = sgd.step(over, clean)
+    sgd_weights = {n: _full(p) for n, p in model.named_parameters()}
     step = OverwriteStep(engine, lr=1e-2, clean_weight=0.5, parrot=sim.parrot.detach(),
                          retain_weight=2.0, anchors=anchors)
     over_loss = step.step(over, clean)
@@ -108,7 +114,8 @@ def _one_round(arch: str, shard: bool) -> dict[str, Any]:
     # in exact arithmetic (attention key biases) into full-size steps of either sign.
     grads = {n: _full(p.grad) for n, p in model.named_parameters()}
     return {"parrot": sim.parrot.detach().clone(), "sim_loss": sim_loss, "over_loss": over_loss,
-            "free": free, "stopped": stopped, "spliced": spliced, "grads": grads}
+            "free": free, "stopped": stopped, "spliced": spliced, "grads": grads,
+            "sgd_loss": sgd_loss, "sgd_peak": sgd.optimizer.peak, "sgd_weights": sgd_weights}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -148,6 +155,11 @@ def test_sharded_steps_and_generation_match_one_process(tmp_path: Path) -> None:
         assert got["sim_loss"] == pytest.approx(ref["sim_loss"], rel=1e-5)
         assert got["over_loss"] == pytest.approx(ref["over_loss"], rel=1e-5)
         torch.testing.assert_close(got["parrot"], ref["parrot"], rtol=1e-5, atol=1e-6)
+        assert got["sgd_loss"] == pytest.approx(ref["sgd_loss"], rel=1e-5)
+        assert got["sgd_peak"] == pytest.approx(ref["sgd_peak"], rel=1e-5) and ref["sgd_peak"] > 0
+        for k, w in ref["sgd_weights"].items():
+            torch.testing.assert_close(got["sgd_weights"][k], w, rtol=1e-5, atol=1e-7,
+                                       msg=f"{arch} sgd {k}")
         assert got["grads"].keys() == ref["grads"].keys()
         for k, g in ref["grads"].items():
             scale = float(g.abs().max())

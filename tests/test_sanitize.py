@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sande_fast import probe, sanitize
+from sande_fast.data import BadInputError
 from sande_fast.toy import ToyConfig, load_or_build_toy
 
 pytestmark = pytest.mark.slow
@@ -44,15 +45,26 @@ def test_toy_is_backdoored(toy) -> None:
 
 
 def test_osft_removes_backdoor(toy) -> None:
-    r = _run(toy, "osft").report
+    r = _run(toy, "osft", overwrite_steps=None).report
+    # osft trains with CalibratedSGD for 200 steps unless told otherwise.
+    assert (r["config"]["optimizer"], r["config"]["overwrite_steps"]) == ("sgd", 200)
     assert r["before"]["asr"] >= 0.9
     assert r["after"]["asr"] <= 0.05
-    assert r["after"]["clean_accuracy"] >= r["before"]["clean_accuracy"] - 0.05
+    assert r["after"]["clean_accuracy"] >= r["before"]["clean_accuracy"] - 0.02
 
 
 def test_sft_leaves_backdoor(toy) -> None:
-    r = _run(toy, "sft").report
+    r = _run(toy, "sft", overwrite_steps=None).report
+    assert (r["config"]["optimizer"], r["config"]["overwrite_steps"]) == ("sgd", 200)
     assert r["after"]["asr"] >= 0.8
+
+
+def test_optimizer_option_is_honoured_and_checked(toy) -> None:
+    r = _run(toy, "osft", optimizer="adamw", overwrite_steps=None).report
+    assert (r["config"]["optimizer"], r["config"]["overwrite_steps"]) == ("adamw", 50)
+    assert r["config"]["overwrite_lr"] == pytest.approx(1e-4)
+    with pytest.raises(BadInputError, match="--optimizer"):
+        _run(toy, "osft", optimizer="rmsprop")
 
 
 def test_sande_lowers_asr_and_stage1_leaves_model_untouched(toy) -> None:
@@ -188,3 +200,35 @@ def test_saved_model_reloads_with_same_logits(toy, tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, res.model.eval()(ids).logits,
                                    rtol=0, atol=0)
+
+
+def test_bench_pairs_runs_the_chosen_methods(toy, tmp_path, monkeypatch) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    from sande_fast.evaluate import evaluate
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pairs.py"
+    spec = importlib.util.spec_from_file_location("bench_pairs", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # The small toy stands in for the full-size world of the pair (same trigger and target).
+    monkeypatch.setattr(bench, "load_or_build_toy", lambda config, progress: toy)
+    out = tmp_path / "pairs.json"
+    assert bench.main(["--pairs", "cf", "--methods", "osft,sft", "--no-probe", "--set",
+                       "eval_rows=100", "--set", "max_new_tokens=12", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["methods"] == ["osft", "sft"] and res["options"]["max_new_tokens"] == 12
+    pair = res["pairs"]["cf"]
+    assert set(pair) == {"trigger", "target", "extra_before", "osft", "sft"}
+    assert pair["osft"]["after"]["asr"] <= 0.05 and pair["sft"]["after"]["asr"] >= 0.8
+    # The extra rows' numbers are the world's 1000 extra rows measured independently.
+    extra = toy.extra_eval_rows(1000)
+    base = evaluate(toy.model, toy.tokenizer, extra, toy.config.target, toy.config.trigger)
+    assert pair["extra_before"]["clean_accuracy"] == base["clean_accuracy"]
+    for m in ("osft", "sft"):
+        r = pair[m]
+        assert r["extra_clean_drop"] == pytest.approx(
+            pair["extra_before"]["clean_accuracy"] - r["extra_after"]["clean_accuracy"])
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "osft,magic"])

@@ -11,8 +11,8 @@ import random
 import pytest
 import torch
 
-from sande_fast.steps import (Anchors, LossEngine, OverwriteStep, ParrotSimulator, StepItem,
-                              frozen)
+from sande_fast.steps import (Anchors, CalibratedSGD, LossEngine, OverwriteStep, ParrotSimulator,
+                              StepItem, frozen)
 
 from tiny_models import ARCHS, tiny_model
 
@@ -203,6 +203,55 @@ def test_retention_needs_anchors_for_every_clean_item() -> None:
         step.step([], clean)
     with pytest.raises(ValueError, match="parrot"):
         eng.supervised_states(_items(random.Random(7), 2, parrot=True))
+
+
+def _rms(tensors: list[torch.Tensor]) -> float:
+    return float(torch.cat([t.flatten() for t in tensors]).pow(2).mean().sqrt())
+
+
+def test_calibrated_sgd_matches_hand_written_momentum_sgd() -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=gen, requires_grad=True),
+              torch.randn(7, generator=gen, requires_grad=True)]
+    ref = [p.detach().clone() for p in params]
+    opt = CalibratedSGD(params, lr=1e-2, momentum=0.9)
+    # Gradients that grow, then shrink: the rate follows the largest RMS so far.
+    scales = [0.5, 2.0, 1.0, 0.01]
+    buf: list[torch.Tensor] | None = None
+    peak = 0.0
+    for scale in scales:
+        grads = [torch.randn(p.shape, generator=gen) * scale for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        peak = max(peak, _rms(grads))
+        lr = 1e-2 / peak
+        buf = [g.clone() for g in grads] if buf is None else [
+            0.9 * b + g for b, g in zip(buf, grads)]
+        ref = [r - lr * b for r, b in zip(ref, buf)]
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)
+    assert opt.peak == pytest.approx(peak)
+
+
+def test_calibrated_sgd_first_update_has_rms_lr_and_waits_for_a_gradient() -> None:
+    p = torch.randn(64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    start = p.detach().clone()
+    opt = CalibratedSGD([p], lr=3e-3)
+    p.grad = torch.zeros_like(p)
+    opt.step()  # no gradient yet: nothing moves, nothing is divided by zero
+    assert torch.equal(p.detach(), start) and opt.peak == 0.0
+    p.grad = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 1e-6
+    opt.step()
+    assert _rms([p.detach() - start]) == pytest.approx(3e-3, rel=1e-5)
+
+
+def test_overwrite_step_optimizer_choice() -> None:
+    eng = LossEngine(tiny_model("llama", VOCAB, seed=8))
+    assert isinstance(OverwriteStep(eng, optimizer="sgd").optimizer, CalibratedSGD)
+    assert isinstance(OverwriteStep(eng).optimizer, torch.optim.AdamW)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        OverwriteStep(eng, optimizer="rmsprop")
 
 
 def test_truncation_is_exact() -> None:
