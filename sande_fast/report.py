@@ -39,6 +39,14 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The settings report.md lists (all of them are in report.json's "config").
+_SETTINGS = ("optimizer", "overwrite_lr", "overwrite_steps", "clean_weight", "retain_weight",
+             "seed", "parrot_tokens", "simulate_steps", "rounds", "max_rounds", "probe_threshold",
+             "max_clean_drop")
+_SANDE_ONLY = {"parrot_tokens", "simulate_steps", "rounds", "max_rounds", "probe_threshold",
+               "max_clean_drop"}
+
+
 def _markdown(report: dict[str, Any]) -> str:
     b, a = report["before"], report["after"]
     out = [f"# sande_fast report: {report['method']}", "",
@@ -59,6 +67,13 @@ def _markdown(report: dict[str, Any]) -> str:
             out.append(f"| {r['round']} | {fmt(r.get('probe_asr_before'))} | {fmt(r.get('asr'))} "
                        f"| {fmt(r.get('clean_accuracy'))} | {fmt(r.get('probe_asr_after'))} "
                        f"| {kept} |")
+    cfg = report.get("config") or {}
+    if cfg:
+        out += ["", "## Settings", "", "| setting | value |", "| --- | --- |"]
+        for k in _SETTINGS:
+            if k in cfg and (k not in _SANDE_ONLY or report["method"] in ("sande", "sande-p")):
+                v = cfg[k]
+                out.append(f"| {k} | {format(v, 'g') if isinstance(v, float) else fmt(v)} |")
     out += ["", "## Time by stage (s)", "", "| stage | seconds |", "| --- | --- |"]
     for k, v in report["timing"]["stages"].items():
         out.append(f"| {k} | {v:.2f} |")

@@ -180,6 +180,10 @@ def test_cli_sanitize_writes_reloadable_model_and_reports(toy, tmp_path) -> None
     assert {"simulate_s", "eliminate_s"} <= set(report["timing"]["stages"])
     assert {"torch", "device", "kernels"} <= set(report["environment"])
     assert "probe_asr_before" in report["rounds"][0]
+    # report.md lists the settings the run used, as report.json's config has them.
+    md = (out / "report.md").read_text()
+    assert "| optimizer | adamw |" in md and "| overwrite_steps | 30 |" in md
+    assert f"| overwrite_lr | {report['config']['overwrite_lr']:g} |" in md
     src_model = AutoModelForCausalLM.from_pretrained(src).eval()
     new_model = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([[1, 5, 9, 14, 3]]) % new_model.config.vocab_size
