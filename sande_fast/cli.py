@@ -103,6 +103,10 @@ def _stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-threshold", type=float, default=0.05)
     p.add_argument("--probe-tokens", type=_positive_int, default=1,
                    help="rows of the probe parrot trained after each round (see 'probe')")
+    p.add_argument("--probe-steps", type=_positive_int, default=None,
+                   help="steps of each probe after a round (default: --simulate-steps)")
+    p.add_argument("--probe-tries", type=_positive_int, default=1,
+                   help="fresh probe parrots after each round; the strongest counts")
     p.add_argument("--round-lr-decay", type=float, default=0.5)
     p.add_argument("--round-retain-factor", type=float, default=3.0,
                    help="rounds after the first multiply --retain-weight by this")
@@ -189,16 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CONFIG_KEYS = ("seed", "device", "batch_size", "simulate_steps", "simulate_lr",
-                "overwrite_steps", "overwrite_lr", "optimizer", "parrot_tokens", "parrot_max_norm",
-                "parrot",
-                "max_new_tokens",
-                "rounds", "max_rounds", "probe_threshold", "probe_tokens", "round_lr_decay",
-                "round_retain_factor",
-                "max_clean_drop",
-                "clean_weight", "retain_weight",
-                "simulate_window", "overwrite_window", "trigger_position", "splice",
-                "partial_words", "prompt_format", "max_prompt_tokens", "eval_rows", "packed",
-                "token_budget", "quiet")
+                "overwrite_steps", "overwrite_lr", "optimizer", "parrot_tokens",
+                "parrot_max_norm", "parrot", "max_new_tokens", "rounds", "max_rounds",
+                "probe_threshold", "probe_tokens", "probe_steps", "probe_tries",
+                "round_lr_decay", "round_retain_factor", "max_clean_drop", "clean_weight",
+                "retain_weight", "simulate_window", "overwrite_window", "trigger_position",
+                "splice", "partial_words", "prompt_format", "max_prompt_tokens", "eval_rows",
+                "packed", "token_budget", "quiet")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

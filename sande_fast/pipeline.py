@@ -3,10 +3,11 @@
 Flow of a ``sande`` run: read and tokenise the defence rows (rows without a response get the
 model's own greedy answer to the clean prompt), measure, then repeat rounds of
 simulate (learn a parrot on the frozen model) -> eliminate (train the model so prompt + parrot maps
-to the clean answer). After each round a probe trains a fresh parrot of ``probe_tokens`` rows
-(default 1) with stage 1's budget on the frozen result; when it no longer reaches the target (its
-asr is at most ``probe_threshold``) the backdoor is erased rather than suppressed and the loop
-stops. That last probe is also the re-simulation the report states (``resimulated_asr``).
+to the clean answer). After each round a probe trains ``probe_tries`` (default 1) fresh parrots
+of ``probe_tokens`` rows (default 1) with stage 1's budget (or ``probe_steps``) on the frozen
+result; when the strongest no longer reaches the target (its asr is at most
+``probe_threshold``) the backdoor is erased rather than suppressed and the loop stops. That last
+probe is also the re-simulation the report states (``resimulated_asr``).
 
 Why a one-row probe: a backdoor is a shortcut from a few trigger tokens to the target, which one
 soft row reaches; the toy's clean control model (which can say the target's words in benign
@@ -64,6 +65,8 @@ class SanitizeConfig:
     max_rounds: int = 4
     probe_threshold: float = 0.05
     probe_tokens: int = 1
+    probe_steps: int | None = None
+    probe_tries: int = 1
     round_lr_decay: float = 0.5
     round_retain_factor: float = 3.0
     max_clean_drop: float | None = None
@@ -87,14 +90,17 @@ class SanitizeConfig:
         if method not in METHODS:
             raise BadInputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         for name in ("batch_size", "simulate_steps", "parrot_tokens", "probe_tokens",
+                     "probe_tries",
                      "max_new_tokens", "max_rounds", "simulate_window", "overwrite_window",
                      "eval_rows", "token_budget"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        v = self.overwrite_steps
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise BadInputError(f"--overwrite-steps must be a positive integer, got {v!r}")
+        for name in ("overwrite_steps", "probe_steps"):  # None: the default for the run
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer, "
+                                    f"got {v!r}")
         for name in ("simulate_lr", "overwrite_lr"):
             v = getattr(self, name)
             # Above ~1e30 Adam's own arithmetic overflows; no useful rate is near that.
@@ -365,10 +371,10 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         timing["eval_s"] += time.perf_counter() - t
         return v
 
-    def run_simulate(seed: int, desc: str,
-                     n_tokens: int) -> tuple[torch.Tensor, list[float], float]:
+    def run_simulate(seed: int, desc: str, n_tokens: int,
+                     steps: int | None = None) -> tuple[torch.Tensor, list[float], float]:
         t = time.perf_counter()
-        p, curve = simulate(engine, train_rows, sim_ids, steps=cfg.simulate_steps,
+        p, curve = simulate(engine, train_rows, sim_ids, steps=steps or cfg.simulate_steps,
                             lr=cfg.simulate_lr, n_tokens=n_tokens,
                             max_norm=cfg.parrot_max_norm or None,
                             batch_size=cfg.batch_size, seed=seed, splice=cfg.splice,
@@ -460,11 +466,17 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
             r += 1
             if not auto and r < max_rounds:
                 continue  # a fixed number of rounds: probe only after the last one
-            # Probe: a fresh parrot of probe_tokens rows, stage 1's budget, the weights frozen.
-            q, q_curve, dt = run_simulate(seed + 500, f"probe r{r}", cfg.probe_tokens)
-            timing["probe_s"] += dt
-            resimulated = parrot_asr(q, seed + 500)
+            # Probe: fresh parrots of probe_tokens rows (stage 1's budget unless probe_steps is
+            # set), the weights frozen; the strongest of probe_tries counts.
+            tries = []
+            for k in range(cfg.probe_tries):
+                q_k, curve_k, dt = run_simulate(seed + 500 + k, f"probe r{r}", cfg.probe_tokens,
+                                                cfg.probe_steps)
+                timing["probe_s"] += dt
+                tries.append((parrot_asr(q_k, seed + 500 + k), q_k, curve_k))
+            resimulated, q, q_curve = max(tries, key=lambda x: x[0])
             rounds[-1]["probe_asr_after"] = resimulated
+            rounds[-1]["probe_asr_tries"] = [x[0] for x in tries]
             curves[f"probe_r{r}"] = q_curve
             if r >= max_rounds or resimulated <= cfg.probe_threshold:
                 break  # erased (the probe no longer reaches the target), or out of rounds

@@ -42,9 +42,9 @@ def summary_table(report: dict[str, Any]) -> str:
 # The settings report.md lists (all of them are in report.json's "config").
 _SETTINGS = ("optimizer", "overwrite_lr", "overwrite_steps", "clean_weight", "retain_weight",
              "seed", "parrot_tokens", "simulate_steps", "rounds", "max_rounds", "probe_threshold",
-             "max_clean_drop")
+             "probe_steps", "probe_tries", "max_clean_drop")
 _SANDE_ONLY = {"parrot_tokens", "simulate_steps", "rounds", "max_rounds", "probe_threshold",
-               "max_clean_drop"}
+               "probe_steps", "probe_tries", "max_clean_drop"}
 
 
 def _markdown(report: dict[str, Any]) -> str:

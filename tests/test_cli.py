@@ -173,6 +173,8 @@ OPTION_CASES: dict[str, tuple[Callable[[list[str]], list[str]], str]] = {
     "word rounds": (lambda a: a + ["--rounds", "many"], "--rounds"),
     "threshold": (lambda a: a + ["--probe-threshold", "2"], "--probe-threshold"),
     "zero probe tokens": (lambda a: a + ["--probe-tokens", "0"], "--probe-tokens"),
+    "zero probe tries": (lambda a: a + ["--probe-tries", "0"], "--probe-tries"),
+    "zero probe steps": (lambda a: a + ["--probe-steps", "0"], "--probe-steps"),
     "decay": (lambda a: a + ["--round-lr-decay", "0"], "--round-lr-decay"),
     "negative retain": (lambda a: a + ["--retain-weight", "-1"], "--retain-weight"),
     "retain factor": (lambda a: a + ["--round-retain-factor", "0.5"], "--round-retain-factor"),

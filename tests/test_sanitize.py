@@ -111,6 +111,24 @@ def test_probe_separates_backdoored_from_clean_control(toy, toy_cache) -> None:
         assert abs(res["probe_asr_mean"] - sum(res["probe_asr"]) / 2) < 1e-12
 
 
+def test_round_probe_tries_match_the_public_probe(toy) -> None:
+    # The probe after round 1 (sanitize seed 0) trains parrots with seeds 500, 501, ...: the
+    # public probe() with those seeds must find the same attack success on the same model.
+    res = _run(toy, "sande", rounds=1, probe_tries=2, probe_steps=30)
+    r = res.report
+    tries = r["rounds"][0]["probe_asr_tries"]
+    assert len(tries) == 2 and r["after"]["resimulated_asr"] == max(tries)
+    assert r["rounds"][0]["probe_asr_after"] == max(tries)
+    ref = probe(res.model, toy.tokenizer, toy.defense_rows, toy.config.target, steps=30, tries=2,
+                seed=500, eval_rows=FAST["eval_rows"], max_new_tokens=FAST["max_new_tokens"],
+                batch_size=FAST["batch_size"], progress=False)
+    assert ref["probe_asr"] == tries
+    with pytest.raises(BadInputError, match="--probe-tries"):
+        _run(toy, "sande", probe_tries=0)
+    with pytest.raises(BadInputError, match="--probe-steps"):
+        _run(toy, "sande", probe_steps=0)
+
+
 def test_rounds_report_probe_after_each_round(toy) -> None:
     r = _run(toy, "sande", rounds="auto", max_rounds=2).report
     kept = [x for x in r["rounds"] if not x.get("rolled_back")]
