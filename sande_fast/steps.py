@@ -718,13 +718,12 @@ class CalibratedSGD(torch.optim.SGD):
         self._collective = collective
 
     def _gradient_rms(self) -> float:
-        total, count = 0.0, 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    g = _local(p.grad)
-                    total += float(g.float().pow(2).sum())
-                    count += g.numel()
+        grads = [_local(p.grad) for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        count = sum(g.numel() for g in grads)
+        # One host sync for all tensors; the norms accumulate in fp32 without a copy.
+        total = (float(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).square()
+                                    for g in grads]).sum()) if grads else 0.0)
         if self._collective is not None:
             total = self._collective.sum_float(total)
             count = int(self._collective.sum_float(float(count)))
