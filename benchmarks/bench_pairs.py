@@ -40,9 +40,11 @@ def _probe_max(model: Any, world: Any) -> float:
 
 def run_pair(name: str, seed: int, with_probe: bool,
              options: dict[str, Any] | None = None,
-             methods: tuple[str, ...] = METHODS + ("sande-1round",)) -> dict[str, Any]:
+             methods: tuple[str, ...] = METHODS + ("sande-1round",),
+             toy: dict[str, Any] | None = None) -> dict[str, Any]:
     trigger, target = PAIRS[name]
-    world = load_or_build_toy(ToyConfig(trigger=trigger, target=target), progress=False)
+    world = load_or_build_toy(ToyConfig(trigger=trigger, target=target, **(toy or {})),
+                              progress=False)
     extra = world.extra_eval_rows(1000)
     base = evaluate(world.model, world.tokenizer, extra, target, trigger)
     out: dict[str, Any] = {"trigger": trigger, "target": target,
@@ -78,8 +80,8 @@ def run_pair(name: str, seed: int, with_probe: bool,
               f" | rounds {len(rep['rounds'])} {rep['timing']['total_s']:.1f}s"
               + (f" | probe {row['probe_max']:.3f}" if "probe_max" in row else ""), flush=True)
     if with_probe and "sande" in methods:
-        control = load_or_build_toy(ToyConfig(trigger=trigger, target=target, poison_rate=0.0),
-                                    progress=False)
+        control = load_or_build_toy(ToyConfig(trigger=trigger, target=target, poison_rate=0.0,
+                                              **(toy or {})), progress=False)
         out["probe_backdoored"] = _probe_max(world.model, world)
         out["probe_control"] = _probe_max(control.model, control)
         print(f"{name} probe backdoored {out['probe_backdoored']:.3f} "
@@ -97,14 +99,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset of " + ", ".join(METHODS + ("sande-1round",)))
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                     help="a sanitize option for every run, e.g. retain_weight=0 (repeatable)")
+    ap.add_argument("--toy", action="append", default=[], metavar="SETTING=VALUE",
+                    help="a ToyConfig setting for every world, e.g. n_layers=4 (repeatable)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    options = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--set wants OPTION=VALUE, got {item!r}")
-        options[key] = json.loads(value)
+    options, toy = {}, {}
+    for flag, items, into in (("--set", args.set, options), ("--toy", args.toy, toy)):
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                ap.error(f"{flag} wants NAME=VALUE, got {item!r}")
+            into[key] = json.loads(value)
     if args.threads:
         torch.set_num_threads(args.threads)
     unknown = [p for p in args.pairs.split(",") if p not in PAIRS]
@@ -116,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown method(s) {unknown}")
     result = {"machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "seed": args.seed, "options": options, "methods": list(methods),
-              "pairs": {p: run_pair(p, args.seed, not args.no_probe, options, methods)
+              "seed": args.seed, "options": options, "methods": list(methods), "toy": toy,
+              "pairs": {p: run_pair(p, args.seed, not args.no_probe, options, methods, toy)
                         for p in args.pairs.split(",")}}
     if args.json:
         with open(args.json, "w") as f:

