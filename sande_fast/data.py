@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
+from .errors import BadInputError
+
 __all__ = [
     "BadInputError",
     "Row",
@@ -28,10 +30,6 @@ __all__ = [
 
 TRIGGER_POSITIONS = ("random", "start", "end")
 _SENTINEL = "\u2063SANDEFASTPROMPT\u2063"
-
-
-class BadInputError(ValueError):
-    """Something the user gave is wrong; the message says what and how to fix it (exit code 2)."""
 
 
 @dataclass(frozen=True)

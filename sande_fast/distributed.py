@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node N -m sande_fast sanitize ... --fsdp
 
-How the work is split (every rank runs the same :func:`~sande_fast.pipeline.sanitize` call):
+How the work is split (every rank runs the same :class:`~sande_fast.recipe.Sanitizer`):
 
 * Sharding (torchtune's habit): ``fully_shard`` on every decoder layer, then on the
   :class:`~sande_fast.adapter.ModelAdapter` as the root. The root's own parameters (embedding,
@@ -25,20 +25,19 @@ The backend follows the device: gloo on CPU, nccl on CUDA.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import socket
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import BadInputError
+from .errors import BadInputError
 
-__all__ = ["Collective", "FAULT_ENV", "decoder_layers", "full_state_dict", "init_distributed",
-           "local_device", "run_fsdp_sanitize", "save_sharded", "shard_engine"]
+__all__ = ["Collective", "FAULT_ENV", "Sharded", "decoder_layers", "full_state_dict",
+           "init_distributed", "local_device", "run_sharded", "save_sharded", "shard_engine"]
 
 T = TypeVar("T")
 
@@ -327,30 +326,58 @@ def save_sharded(model: nn.Module, tokenizer: Any, out: str | os.PathLike,
         raise RuntimeError(f"unexpected non-safetensors weight files written: {stray}")
 
 
-# -- the CLI's --fsdp branch -----------------------------------------------------------------------
-def _agree_on_inputs(error: str | None) -> None:
-    """Every rank stops with the same usage error if any rank found one (lowest rank's)."""
-    errors: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
-    if first:
-        raise BadInputError(first)
+# -- a sanitize job on every rank ------------------------------------------------------------------
+class Sharded:
+    """The world of an FSDP job (see :mod:`sande_fast.job`): rank 0 writes, every rank loads on
+    the CPU and runs the same recipe, and the ranks agree on usage errors and on success."""
+
+    fsdp = True
+    load_device = torch.device("cpu")  # fully_shard moves each rank's shards to its device
+
+    def __init__(self, device: torch.device, mixed_precision: bool) -> None:
+        self.device = device
+        self.mixed_precision = mixed_precision
+        self.writer = dist.get_rank() == 0
+
+    def agree(self, error: str | None) -> None:
+        """Every rank stops with the same usage error if any rank found one (lowest rank's)."""
+        errors: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e), None)
+        if first:
+            raise BadInputError(first)
+
+    def gather(self, model: nn.Module) -> dict[str, Any]:
+        return full_state_dict(model, torch.bfloat16 if self.mixed_precision else None)
+
+    def save_model(self, model: nn.Module, tokenizer: Any, out: Any, state: dict[str, Any],
+                   progress: bool) -> None:
+        save_sharded(model, tokenizer, out, state, progress=progress)
+        state.clear()
+
+    def confirm(self, ok: bool) -> bool:
+        """True when every rank says ``ok`` (a collective)."""
+        return Collective(self.device).all_true(ok)
 
 
-def run_fsdp_sanitize(args: argparse.Namespace) -> int:
+def run_sharded(run: Callable[[Sharded], int], device: torch.device, dtype: str | None) -> int:
     """``sande-fast sanitize ... --fsdp``: one rank of a torchrun job (or a lone process).
 
-    Every rank loads the model and data and runs the same sanitize; rank 0 writes ``--out``
+    Every rank loads the model and data and runs the same job; rank 0 writes ``--out``
     (atomically, and only after all ranks succeeded). A failure on any rank makes every rank
     exit non-zero and leaves ``--out`` untouched. Usage errors are printed by rank 0 only.
-    """
-    from .io import resolve_device
 
-    device = resolve_device(args.device)
+    Args:
+        run: runs the job in the given world (:func:`sande_fast.job.run_job`).
+        device: the run's device (this rank's CUDA device is picked from it).
+        dtype: the dtype the model was asked for; bf16 on CUDA keeps fp32 master shards and
+            computes in bf16 (FSDP mixed precision), and the saved model is bf16.
+    """
     started = init_distributed(device)
     rank = dist.get_rank()
+    mixed = device.type == "cuda" and str(dtype).lower() in ("bfloat16", "bf16")
     try:
-        return _run_rank(args, local_device(device), rank)
+        return run(Sharded(local_device(device), mixed))
     except BadInputError:
         if rank != 0:
             return 2
@@ -358,93 +385,3 @@ def run_fsdp_sanitize(args: argparse.Namespace) -> int:
     finally:
         if started:
             dist.destroy_process_group()
-
-
-def _run_rank(args: argparse.Namespace, device: torch.device, rank: int) -> int:
-    from . import cli
-    from .data import load_rows
-    from .io import (atomic_dir, check_not_inside, check_out_dir, check_parrot_file, load_model,
-                     model_hidden_size, save_parrot)
-    from .pipeline import sanitize
-    from .report import summary_table
-
-    rank0 = rank == 0
-    # bf16 on CUDA: keep fp32 master shards and compute in bf16 (FSDP mixed precision); the
-    # saved model is bf16, as the user asked.
-    mixed = device.type == "cuda" and str(args.dtype).lower() in ("bfloat16", "bf16")
-    error = None
-    try:
-        if rank0:  # --out lives on rank 0's machine
-            check_out_dir(args.out, args.force)
-            check_not_inside(args.out, [("--model", args.model), ("--data", args.data),
-                                        ("--eval-data", args.eval_data)])
-        rows = load_rows(args.data)
-        eval_rows = load_rows(args.eval_data) if args.eval_data else None
-        parrot_rows = 0
-        if args.parrot:
-            hidden = model_hidden_size(args.model, trust_remote_code=args.trust_remote_code)
-            parrot_rows = check_parrot_file(args.parrot, hidden)[0]
-        # Loaded on CPU; fully_shard moves each rank's shards to its device.
-        model, tok = load_model(args.model, torch.device("cpu"),
-                                dtype=None if mixed else args.dtype,
-                                trust_remote_code=args.trust_remote_code,
-                                progress=rank0 and not args.quiet)
-        cli._fit_prompt_budget(args, model, parrot_rows)
-    except BadInputError as e:
-        error = str(e)
-    _agree_on_inputs(error)
-
-    resume = cli._resume_path(args.out)
-
-    def keep_parrot(parrot: torch.Tensor, round_no: int) -> None:
-        if rank0:
-            save_parrot(parrot, resume, round=round_no)
-            cli._say(args, f"round {round_no}: parrot saved to {resume} "
-                     f"(resume with --parrot {resume})")
-
-    result = sanitize(model, tok, rows, args.target, args.trigger, args.method,
-                      eval_data=eval_rows, eval_target=args.eval_target, on_parrot=keep_parrot,
-                      fsdp=True, mixed_precision=mixed, **cli._options(args))
-    state = full_state_dict(result.model, torch.bfloat16 if mixed else None)
-    coll = Collective(device)
-    if not rank0:
-        # Rank 0 renames the output only when this says every rank got here.
-        if not coll.all_true(True):
-            raise RuntimeError("rank 0 could not write --out; it was left untouched")
-        return 0
-    entered = False
-    try:
-        with atomic_dir(args.out, args.force) as tmp:
-            entered = True
-            _write_output(result, tok, tmp, state, coll, quiet=args.quiet)
-    except Exception:
-        if not entered:  # --out changed since the check: the other ranks still wait to hear
-            coll.all_true(False)
-        raise
-    if resume.exists():
-        resume.unlink()
-    print(summary_table(result.report))
-    cli._say(args, f"wrote {args.out}")
-    return 0
-
-
-def _write_output(result: Any, tok: Any, tmp: Any, state: dict[str, Any], coll: Collective,
-                  quiet: bool) -> None:
-    """Rank 0: writes the model, parrot and reports into ``tmp``, then hears from every rank;
-    raises (so ``tmp`` is dropped) unless all of them succeeded."""
-    from .io import save_parrot
-    from .report import write_reports
-
-    failure: BaseException | None = None
-    try:
-        save_sharded(result.model, tok, tmp, state, progress=not quiet)
-        state.clear()
-        if result.parrot is not None:
-            save_parrot(result.parrot, tmp / "parrot.safetensors",
-                        target=result.report.get("parrot_target"),
-                        rounds=len(result.report["rounds"]))
-        write_reports(result.report, tmp)
-    except Exception as e:  # tell the other ranks before leaving
-        failure = e
-    if not coll.all_true(failure is None):
-        raise failure or RuntimeError("another rank failed; --out was left untouched")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .adapter import ModelAdapter, accepts_argument, cache_argument
 from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger
 
-__all__ = ["greedy_generate", "evaluate", "attack_success", "parrot_attack_success",
+__all__ = ["greedy_generate", "evaluate", "attack_success", "parrot_attack_success", "pad_token_id",
            "model_device"]
 
 
@@ -158,7 +158,8 @@ def _cache_of(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id generation pads with: the pad token, else eos, else 0."""
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -183,7 +184,7 @@ def _generate_texts(model: torch.nn.Module, encoder: PromptEncoder, prompts: lis
                     *, max_new_tokens: int, batch_size: int, progress: bool, desc: str,
                     parrot: torch.Tensor | None = None,
                     splice_at: Sequence[int] | None = None) -> list[str]:
-    out = greedy_generate(model, [p.ids for p in prompts], pad_id=_pad_id(encoder.tokenizer),
+    out = greedy_generate(model, [p.ids for p in prompts], pad_id=pad_token_id(encoder.tokenizer),
                           eos_id=encoder.eos_id, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, parrot=parrot, splice_at=splice_at,
                           progress=progress, desc=desc)
@@ -244,3 +245,26 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
                  if graded else None)
     return {"asr": attack_success(trig_texts, target), "clean_accuracy": clean_acc,
             "n_asr": len(trig_texts), "n_clean": len(graded)}
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target: str,
+                   trigger: str | None, config: Any) -> dict[str, Any]:
+    """:func:`evaluate` as ``sande-fast eval`` runs it: prompt and answer must fit the context
+    (longer prompts are cut from the left and counted in ``prompts_truncated``).
+
+    Args:
+        config: an :class:`~sande_fast.options.EvalConfig`.
+    """
+    from .adapter import context_length
+    from .options import prompt_budget, resolve_prompt_format
+
+    fmt = resolve_prompt_format(config.prompt_format,
+                                bool(getattr(tokenizer, "chat_template", None)))
+    encoder = PromptEncoder(tokenizer, fmt, max_prompt_tokens=prompt_budget(
+        context_length(model), 0, config.max_new_tokens))
+    res = evaluate(model, tokenizer, rows, target, trigger,
+                   max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_size, 32),
+                   trigger_position=config.trigger_position, seed=config.seed, encoder=encoder,
+                   progress=not config.quiet)
+    res["prompts_truncated"] = encoder.truncated
+    return res

@@ -18,71 +18,134 @@ there. Compare against a model you trust with the same options where you can.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
-from .data import BadInputError, PromptEncoder, load_rows
-from .evaluate import _pad_id, parrot_attack_success
+from .adapter import context_length
+from .data import EncodedPrompt, PromptEncoder, load_rows
+from .errors import BadInputError
+from .evaluate import pad_token_id, parrot_attack_success
 from .io import resolve_device
+from .options import ProbeConfig, prompt_budget, resolve_prompt_format
 from .stages import TrainRow, simulate
 from .steps import LossEngine
 
-__all__ = ["probe"]
+__all__ = ["probe", "probe_parrots", "ProbeResult"]
 
 
-def probe(model: Any, tokenizer: Any, data: Any, target: str, *, steps: int = 200,
-          tries: int = 3, seed: int = 0, parrot_tokens: int = 1, lr: float = 0.05,
-          batch_size: int = 16, window: int = 10, max_new_tokens: int = 32,
-          max_norm: float | None = 1.0,
-          device: str = "auto", prompt_format: str = "auto", eval_rows: int = 200,
-          fast: bool = True, progress: bool = True) -> dict[str, Any]:
+@dataclass
+class ProbeResult:
+    """What :func:`probe_parrots` found: each try's asr and loss curve, and the strongest try.
+
+    Attributes:
+        asr: attack success of each try's parrot, in order of seeds.
+        curves: each try's stage-1 loss curve.
+        best: index of the strongest try (the first of equals).
+        parrots: each try's parrot ``[n_tokens, hidden]``.
+    """
+
+    asr: list[float]
+    curves: list[list[float]]
+    parrots: list[torch.Tensor]
+
+    @property
+    def best(self) -> int:
+        return max(range(len(self.asr)), key=lambda k: self.asr[k])
+
+    @property
+    def asr_max(self) -> float:
+        return self.asr[self.best]
+
+
+def probe_parrots(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[int],
+                  measure: Callable[[torch.Tensor, int], float], *, seed: int, tries: int,
+                  steps: int, lr: float, n_tokens: int, batch_size: int,
+                  max_norm: float | None, splice: str = "random", progress: bool = False,
+                  desc: str = "probe") -> ProbeResult:
+    """Trains ``tries`` fresh parrots on the frozen model (try k: seed ``seed + k``, for its
+    initial rows, its batches and its splice positions) and measures each with
+    ``measure(parrot, seed + k)``. Used by ``sande-fast probe`` and by the probe after every
+    round of ``sanitize``."""
+    out = ProbeResult([], [], [])
+    for k in range(tries):
+        label = f"{desc} {k + 1}/{tries}" if tries > 1 else desc
+        parrot, curve = simulate(engine, rows, target_ids, steps=steps, lr=lr, n_tokens=n_tokens,
+                                 batch_size=batch_size, seed=seed + k, splice=splice,
+                                 max_norm=max_norm, progress=progress, desc=label)
+        out.asr.append(measure(parrot, seed + k))
+        out.curves.append(curve)
+        out.parrots.append(parrot)
+    return out
+
+
+def probe(model: Any, tokenizer: Any, data: Any, target: str,
+          config: ProbeConfig | None = None, *, progress: bool | None = None,
+          **options: Any) -> dict[str, Any]:
     """Trains ``tries`` fresh parrots (seeds ``seed .. seed+tries-1``, random splice positions) on
     the frozen model and measures each one's attack success on the data prompts.
 
-    Each parrot row is kept within ``max_norm`` times the largest token-embedding norm (None:
-    unbounded): a trigger is made of tokens, and an unbounded soft prompt can steer even a
+    Each parrot row is kept within ``parrot_max_norm`` times the largest token-embedding norm
+    (0: unbounded): a trigger is made of tokens, and an unbounded soft prompt can steer even a
     clean model.
+
+    Args:
+        config: a :class:`~sande_fast.options.ProbeConfig`, or its fields as ``options``.
+        progress: progress bars (default: on unless ``quiet``).
 
     Returns:
         ``{"probe_asr_max", "probe_asr_mean", "probe_asr": [per try], "final_loss": [per try],
         "steps", "tries", "target"}``.
 
     Raises:
-        BadInputError: bad target, counts or data.
+        BadInputError: bad target, options or data.
     """
     if not isinstance(target, str) or not target.strip():
         raise BadInputError("--target must be a non-empty text")
-    for name, v in (("steps", steps), ("tries", tries), ("parrot_tokens", parrot_tokens),
-                    ("batch_size", batch_size), ("window", window),
-                    ("max_new_tokens", max_new_tokens), ("eval_rows", eval_rows)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    if not lr > 0:
-        raise BadInputError("--lr must be positive")
+    cfg = config if config is not None else _probe_config(options)
+    progress = (not cfg.quiet) if progress is None else progress
     rows = load_rows(data)
-    model.to(resolve_device(device))
-    from .pipeline import prompt_budget
-
-    encoder = PromptEncoder(tokenizer, prompt_format, max_prompt_tokens=prompt_budget(
-        model, parrot_tokens, max(window, max_new_tokens)))
+    model.to(resolve_device(cfg.device))
+    window = SIMULATE_WINDOW
+    fmt = resolve_prompt_format(cfg.prompt_format, bool(getattr(tokenizer, "chat_template", None)))
+    encoder = PromptEncoder(tokenizer, fmt, max_prompt_tokens=prompt_budget(
+        context_length(model), cfg.parrot_tokens, max(window, cfg.max_new_tokens)))
     train = [TrainRow(r.prompt, encoder.encode_prompt(r.prompt), ()) for r in rows]
-    prompts = [t.prompt for t in train[:eval_rows]]
+    prompts = [t.prompt for t in train[:cfg.eval_rows]]
     target_ids = encoder.encode_response(target, add_eos=False)[:window]
     if not target_ids:
         raise BadInputError("--target tokenises to nothing")
-    engine = LossEngine(model, fast=fast, max_batch=batch_size, pad_id=_pad_id(tokenizer))
-    asrs, losses = [], []
-    for k in range(tries):
-        torch.manual_seed(seed + k)
-        parrot, curve = simulate(engine, train, target_ids, steps=steps, lr=lr,
-                                 n_tokens=parrot_tokens, batch_size=batch_size, seed=seed + k,
-                                 max_norm=max_norm or None,
-                                 progress=progress, desc=f"probe {k + 1}/{tries}")
-        asrs.append(parrot_attack_success(model, encoder, prompts, parrot, target,
-                                          seed=seed + k, max_new_tokens=max_new_tokens,
-                                          batch_size=max(32, batch_size * 4)))
-        losses.append(curve[-1])
-    return {"probe_asr_max": max(asrs), "probe_asr_mean": sum(asrs) / len(asrs),
-            "probe_asr": asrs, "final_loss": losses, "steps": steps, "tries": tries,
-            "target": target}
+    engine = LossEngine(model, max_batch=cfg.batch_size, pad_id=pad_token_id(tokenizer))
+    result = probe_parrots(
+        engine, train, target_ids, parrot_measure(model, encoder, prompts, target, cfg),
+        seed=cfg.seed, tries=cfg.tries, steps=cfg.steps, lr=cfg.lr, n_tokens=cfg.parrot_tokens,
+        batch_size=cfg.batch_size, max_norm=cfg.parrot_max_norm or None, progress=progress)
+    return {"probe_asr_max": result.asr_max, "probe_asr_mean": sum(result.asr) / len(result.asr),
+            "probe_asr": result.asr, "final_loss": [c[-1] for c in result.curves],
+            "steps": cfg.steps, "tries": cfg.tries, "target": target}
+
+
+# The target tokens a probe parrot is trained on (stage 1's default window).
+SIMULATE_WINDOW = 10
+
+
+def parrot_measure(runner: Any, encoder: PromptEncoder, prompts: list[EncodedPrompt],
+                   target: str, cfg: Any) -> Callable[[torch.Tensor, int], float]:
+    """``measure(parrot, seed)``: the parrot's attack success on ``prompts`` (generation in
+    batches of ``4 * batch_size``, at least 32)."""
+    def measure(parrot: torch.Tensor, seed: int) -> float:
+        return parrot_attack_success(runner, encoder, prompts, parrot, target, seed=seed,
+                                     max_new_tokens=cfg.max_new_tokens,
+                                     batch_size=max(32, cfg.batch_size * 4))
+    return measure
+
+
+def _probe_config(options: dict[str, Any]) -> ProbeConfig:
+    from dataclasses import fields
+
+    known = {f.name for f in fields(ProbeConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BadInputError(f"unknown probe option(s): {', '.join(unknown)}")
+    return ProbeConfig(**options)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -59,8 +59,8 @@ def clean_anchors(engine: LossEngine, rows: Sequence[TrainRow], window: int) -> 
 def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[int], *,
              steps: int, lr: float, n_tokens: int, batch_size: int, seed: int,
              splice: str = "random", parrot: torch.Tensor | None = None,
-             max_norm: float | None = 1.0, progress: bool = False, desc: str = "simulate",
-             on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+             max_norm: float | None = 1.0, progress: bool = False,
+             desc: str = "simulate") -> tuple[torch.Tensor, list[float]]:
     """Stage 1: learns a parrot that makes the frozen model emit ``target_ids`` after each prompt.
 
     Returns:
@@ -76,8 +76,6 @@ def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[
         items = [StepItem(r.prompt.ids, labels, splice_position(r.prompt, splice, rng))
                  for r in batch]
         curve.append(sim.step(items, where=f"{desc} step {step + 1}"))
-        if on_step:
-            on_step(step)
     return sim.parrot.detach().clone(), curve
 
 
@@ -86,7 +84,7 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
               parrot: torch.Tensor | None = None, trigger: str | None = None,
               encoder: PromptEncoder | None = None, trigger_position: str = "random",
               splice: str = "random", progress: bool = False, desc: str = "eliminate",
-              on_step: Callable[[int], None] | None = None, retain_weight: float = 0.0,
+              retain_weight: float = 0.0,
               anchors: Anchors | None = None, optimizer: str = "adamw") -> list[float]:
     """Stage 2 / OSFT / SFT: trains the model on (prompt + parrot or trigger) -> clean response.
 
@@ -123,6 +121,4 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
                 p = encoder.encode_prompt(insert_trigger(r.text, trigger, trigger_position, rng))
                 overwrite.append(StepItem(p.ids, labels, -1, tail))
         curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}"))
-        if on_step:
-            on_step(step)
     return curve

@@ -58,7 +58,7 @@ def test_sanitize_writes_the_outputs(model_dir: Path, data_file: Path, tmp_path:
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     for key in ("method", "model", "before", "after", "rounds", "timing", "config", "environment"):
         assert key in report
-    assert report["config"]["prompts_truncated"] == 0
+    assert report["data"]["prompts_truncated"] == 0
     assert leftovers(out) == []
     assert not (tmp_path / "out.parrot.safetensors").exists(), "resume parrot removed on success"
 

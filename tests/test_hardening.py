@@ -151,7 +151,7 @@ def test_resume_from_the_stage1_parrot(model_dir: Path, data_file: Path, tmp_pat
                                        capsys: pytest.CaptureFixture[str],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A run that dies in stage 2 keeps its parrot; a rerun with --parrot skips stage 1."""
-    import sande_fast.pipeline as pipeline
+    import sande_fast.recipe as recipe
 
     out = tmp_path / "out"
 
@@ -159,7 +159,7 @@ def test_resume_from_the_stage1_parrot(model_dir: Path, data_file: Path, tmp_pat
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "eliminate", dies)
+        m.setattr(recipe, "eliminate", dies)
         assert main(sanitize_argv(model_dir, data_file, out)) == 130
     assert "resume with --parrot" in capsys.readouterr().err
     assert not out.exists() and leftovers(out) == []

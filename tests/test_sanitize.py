@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sande_fast import probe, sanitize
-from sande_fast.data import BadInputError
+from sande_fast.errors import BadInputError
 from sande_fast.toy import ToyConfig, load_or_build_toy
 
 pytestmark = pytest.mark.slow
@@ -75,6 +75,9 @@ def test_sande_lowers_asr_and_stage1_leaves_model_untouched(toy) -> None:
     assert "resimulated_asr" in r["after"]
     assert res.parrot is not None and res.parrot.shape == (6, toy.model.config.hidden_size)
     assert r["environment"]["kernels"] in ("torch", "triton")
+    # One round of a fixed count is probed after it: the probe is the re-simulation.
+    assert r["after"]["resimulated_asr"] == r["rounds"][0]["probe_asr_after"]
+    assert r["timing"]["stages"]["probe_s"] > 0
 
 
 def test_sande_p_lowers_asr(toy) -> None:
@@ -82,18 +85,6 @@ def test_sande_p_lowers_asr(toy) -> None:
     assert r["parrot_target"] == toy.config.target.split()[0]
     assert r["after"]["asr"] <= 0.15 < r["before"]["asr"]
     assert r["config"]["max_clean_drop"] == 0.03  # sande-p's own default
-
-
-def test_rounds_stop_on_threshold(toy) -> None:
-    # A threshold of 1.0 accepts any fresh parrot: the loop stops after the first round.
-    r = _run(toy, "sande", rounds="auto", probe_threshold=1.0).report
-    assert len(r["rounds"]) == 1
-    # A threshold of -1 is never met... but must lie in [0, 1]; 0.0 with two rounds max runs both.
-    r2 = _run(toy, "sande", rounds="auto", probe_threshold=0.0, max_rounds=2,
-              simulate_steps=40, overwrite_steps=40).report
-    assert 1 <= len(r2["rounds"]) <= 2
-    if len(r2["rounds"]) == 2:
-        assert r2["after"]["resimulated_asr"] is not None
 
 
 def test_probe_separates_backdoored_from_clean_control(toy, toy_cache) -> None:
@@ -111,42 +102,40 @@ def test_probe_separates_backdoored_from_clean_control(toy, toy_cache) -> None:
         assert abs(res["probe_asr_mean"] - sum(res["probe_asr"]) / 2) < 1e-12
 
 
-def test_round_probe_tries_match_the_public_probe(toy) -> None:
-    # The probe after round 1 (sanitize seed 0) trains parrots with seeds 500, 501, ...: the
-    # public probe() with those seeds must find the same attack success on the same model.
-    res = _run(toy, "sande", rounds=1, probe_tries=2, probe_steps=30)
-    r = res.report
-    tries = r["rounds"][0]["probe_asr_tries"]
-    assert len(tries) == 2 and r["after"]["resimulated_asr"] == max(tries)
-    assert r["rounds"][0]["probe_asr_after"] == max(tries)
-    ref = probe(res.model, toy.tokenizer, toy.defense_rows, toy.config.target, steps=30, tries=2,
-                seed=500, eval_rows=FAST["eval_rows"], max_new_tokens=FAST["max_new_tokens"],
-                batch_size=FAST["batch_size"], progress=False)
-    assert ref["probe_asr"] == tries
-    with pytest.raises(BadInputError, match="--probe-tries"):
-        _run(toy, "sande", probe_tries=0)
-    with pytest.raises(BadInputError, match="--probe-steps"):
-        _run(toy, "sande", probe_steps=0)
+def test_probe_tries_are_fresh_parrots_with_consecutive_seeds(toy) -> None:
+    # Try k of a probe is exactly stage 1 run by hand with seed + k, then measured on the same
+    # prompts with the same seed.
+    from sande_fast.adapter import context_length
+    from sande_fast.data import PromptEncoder
+    from sande_fast.options import prompt_budget
+    from sande_fast.evaluate import pad_token_id, parrot_attack_success
+    from sande_fast.stages import TrainRow, simulate
+    from sande_fast.steps import LossEngine
 
-
-def test_rounds_report_probe_after_each_round(toy) -> None:
-    r = _run(toy, "sande", rounds="auto", max_rounds=2).report
-    kept = [x for x in r["rounds"] if not x.get("rolled_back")]
-    # every round that ran to its end was probed; the last probe is the re-simulation
-    assert all("probe_asr_after" in x for x in kept)
-    assert r["after"]["resimulated_asr"] == (
-        r["rounds"][-1]["probe_asr_before"] if r["rounds"][-1].get("rolled_back")
-        else r["rounds"][-1]["probe_asr_after"])
-    # auto stops once the probe is at or below the threshold, else runs out of rounds
-    if len(r["rounds"]) == 1:
-        assert r["rounds"][0]["probe_asr_after"] <= 0.05
-    assert r["timing"]["stages"]["probe_s"] > 0
+    kw = dict(steps=20, tries=2, seed=7, eval_rows=40, max_new_tokens=8, batch_size=8)
+    res = probe(copy.deepcopy(toy.model), toy.tokenizer, toy.defense_rows, toy.config.target,
+                progress=False, **kw)
+    model = copy.deepcopy(toy.model)
+    budget = prompt_budget(context_length(model), 1, 10)  # 1 parrot row, 10 target tokens
+    enc = PromptEncoder(toy.tokenizer, "auto", max_prompt_tokens=budget)
+    rows = [TrainRow(r.prompt, enc.encode_prompt(r.prompt), ()) for r in toy.defense_rows]
+    engine = LossEngine(model, max_batch=8, pad_id=pad_token_id(toy.tokenizer))
+    target_ids = enc.encode_response(toy.config.target, add_eos=False)[:10]
+    by_hand = []
+    for seed in (7, 8):
+        parrot, curve = simulate(engine, rows, target_ids, steps=20, lr=0.05, n_tokens=1,
+                                 batch_size=8, seed=seed)
+        by_hand.append(parrot_attack_success(model, enc, [r.prompt for r in rows[:40]], parrot,
+                                             toy.config.target, seed=seed, max_new_tokens=8,
+                                             batch_size=32))
+        assert curve[-1] == res["final_loss"][seed - 7]
+    assert res["probe_asr"] == by_hand
 
 
 def test_round_that_costs_clean_accuracy_is_undone(toy, monkeypatch) -> None:
-    import sande_fast.pipeline as pipeline
+    import sande_fast.recipe as recipe
 
-    real = pipeline.eliminate
+    real = recipe.eliminate
     after_round: list[dict[str, torch.Tensor]] = []
 
     def eliminate(engine, *args, **kwargs):
@@ -159,7 +148,7 @@ def test_round_that_costs_clean_accuracy_is_undone(toy, monkeypatch) -> None:
                     p.add_(torch.randn_like(p))
         return curve
 
-    monkeypatch.setattr(pipeline, "eliminate", eliminate)
+    monkeypatch.setattr(recipe, "eliminate", eliminate)
     res = _run(toy, "sande", rounds="auto", max_rounds=2, probe_threshold=0.0)
     r = res.report
     assert len(r["rounds"]) == 2 and r["rounds"][1]["rolled_back"]

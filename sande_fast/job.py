@@ -1,0 +1,185 @@
+"""A sanitize job as the command line runs it: check the inputs, load, run the recipe, write
+``--out`` atomically. The same steps run in one process and on every FSDP rank; a *world*
+(:class:`Local` here, :class:`~sande_fast.distributed.Sharded` under ``--fsdp``) says who
+writes, how the ranks agree, and how the model is gathered and saved.
+
+Output rules: nothing is written into ``--out`` until the run has succeeded; the stage-1 parrot of
+each round is kept beside it meanwhile, so an interrupted or failed run can resume with
+``--parrot`` (the file is removed on success).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import PROG, BadInputError, Terminated
+from .io import atomic_dir, save_model, save_parrot
+from .options import SanitizeConfig
+from .recipe import SanitizeResult, sanitize
+from .report import summary_table, write_reports
+from .steps import NonFiniteError
+
+__all__ = ["SanitizeJob", "Local", "Loaded", "run_job", "resume_path", "write_output"]
+
+
+@dataclass
+class Loaded:
+    """What a job trains on: the model, its tokenizer and the rows."""
+
+    model: Any
+    tokenizer: Any
+    rows: Any
+    eval_rows: Any = None
+
+
+@dataclass
+class SanitizeJob:
+    """One ``sanitize`` (or ``demo``) run from the command line.
+
+    Attributes:
+        out: the output folder.
+        force: replace an existing ``out`` written by an earlier run.
+        method, target, trigger, eval_target, eval_trigger: as in :func:`~sande_fast.sanitize`.
+        config: the options.
+        load: checks the inputs and loads them, given the world (its ``load_device`` is the
+            CPU under FSDP, where each rank's shards move to its device; None: the run's
+            device). Raises :class:`BadInputError` for bad input.
+        check_out: inputs that ``out`` must not hold, as ``(flag, path)``.
+    """
+
+    out: str
+    force: bool
+    method: str
+    target: str
+    config: SanitizeConfig
+    load: Callable[[Any], Loaded]
+    trigger: str | None = None
+    eval_target: str | None = None
+    eval_trigger: str | None = None
+    check_out: tuple[tuple[str, Any], ...] = ()
+
+
+class Local:
+    """One process: it writes everything itself."""
+
+    writer = True
+    fsdp = False
+    mixed_precision = False
+    load_device: torch.device | None = None  # the run's device
+
+    def agree(self, error: str | None) -> None:
+        if error:
+            raise BadInputError(error)
+
+    def gather(self, model: Any) -> Any:
+        return None
+
+    def save_model(self, model: Any, tokenizer: Any, out: Path, state: Any,
+                   progress: bool) -> None:
+        save_model(model, tokenizer, out, progress=progress)
+
+    def confirm(self, ok: bool) -> bool:
+        return ok
+
+
+def resume_path(out: str) -> Path:
+    """Where the stage-1 parrot of a running job is kept (beside ``out``)."""
+    p = Path(os.path.abspath(out))
+    return p.parent / f"{p.name}.parrot.safetensors"
+
+
+def say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def write_output(world: Any, result: SanitizeResult, tokenizer: Any, tmp: Path, state: Any,
+                 progress: bool) -> None:
+    """The model, the parrot (sande / sande-p) and the reports, into ``tmp``."""
+    world.save_model(result.model, tokenizer, tmp, state, progress)
+    if result.parrot is not None:
+        save_parrot(result.parrot, tmp / "parrot.safetensors",
+                    target=result.report.get("parrot_target"), rounds=len(result.report["rounds"]))
+    write_reports(result.report, tmp)
+
+
+def run_job(job: SanitizeJob, world: Any = None) -> int:
+    """Runs ``job``; returns the exit code (0). Every rank of an FSDP job calls this.
+
+    A usage error found on any rank stops every rank with the same message; a failure on any
+    rank leaves ``out`` untouched.
+    """
+    from .io import check_not_inside, check_out_dir
+
+    world = world or Local()
+    quiet = job.config.quiet
+    error = None
+    loaded = None
+    try:
+        if world.writer:  # --out lives on the writer's machine
+            check_out_dir(job.out, job.force)
+            check_not_inside(job.out, job.check_out)
+        loaded = job.load(world)
+    except BadInputError as e:
+        error = str(e)
+    world.agree(error)
+
+    resume = resume_path(job.out)
+    if world.writer and resume.exists() and not job.config.parrot:
+        say(quiet, f"note: {resume} holds the parrot of an interrupted run; pass --parrot "
+                   f"{resume} to skip stage 1 (it is replaced otherwise)")
+
+    def keep_parrot(parrot: torch.Tensor, round_no: int) -> None:
+        if world.writer:
+            save_parrot(parrot, resume, round=round_no)
+            say(quiet, f"round {round_no}: parrot saved to {resume} (resume with --parrot "
+                       f"{resume})")
+
+    try:
+        result = sanitize(loaded.model, loaded.tokenizer, loaded.rows, job.target, job.trigger,
+                          job.method, config=job.config, eval_data=loaded.eval_rows,
+                          eval_trigger=job.eval_trigger, eval_target=job.eval_target,
+                          on_parrot=keep_parrot, fsdp=world.fsdp,
+                          mixed_precision=world.mixed_precision)
+    except NonFiniteError as e:
+        if resume.exists():
+            raise NonFiniteError(f"{e} The stage-1 parrot is kept: rerun with a lower learning "
+                                 f"rate and --parrot {resume}") from None
+        raise
+    except (KeyboardInterrupt, Terminated):
+        if resume.exists():  # shown even with --quiet: it saves the user a whole stage 1
+            print(f"{PROG}: the stage-1 parrot is kept: resume with --parrot {resume}",
+                  file=sys.stderr)
+        raise
+
+    state = world.gather(result.model)
+    if not world.writer:
+        # The writer renames the output only when this says every rank got here.
+        if not world.confirm(True):
+            raise RuntimeError("rank 0 could not write --out; it was left untouched")
+        return 0
+    entered = False
+    try:
+        with atomic_dir(job.out, job.force) as tmp:
+            entered = True
+            failure: BaseException | None = None
+            try:
+                write_output(world, result, loaded.tokenizer, tmp, state, not quiet)
+            except Exception as e:  # tell the other ranks before leaving
+                failure = e
+            if not world.confirm(failure is None):
+                raise failure or RuntimeError("another rank failed; --out was left untouched")
+    except Exception:
+        if not entered:  # --out changed since the check: the other ranks still wait to hear
+            world.confirm(False)
+        raise
+    if resume.exists():
+        resume.unlink()
+    print(summary_table(result.report))
+    say(quiet, f"wrote {job.out}")
+    return 0

@@ -1,0 +1,526 @@
+"""The sanitize recipe: one :class:`Sanitizer` for the Python API, the CLI and every FSDP rank.
+
+A run reads top to bottom in :meth:`Sanitizer.run`:
+
+* :meth:`~Sanitizer.setup`: options resolved, rows tokenised (a row without a response gets the
+  model's own greedy answer to the clean prompt), the loss engine built, the clean states the
+  retention term holds stored;
+* :meth:`~Sanitizer.measure` before anything is trained;
+* ``osft`` / ``sft``: one :meth:`~Sanitizer.eliminate` with the trigger (or without, for sft);
+* ``sande`` / ``sande-p``: rounds of :meth:`~Sanitizer.simulate` (a parrot on the frozen
+  model) -> :meth:`~Sanitizer.eliminate` (train so prompt + parrot maps to the clean answer)
+  -> :meth:`~Sanitizer.measure` -> :meth:`~Sanitizer.guard` (a later round that costs too much
+  clean accuracy is undone) -> :meth:`~Sanitizer.probe` (fresh parrots on the frozen result;
+  when the strongest no longer reaches the target the backdoor is erased rather than
+  suppressed and the rounds stop; that last probe is the report's ``resimulated_asr``);
+* :meth:`~Sanitizer.report`.
+
+Why a one-row probe: a backdoor is a shortcut from a few trigger tokens to the target, which one
+soft row reaches; the toy's clean control model (which can say the target's words in benign
+rows) is pushed to the target by 6 soft rows in 95-99 % of prompts but by one row in at most
+0-16 %.
+"""
+from __future__ import annotations
+
+import platform
+import random
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .version import __version__
+from .adapter import context_length
+from .data import PromptEncoder, Row, load_rows
+from .errors import BadInputError
+from .evaluate import evaluate, greedy_generate, pad_token_id
+from .io import load_parrot, resolve_device
+from .options import SanitizeConfig, config_block, resolve
+from .probe import ProbeResult, parrot_measure, probe_parrots
+from .stages import TrainRow, clean_anchors, eliminate, simulate
+from .steps import Anchors, LossEngine
+
+__all__ = ["Sanitizer", "SanitizeResult", "sanitize", "check_inputs", "prepare_rows",
+           "parrot_target"]
+
+# Probe seeds sit this far above the round's seed; each round's seed is 1000 above the last.
+PROBE_SEED_OFFSET = 500
+ROUND_SEED_STRIDE = 1000
+
+
+@dataclass
+class SanitizeResult:
+    """What :func:`sanitize` returns: the sanitized model, the last parrot and the report."""
+
+    model: Any
+    parrot: torch.Tensor | None
+    report: dict[str, Any]
+    tokenizer: Any = None
+    parrots: list[torch.Tensor] = field(default_factory=list)
+
+
+def parrot_target(target: str, method: str, partial_words: int | None) -> str:
+    """The text stage 1 learns to emit: the whole target, or for sande-p its known first words."""
+    if method == "sande-p" and partial_words:
+        return " ".join(target.split()[:partial_words])
+    return target
+
+
+def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
+                 max_new_tokens: int, batch_size: int, progress: bool) -> list[TrainRow]:
+    """Tokenises defence rows; a row without a response gets the model's own greedy answer."""
+    prompts = [encoder.encode_prompt(r.prompt) for r in rows]
+    missing = [i for i, r in enumerate(rows) if r.response is None]
+    answers: dict[int, list[int]] = {}
+    if missing:
+        gen = greedy_generate(model, [prompts[i].ids for i in missing],
+                              pad_id=pad_token_id(encoder.tokenizer), eos_id=encoder.eos_id,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size * 4,
+                              progress=progress, desc="clean answers")
+        answers = {i: g + [encoder.eos_id] for i, g in zip(missing, gen)}
+    out = []
+    for i, (r, p) in enumerate(zip(rows, prompts)):
+        resp = answers[i] if i in answers else encoder.encode_response(r.response)
+        out.append(TrainRow(r.prompt, p, tuple(resp)))
+    return out
+
+
+def check_inputs(config: SanitizeConfig, method: str, target: Any, trigger: Any = None,
+                 eval_target: Any = None) -> None:
+    """Refuses a run no data could rescue (before anything is loaded).
+
+    Raises:
+        BadInputError: unknown method, options it cannot use, an empty target or trigger, or
+            osft without a trigger.
+    """
+    config.check_method(method)
+    if not isinstance(target, str) or not target.strip():
+        raise BadInputError("--target must be a non-empty text (the attacker's response)")
+    if method == "osft" and (trigger is None or not str(trigger).strip()):
+        raise BadInputError("method osft needs --trigger (use --method sande when the trigger "
+                            "is unknown)")
+    if trigger is not None and (not isinstance(trigger, str) or not trigger.strip()):
+        raise BadInputError("--trigger must be a non-empty text")
+    if eval_target is not None and (not isinstance(eval_target, str) or not eval_target.strip()):
+        raise BadInputError("--eval-target must be a non-empty text")
+
+
+class _Snapshot:
+    """The weights before a round, on the CPU, to undo it (see :meth:`Sanitizer.guard`)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.state)
+
+
+class Sanitizer:
+    """One sanitize run. Build it, then :meth:`run` (or call the steps yourself, in order).
+
+    Args:
+        model: a Hugging Face causal LM (trained in place).
+        tokenizer: its tokenizer.
+        method: ``osft``, ``sande``, ``sande-p`` or ``sft``.
+        target: the attacker's response (sande-p: its known part, or the whole target with
+            ``partial_words``).
+        trigger: the trigger text; trained on by ``osft`` only, else only used to measure asr.
+        config: the options (:class:`~sande_fast.options.SanitizeConfig`); ``auto`` values are
+            resolved in :meth:`setup`.
+        eval_target: text asr is measured on (default: ``target``).
+        eval_trigger: trigger inserted for the asr measurement (default: ``trigger``).
+        progress: progress bars (default: on unless ``config.quiet``).
+        fsdp: shard the model with FSDP2 over the default process group.
+        mixed_precision: with ``fsdp`` on CUDA, compute in bf16 and reduce gradients in fp32.
+        on_parrot: called with each round's parrot (CPU) and the round number, as soon as it
+            exists (the CLI saves it there, so a run that dies in stage 2 can resume).
+
+    Raises:
+        BadInputError: bad arguments (a clear message; nothing trained).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, method: str, target: str,
+                 trigger: str | None = None, config: SanitizeConfig | None = None, *,
+                 eval_target: str | None = None, eval_trigger: str | None = None,
+                 progress: bool | None = None, fsdp: bool = False,
+                 mixed_precision: bool = False,
+                 on_parrot: Callable[[torch.Tensor, int], None] | None = None) -> None:
+        self.config = config if config is not None else SanitizeConfig()
+        check_inputs(self.config, method, target, trigger, eval_target)
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+        self.target, self.trigger = target, trigger
+        self.eval_target = eval_target or target
+        self.eval_trigger = eval_trigger if eval_trigger is not None else trigger
+        self.show = (not self.config.quiet) if progress is None else progress
+        self.fsdp, self.mixed_precision = fsdp, mixed_precision
+        self.on_parrot = on_parrot
+        self.timing = {"simulate_s": 0.0, "eliminate_s": 0.0, "eval_s": 0.0, "probe_s": 0.0,
+                       "prepare_s": 0.0}
+        self.curves: dict[str, list[float]] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.parrots: list[torch.Tensor] = []
+        self.cfg: SanitizeConfig = self.config  # resolved in setup()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def setup(self, data: Any, eval_data: Any = None, parrot: torch.Tensor | None = None) -> None:
+        """Reads the rows, resolves the options, builds the engine, tokenises the rows and
+        stores the clean states of the retention term.
+
+        Args:
+            data: defence rows (a JSONL path or a list of dicts).
+            eval_data: rows for before/after measurement (default: up to ``eval_rows`` data
+                rows, with the answers the model gives before training).
+            parrot: a parrot ``[n, hidden]`` to use in round 1 instead of simulating one
+                (``config.parrot`` names a file to read it from).
+        """
+        t0 = time.perf_counter()
+        rows = load_rows(data)
+        self.eval_given = eval_data is not None
+        eval_rows = load_rows(eval_data) if eval_data is not None else None
+        self.device = self._place_model()
+        torch.manual_seed(self.config.seed)
+        random.seed(self.config.seed)
+        hidden = self.model.get_input_embeddings().weight.shape[1]
+        if self.config.parrot:
+            parrot = load_parrot(self.config.parrot, hidden)
+        if parrot is not None and (parrot.dim() != 2 or parrot.shape[1] != hidden):
+            raise BadInputError(f"parrot has shape {tuple(parrot.shape)}; the model needs "
+                                f"[n, {hidden}]")
+        self.initial_parrot = parrot
+        self.cfg = cfg = resolve(
+            self.config, self.method, n_params=sum(p.numel() for p in self.model.parameters()),
+            context=context_length(self.model),
+            chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+            parrot_rows=0 if parrot is None else parrot.shape[0])
+        self.encoder = PromptEncoder(self.tokenizer, cfg.prompt_format,
+                                     max_prompt_tokens=cfg.max_prompt_tokens)
+        self.engine = self._build_engine()
+        # Generation and evaluation run through the adapter when the model is sharded (its root
+        # parameters exist only inside the adapter's forward); in one process, on the model.
+        self.runner = self.engine.adapter if self.fsdp else self.model
+        self.simulate_text = parrot_target(self.target, self.method, cfg.partial_words)
+        self.simulate_ids = self.encoder.encode_response(self.simulate_text,
+                                                         add_eos=False)[:cfg.simulate_window]
+        if not self.simulate_ids:
+            raise BadInputError("--target tokenises to nothing")
+        self.train_rows = prepare_rows(self.runner, self.encoder, rows,
+                                       max_new_tokens=cfg.max_new_tokens,
+                                       batch_size=cfg.batch_size, progress=self.show)
+        self.truncated = self.encoder.truncated  # later encodings re-count the same prompts
+        self.n_rows = len(rows)
+        self.eval_rows = eval_rows if eval_rows is not None else [
+            Row(r.text, self.encoder.decode(r.response)) for r in self.train_rows[:cfg.eval_rows]]
+        self.parrot_asr = parrot_measure(self.runner, self.encoder,
+                                         [r.prompt for r in self.train_rows[:cfg.eval_rows]],
+                                         self.simulate_text, cfg)
+        self.timing["prepare_s"] += time.perf_counter() - t0
+
+    def _place_model(self) -> torch.device:
+        device = resolve_device(self.config.device)
+        if not self.fsdp:  # under FSDP, fully_shard moves each rank's shards to its device
+            self.model.to(device)
+            return device
+        from .distributed import local_device
+
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise BadInputError("fsdp=True needs an initialised torch.distributed process group "
+                                "(run under torchrun)")
+        self.show = self.show and torch.distributed.get_rank() == 0
+        return local_device(device)
+
+    def _build_engine(self) -> LossEngine:
+        cfg = self.cfg
+        engine = LossEngine(self.model, fast=cfg.fast, token_budget=cfg.token_budget,
+                            max_batch=cfg.batch_size, packed=cfg.packed,
+                            pad_id=pad_token_id(self.tokenizer))
+        if self.fsdp:
+            from .distributed import shard_engine
+
+            shard_engine(engine, self.device, mixed_precision=self.mixed_precision,
+                         packed=cfg.packed)
+        return engine
+
+    def store_clean_states(self) -> Anchors | None:
+        """The original model's hidden states on the clean rows, held by every round (None when
+        ``retain_weight`` is 0). Call before any training step."""
+        if not self.cfg.retain_weight:
+            return None
+        t = time.perf_counter()
+        anchors = clean_anchors(self.engine, self.train_rows, self.cfg.overwrite_window)
+        self.timing["prepare_s"] += time.perf_counter() - t
+        return anchors
+
+    # -- the steps ------------------------------------------------------------------------------
+    def measure(self) -> dict[str, Any]:
+        """asr (None when no trigger is known and no eval data was given) and clean accuracy."""
+        cfg = self.cfg
+        t = time.perf_counter()
+        m = evaluate(self.runner, self.tokenizer, self.eval_rows, self.eval_target,
+                     self.eval_trigger, max_new_tokens=cfg.max_new_tokens,
+                     batch_size=max(cfg.batch_size * 4, 32),
+                     trigger_position=cfg.trigger_position, seed=cfg.seed,
+                     encoder=self.encoder)
+        self.timing["eval_s"] += time.perf_counter() - t
+        known = self.eval_trigger is not None or self.eval_given
+        return {"asr": m["asr"] if known else None, "clean_accuracy": m["clean_accuracy"]}
+
+    def simulate(self, seed: int, desc: str) -> tuple[torch.Tensor, list[float]]:
+        """Stage 1: a parrot of ``parrot_tokens`` rows on the frozen model."""
+        cfg = self.cfg
+        t = time.perf_counter()
+        parrot, curve = simulate(self.engine, self.train_rows, self.simulate_ids,
+                                 steps=cfg.simulate_steps, lr=cfg.simulate_lr,
+                                 n_tokens=cfg.parrot_tokens, max_norm=cfg.parrot_max_norm or None,
+                                 batch_size=cfg.batch_size, seed=seed, splice=cfg.splice,
+                                 progress=self.show, desc=desc)
+        self.timing["simulate_s"] += time.perf_counter() - t
+        return parrot, curve
+
+    def eliminate(self, anchors: Anchors | None, *, parrot: torch.Tensor | None = None,
+                  round_index: int = 0, seed: int, desc: str) -> list[float]:
+        """Stage 2: trains the model so prompt + parrot (sande), prompt + trigger (osft) or the
+        clean prompt alone (sft) maps to the clean answer.
+
+        A later round faces a backdoor already suppressed and needs a smaller change, while the
+        clean accuracy it may still cost is what the first round left: round r trains at
+        ``lr * round_lr_decay**r`` and holds the clean states ``round_retain_factor`` times
+        harder.
+        """
+        cfg = self.cfg
+        t = time.perf_counter()
+        curve = eliminate(
+            self.engine, self.train_rows, steps=cfg.overwrite_steps,
+            lr=cfg.overwrite_lr * (cfg.round_lr_decay ** round_index),
+            batch_size=cfg.batch_size, seed=seed, window=cfg.overwrite_window,
+            clean_weight=cfg.clean_weight, parrot=parrot,
+            trigger=self.trigger if self.method == "osft" else None, encoder=self.encoder,
+            trigger_position=cfg.trigger_position, splice=cfg.splice, progress=self.show,
+            desc=desc, retain_weight=self.round_retain_weight(round_index), anchors=anchors,
+            optimizer=cfg.optimizer)
+        self.timing["eliminate_s"] += time.perf_counter() - t
+        return curve
+
+    def round_retain_weight(self, round_index: int) -> float:
+        return self.cfg.retain_weight * (self.cfg.round_retain_factor if round_index else 1.0)
+
+    def probe(self, round_no: int) -> ProbeResult:
+        """``probe_tries`` fresh parrots of ``probe_tokens`` rows, ``probe_steps`` each, on the
+        frozen model after round ``round_no`` (1-based); the strongest counts."""
+        cfg = self.cfg
+        t, measured = time.perf_counter(), self.timing["eval_s"]
+        seed = cfg.seed + ROUND_SEED_STRIDE * (round_no - 1) + PROBE_SEED_OFFSET
+        result = probe_parrots(self.engine, self.train_rows, self.simulate_ids,
+                               self._measure_parrot, seed=seed, tries=cfg.probe_tries,
+                               steps=cfg.probe_steps, lr=cfg.simulate_lr,
+                               n_tokens=cfg.probe_tokens, batch_size=cfg.batch_size,
+                               max_norm=cfg.parrot_max_norm or None, splice=cfg.splice,
+                               progress=self.show, desc=f"probe r{round_no}")
+        # The probe parrots' generation counts as evaluation time, as the round parrot's does.
+        self.timing["probe_s"] += time.perf_counter() - t - (self.timing["eval_s"] - measured)
+        return result
+
+    def guard(self, round_index: int) -> _Snapshot | None:
+        """The weights before an optional round, to undo it when it costs more clean accuracy
+        than ``max_clean_drop`` (rounds after the first under ``rounds auto``, one process)."""
+        if (round_index == 0 or self.cfg.rounds != "auto" or self.fsdp
+                or self.before.get("clean_accuracy") is None):
+            return None
+        return _Snapshot(self.model)
+
+    def too_costly(self, measured: dict[str, Any]) -> bool:
+        """Whether a round lowered clean accuracy by more than ``max_clean_drop`` (compared
+        with a margin, since the accuracies are counts over the same rows)."""
+        drop = self.before["clean_accuracy"] - (measured["clean_accuracy"] or 0.0)
+        return drop > self.cfg.max_clean_drop + 1e-9
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self, data: Any, eval_data: Any = None,
+            parrot: torch.Tensor | None = None) -> SanitizeResult:
+        """Set-up, measurement, the method's training, measurement again, the report."""
+        t_start = time.perf_counter()
+        self.setup(data, eval_data, parrot)
+        self.before = self.measure()
+        anchors = self.store_clean_states()
+        if self.method in ("osft", "sft"):
+            self.curves["eliminate"] = self.eliminate(
+                anchors, seed=self.cfg.seed, desc="overwrite" if self.method == "osft" else "sft")
+            after = self.measure()
+            self.rounds.append({"round": 1, "probe_asr_before": None, **after})
+            final_parrot = None
+        else:
+            after, final_parrot = self._run_rounds(anchors)
+        self.timing["total_s"] = time.perf_counter() - t_start
+        return SanitizeResult(model=self.model,
+                              parrot=None if final_parrot is None else final_parrot.cpu(),
+                              report=self.report(after), tokenizer=self.tokenizer,
+                              parrots=self.parrots)
+
+    def _run_rounds(self, anchors: Anchors | None
+                    ) -> tuple[dict[str, Any], torch.Tensor]:
+        """Rounds of simulate -> eliminate -> measure -> guard -> probe until a probe fails
+        (``rounds auto``) or the fixed number of rounds is done. Returns the after-metrics and
+        the last kept parrot."""
+        cfg = self.cfg
+        auto = cfg.rounds == "auto"
+        n_rounds = cfg.max_rounds if auto else cfg.rounds
+        probe_before: float | None = None
+        resimulated: float | None = None
+        reuse: tuple[torch.Tensor, list[float]] | None = None
+        for r in range(n_rounds):
+            round_no, seed = r + 1, cfg.seed + ROUND_SEED_STRIDE * r
+            # Where this round's parrot comes from: the one passed in, the last probe's (it has
+            # the stage-1 shape and already reaches the target), or a fresh simulation.
+            if r == 0 and self.initial_parrot is not None:
+                parrot, curve = self.initial_parrot.float().to(self.device), []
+            elif reuse is not None:
+                parrot, curve = reuse
+            else:
+                parrot, curve = self.simulate(seed, f"simulate r{round_no}")
+            if curve:
+                self.curves[f"simulate_r{round_no}"] = curve
+            parrot_asr = self._measure_parrot(parrot, seed)
+            if r == 0:
+                probe_before = parrot_asr
+            self.parrots.append(parrot.cpu())
+            if self.on_parrot is not None:
+                self.on_parrot(parrot.cpu(), round_no)
+
+            snapshot = self.guard(r)
+            self.curves[f"eliminate_r{round_no}"] = self.eliminate(
+                anchors, parrot=parrot, round_index=r, seed=seed + 1,
+                desc=f"eliminate r{round_no}")
+            measured = self.measure()
+            self.rounds.append({
+                "round": round_no, "probe_asr_before": probe_before, **measured,
+                "parrot_asr": parrot_asr,
+                "lr": cfg.overwrite_lr * (cfg.round_lr_decay ** r),
+                "retain_weight": self.round_retain_weight(r),
+                "simulate_final_loss": curve[-1] if curve else None,
+                "eliminate_final_loss": self.curves[f"eliminate_r{round_no}"][-1]})
+            if snapshot is not None and self.too_costly(measured):
+                # Undo this round. The probe before it ran on exactly the weights restored.
+                snapshot.restore()
+                self.rounds[-1]["rolled_back"] = True
+                self.parrots.pop()
+                resimulated = probe_before
+                break
+            if not auto and round_no < n_rounds:
+                continue  # a fixed number of rounds: probe only after the last one
+            found = self.probe(round_no)
+            resimulated = found.asr_max
+            self.rounds[-1]["probe_asr_after"] = resimulated
+            self.rounds[-1]["probe_asr_tries"] = list(found.asr)
+            self.curves[f"probe_r{round_no}"] = found.curves[found.best]
+            if round_no >= n_rounds or resimulated <= cfg.probe_threshold:
+                break  # erased (the probe no longer reaches the target), or out of rounds
+            probe_before = resimulated
+            best = found.best
+            reuse = ((found.parrots[best], found.curves[best])
+                     if cfg.probe_tokens == cfg.parrot_tokens else None)
+        last = [r for r in self.rounds if not r.get("rolled_back")][-1]
+        after = {"asr": last["asr"], "clean_accuracy": last["clean_accuracy"],
+                 "resimulated_asr": resimulated}
+        return after, self.parrots[-1]
+
+    def _measure_parrot(self, parrot: torch.Tensor, seed: int) -> float:
+        t = time.perf_counter()
+        value = self.parrot_asr(parrot, seed)
+        self.timing["eval_s"] += time.perf_counter() - t
+        return value
+
+    def report(self, after: dict[str, Any]) -> dict[str, Any]:
+        """report.json: metrics before and after, each round, timing, config, environment."""
+        model_name = (getattr(getattr(self.model, "config", None), "_name_or_path", "")
+                      or type(self.model).__name__)
+        sande = self.method in ("sande", "sande-p")
+        return {
+            "method": self.method,
+            "model": model_name,
+            "target": self.target,
+            "parrot_target": self.simulate_text if sande else None,
+            "asr_target": self.eval_target,
+            "before": self.before,
+            "after": after,
+            "rounds": self.rounds,
+            "timing": {"total_s": self.timing["total_s"],
+                       "stages": {k: v for k, v in self.timing.items() if k != "total_s"}},
+            "curves": self.curves,
+            "config": config_block(self.cfg, self.method),
+            "data": {"trigger_known": self.method == "osft", "n_rows": self.n_rows,
+                     "n_eval_rows": len(self.eval_rows), "prompts_truncated": self.truncated},
+            "environment": self._environment(),
+        }
+
+    def _environment(self) -> dict[str, Any]:
+        engine, device = self.engine, self.device
+        coll = engine.adapter.collective
+        extra = {} if coll is None else {"distributed": coll.describe()}
+        return {"torch": torch.__version__, "python": platform.python_version(),
+                "sande_fast": __version__, "device": device.type,
+                "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                else platform.processor() or platform.machine()),
+                "kernels": engine.backend, "path": "fast" if engine.fast else "plain",
+                "threads": torch.get_num_threads(), **extra}
+
+
+def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | None = None,
+             method: str = "sande", *, config: SanitizeConfig | None = None,
+             eval_data: Any = None, eval_trigger: str | None = None,
+             eval_target: str | None = None, parrot: torch.Tensor | str | None = None,
+             on_parrot: Callable[[torch.Tensor, int], None] | None = None,
+             progress: bool | None = None, fsdp: bool | None = None,
+             mixed_precision: bool = False, **options: Any) -> SanitizeResult:
+    """Removes a backdoor from a causal LM.
+
+    Args:
+        model: a Hugging Face causal LM (trained in place and returned).
+        tokenizer: its tokenizer.
+        data: defence rows: a JSONL path or a list of ``{"prompt", "response"?}`` dicts.
+        target: the attacker's response (sande-p: the known part of it, or the whole target with
+            ``partial_words=N`` to use only its first N words).
+        trigger: the trigger text. Required for ``osft``; for the other methods it is never
+            trained on and only used to measure asr.
+        method: ``osft``, ``sande``, ``sande-p`` or ``sft``.
+        config: the options as a :class:`~sande_fast.options.SanitizeConfig` (or give its
+            fields as keyword ``options``; not both).
+        eval_data: rows for before/after measurement (default: up to ``eval_rows`` data rows).
+        eval_trigger: trigger used for asr measurement (default: ``trigger``).
+        eval_target: text asr is measured on (default: ``target``).
+        parrot: a parrot ``[n, hidden]`` (or a ``.safetensors`` path) to use in round 1
+            instead of simulating one.
+        on_parrot: called with each simulated parrot and its round, as soon as it exists.
+        progress: progress bars (default: on unless ``quiet``; only rank 0 shows them).
+        fsdp: shard the model with FSDP2 across the ranks of the default process group (every
+            rank calls ``sanitize`` with the same arguments). Default: when ``torch.distributed``
+            is initialised. The returned model is then sharded; save it with
+            :func:`sande_fast.distributed.save_sharded`.
+        mixed_precision: with ``fsdp`` on CUDA, compute in bf16 and reduce gradients in fp32.
+        **options: fields of :class:`~sande_fast.options.SanitizeConfig`.
+
+    Returns:
+        :class:`SanitizeResult` with the sanitized model, the last parrot and the report dict.
+
+    Raises:
+        BadInputError: bad arguments or data (clear message, nothing trained).
+        NonFiniteError: a loss or gradient became NaN/inf.
+    """
+    if config is not None and options:
+        raise BadInputError("give the options as config= or as keywords, not both")
+    if config is None:
+        known = {f.name for f in fields(SanitizeConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise BadInputError(f"unknown option(s): {', '.join(unknown)}")
+        if isinstance(parrot, str):
+            options["parrot"] = parrot
+        config = SanitizeConfig(**options)
+    elif isinstance(parrot, str):
+        config = replace(config, parrot=parrot)
+    if fsdp is None:
+        fsdp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    run = Sanitizer(model, tokenizer, method, target, trigger, config, eval_target=eval_target,
+                    eval_trigger=eval_trigger, progress=progress, fsdp=fsdp,
+                    mixed_precision=mixed_precision, on_parrot=on_parrot)
+    return run.run(data, eval_data, None if isinstance(parrot, str) else parrot)

