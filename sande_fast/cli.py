@@ -1,30 +1,20 @@
 """The ``sande-fast`` command (also ``python -m sande_fast``).
 
 Exit codes: 0 success; 2 bad input or usage (one line on stderr, nothing written to ``--out``);
-1 an internal failure; 130 / 143 after Ctrl-C / SIGTERM (``--out`` untouched).
+1 an internal failure; 130 / 143 / 129 after Ctrl-C / SIGTERM / SIGHUP (``--out`` untouched).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import threading
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 from .data import BadInputError
+from .io import Terminated
 
 PROG = "sande-fast"
-
-
-class Terminated(BaseException):
-    """Raised from the SIGTERM handler so cleanup runs as for Ctrl-C."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -214,24 +204,26 @@ def _say(args: argparse.Namespace, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _check_json_arg(path: str | None) -> None:
-    """Refuses a ``--json`` path that could not be written, before any work is done."""
+def _check_json_arg(path: str | None, args: Any = None) -> Any:
+    """Claims the ``--json`` file before any work is done (no input, no file in a model folder,
+    no device or FIFO, no existing file this tool did not write unless ``--force``)."""
     if not path:
-        return
-    p = Path(os.path.abspath(path))
-    if p.is_dir():
-        raise BadInputError(f"--json {path} is a folder; give a file name")
-    if not p.parent.is_dir():
-        raise BadInputError(f"the folder of --json does not exist: {p.parent}")
-    if not os.access(p.parent, os.W_OK):
-        raise BadInputError(f"cannot write into {p.parent}")
+        return None
+    from .io import claim_out_file
+
+    inputs = [(f"--{k.replace('_', '-')}", getattr(args, k, None))
+              for k in ("model", "data", "reference", "parrot", "eval_data")]
+    claim = claim_out_file(path, bool(getattr(args, "force", False)), inputs, "--json")
+    if args is not None:
+        args.json_claim = claim
+    return claim
 
 
-def _write_json_arg(path: str | None, obj: dict[str, Any]) -> None:
+def _write_json_arg(path: str | None, obj: dict[str, Any], claim: Any = None) -> None:
     if path:
-        from .io import write_json
+        from .io import claim_out_file, write_output_json
 
-        write_json(path, obj)
+        write_output_json(claim or claim_out_file(path), obj)
 
 
 def _finish_sanitize(args: argparse.Namespace, result: Any, tokenizer: Any, out: Path) -> None:
@@ -247,8 +239,9 @@ def _finish_sanitize(args: argparse.Namespace, result: Any, tokenizer: Any, out:
 
 
 def _resume_path(out: str) -> Path:
-    p = Path(os.path.abspath(out))
-    return p.parent / f"{p.name}.parrot.safetensors"
+    from .io import resume_parrot_path
+
+    return resume_parrot_path(out)
 
 
 def _check_stage_args(args: argparse.Namespace, target: str | None,
@@ -265,6 +258,13 @@ def _check_stage_args(args: argparse.Namespace, target: str | None,
         raise BadInputError("--trigger must be a non-empty text")
     if args.eval_target is not None and not args.eval_target.strip():
         raise BadInputError("--eval-target must be a non-empty text")
+    from .data import check_run_bounds, check_seed
+
+    check_seed(args.seed)
+    check_run_bounds(batch_size=args.batch_size, token_budget=args.token_budget,
+                     eval_rows=args.eval_rows, steps={
+                         "--simulate-steps": args.simulate_steps, "--probe-steps": args.probe_steps,
+                         "--overwrite-steps": args.overwrite_steps})
     SanitizeConfig(**_options(args)).validate(args.method)
 
 
@@ -286,10 +286,13 @@ def _fit_prompt_budget(args: argparse.Namespace, model: Any, parrot_rows: int = 
 def _run_sanitize(args: argparse.Namespace, model: Any, tok: Any, data: Any, target: str,
                   trigger: str | None, eval_data: Any, eval_trigger: str | None,
                   parrot_rows: int = 0) -> int:
-    from .io import atomic_dir, save_parrot
+    from .io import atomic_dir, check_work, discard_resume, save_parrot
     from .pipeline import sanitize
     from .steps import NonFiniteError
 
+    check_work(model, tok, data, [target, args.eval_target], batch_size=args.batch_size,
+               max_new_tokens=args.max_new_tokens, parrot_tokens=args.parrot_tokens,
+               prompt_format=args.prompt_format)
     _fit_prompt_budget(args, model, parrot_rows)
     resume = _resume_path(args.out)
     if resume.exists() and not args.parrot:
@@ -301,30 +304,35 @@ def _run_sanitize(args: argparse.Namespace, model: Any, tok: Any, data: Any, tar
         _say(args, f"round {round_no}: parrot saved to {resume} (resume with --parrot {resume})")
 
     try:
-        with atomic_dir(args.out, args.force) as tmp:
+        with atomic_dir(args.out, args.force, _inputs(args)) as tmp:
             result = sanitize(model, tok, data, target, trigger, args.method, eval_data=eval_data,
                               eval_trigger=eval_trigger, eval_target=args.eval_target,
                               on_parrot=keep_parrot, **_options(args))
             _finish_sanitize(args, result, tok, tmp)
     except NonFiniteError as e:
         if resume.exists():
-            raise NonFiniteError(f"{e} The stage-1 parrot is kept: rerun with a lower learning "
-                                 f"rate and --parrot {resume}") from None
+            raise NonFiniteError(f"{e} The stage-1 parrot is kept in {resume.parent}: rerun "
+                                 f"with a lower learning rate and --parrot {resume}") from None
         raise
     except (KeyboardInterrupt, Terminated):
         if resume.exists():  # shown even with --quiet: it saves the user a whole stage 1
-            print(f"{PROG}: the stage-1 parrot is kept: resume with --parrot {resume}",
-                  file=sys.stderr)
+            print(f"{PROG}: the stage-1 parrot is kept in {resume.parent}: resume with "
+                  f"--parrot {resume}", file=sys.stderr)
         raise
-    if resume.exists():
-        resume.unlink()
+    discard_resume(args.out)
     _say(args, f"wrote {args.out}")
     return 0
 
 
+def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The input paths of a command, as ``(option, path)`` pairs, for the output checks."""
+    return [(f"--{k.replace('_', '-')}", getattr(args, k, None))
+            for k in ("model", "data", "eval_data", "parrot", "reference", "cache_dir")]
+
+
 def cmd_sanitize(args: argparse.Namespace) -> int:
     from .data import load_rows
-    from .io import (check_not_inside, check_out_dir, check_parrot_file, load_model,
+    from .io import (check_dtype_for_training, check_parrot_file, claim_out_dir, load_model,
                      model_hidden_size, resolve_device)
 
     _check_stage_args(args, args.target, args.trigger)
@@ -332,10 +340,9 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
         from .distributed import run_fsdp_sanitize
 
         return run_fsdp_sanitize(args)
-    check_out_dir(args.out, args.force)
-    check_not_inside(args.out, [("--model", args.model), ("--data", args.data),
-                                ("--eval-data", args.eval_data)])
+    claim_out_dir(args.out, args.force, _inputs(args))  # held until the result is in place
     device = resolve_device(args.device)
+    check_dtype_for_training(args.dtype, device)
     rows = load_rows(args.data)  # bad data fails before the model is loaded
     eval_rows = load_rows(args.eval_data) if args.eval_data else None
     parrot_rows = 0
@@ -349,12 +356,12 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .io import check_out_dir, check_parrot_file
+    from .io import check_parrot_file, claim_out_dir
     from .toy import ToyConfig, load_or_build_toy
 
     # osft takes the toy's own trigger
     _check_stage_args(args, None, args.trigger or ("toy" if args.method == "osft" else None))
-    check_out_dir(args.out, args.force)
+    claim_out_dir(args.out, args.force, _inputs(args))
     parrot_rows = check_parrot_file(args.parrot)[0] if args.parrot else 0
     cfg = ToyConfig(seed=args.seed)
     _say(args, "building (or loading from cache) the backdoored toy model ...")
@@ -371,11 +378,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_make_toy(args: argparse.Namespace) -> int:
-    from .io import atomic_dir, check_out_dir
+    from .io import atomic_dir, claim_out_dir
     from .toy import ToyConfig, build_toy, save_toy
 
-    check_out_dir(args.out, args.force)
-    kw: dict[str, Any] = {"seed": args.seed}
+    from .data import check_seed
+
+    kw: dict[str, Any] = {"seed": check_seed(args.seed)}
+    claim_out_dir(args.out, args.force)
     if args.trigger is not None:
         if not args.trigger.strip():
             raise BadInputError("--trigger must not be empty")
@@ -409,11 +418,22 @@ def _load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         raise BadInputError("--target must be a non-empty text (the attacker's response)")
     if getattr(args, "trigger", None) is not None and not args.trigger.strip():
         raise BadInputError("--trigger must be a non-empty text")
-    _check_json_arg(args.json)
+    from .data import check_run_bounds, check_seed
+    from .io import check_work
+
+    check_seed(args.seed)
+    check_run_bounds(steps={"--steps": getattr(args, "steps", None),
+                            "--tries": getattr(args, "tries", None)},
+                     eval_rows=getattr(args, "eval_rows", None))
+    _check_json_arg(args.json, args)
     device = resolve_device(args.device)
     rows = load_rows(args.data)
     model, tok = load_model(args.model, device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    check_work(model, tok, rows, [args.target], batch_size=args.batch_size,
+               max_new_tokens=args.max_new_tokens,
+               parrot_tokens=getattr(args, "parrot_tokens", None),
+               prompt_format=args.prompt_format)
     return rows, model, tok
 
 
@@ -428,7 +448,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 max_norm=args.parrot_max_norm or None, progress=not args.quiet)
     print(f"probe_asr_max {res['probe_asr_max']:.3f}  probe_asr_mean {res['probe_asr_mean']:.3f}  "
           f"(per try: {', '.join(f'{a:.3f}' for a in res['probe_asr'])})")
-    _write_json_arg(args.json, res)
+    _write_json_arg(args.json, res, getattr(args, "json_claim", None))
     return 0
 
 
@@ -449,7 +469,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ca = "n/a" if res["clean_accuracy"] is None else f"{res['clean_accuracy']:.3f}"
     cut = f", {encoder.truncated} prompts cut to fit" if encoder.truncated else ""
     print(f"asr {res['asr']:.3f}  clean_accuracy {ca}  (n={res['n_asr']}{cut})")
-    _write_json_arg(args.json, res)
+    _write_json_arg(args.json, res, getattr(args, "json_claim", None))
     return 0
 
 
@@ -465,20 +485,33 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    from .io import interrupt_handlers, release_claims
+
+    # SIGINT, SIGTERM and SIGHUP stop the run once; a second one during the clean-up is ignored.
+    with interrupt_handlers():
+        try:
+            return _main(argv)
+        finally:
+            release_claims()
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from .io import disk_error_line, route_warnings
+
+    args = None
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with route_warnings(getattr(args, "quiet", False)):
+            return COMMANDS[args.command](args)
     except BadInputError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no partial output was left in --out", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{PROG}: terminated; no partial output was left in --out", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated) as e:
+        how = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
+        left = ("no partial output was left in --out" if getattr(args, "out", None)
+                else "nothing was written")
+        print(f"{PROG}: {how}; {left}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # internal failure: keep the traceback for a bug report
@@ -487,12 +520,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, NonFiniteError):
             print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
             return 1
+        disk = disk_error_line(e)
+        if disk is not None:  # the output was removed on the way out; no traceback helps here
+            print(f"{PROG}: error: {disk}", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":
