@@ -558,6 +558,7 @@ def _model_folder(p: Path) -> list[str]:
         raise BadInputError(f"{p} has no config.json: not a Hugging Face model folder")
     if not os.access(p / "config.json", os.R_OK):
         raise BadInputError(f"cannot read {p / 'config.json'}: permission denied")
+    check_shard_index(p)
     if not any(f.endswith(_WEIGHT_SUFFIXES) for f in files):
         raise BadInputError(f"{p} has no weights (expected *.safetensors, or a legacy "
                             "pytorch_model.bin)")
@@ -612,7 +613,6 @@ def load_model(path: str | os.PathLike, device: torch.device, *, dtype: str | No
 
     p = Path(path)
     files = _model_folder(p)
-    check_shard_index(p)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
