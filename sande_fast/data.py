@@ -513,11 +513,12 @@ def check_run_bounds(*, n_rows: int | None = None, context: int | None = None,
             raise BadInputError(f"{name} {_short(v)} is beyond the limit of {MAX_STEPS} steps")
     if context is not None:
         if max_new_tokens is not None and max_new_tokens >= context:
-            raise BadInputError(f"--max-new-tokens {_short(max_new_tokens)} does not fit the "
-                                f"model's context ({context} tokens); use at most {context - 2}")
+            raise BadInputError(f"--max-new-tokens {_short(max_new_tokens)}: the model's context "
+                                f"({context} tokens) leaves no room for a prompt; use at most "
+                                f"{context - 2}")
         if parrot_tokens is not None and parrot_tokens >= context:
-            raise BadInputError(f"--parrot-tokens {_short(parrot_tokens)} does not fit the model's "
-                                f"context ({context} tokens)")
+            raise BadInputError(f"--parrot-tokens {_short(parrot_tokens)}: the model's context "
+                                f"({context} tokens) leaves no room for a prompt")
     if token_budget is not None and token_budget > MAX_TOKEN_BUDGET:
         raise BadInputError(f"--token-budget {_short(token_budget)} is beyond the limit of "
                             f"{MAX_TOKEN_BUDGET} tokens per micro-batch")
