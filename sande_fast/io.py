@@ -158,7 +158,24 @@ def _folder_state(p: Path) -> tuple[set[str], bool]:
         names = set(os.listdir(p))
     except OSError as e:
         raise BadInputError(f"cannot read --out {p}: {e.strerror or e}") from None
-    return names, OUTPUT_MARKER in names
+    return names, OUTPUT_MARKER in names or _legacy_output(p, names)
+
+
+def _legacy_output(p: Path, names: set[str]) -> bool:
+    """An output written before :data:`OUTPUT_MARKER` existed: its ``report.json`` (sanitize,
+    demo) or ``toy.json`` (make-toy) has the keys only this tool writes."""
+    for name, keys in (("report.json", {"method", "before", "after", "timing", "environment"}),
+                       ("toy.json", {"trigger", "target", "recipe_version", "key"})):
+        if name in names:
+            try:
+                if (p / name).stat().st_size > 64 * 2**20:
+                    continue
+                obj = json.loads((p / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+                continue
+            if isinstance(obj, dict) and keys <= set(obj):
+                return True
+    return False
 
 
 def _mode_dir() -> int:

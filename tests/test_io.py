@@ -438,3 +438,19 @@ def test_disk_full_is_one_line() -> None:
     assert disk_error_line(RuntimeError("Error while serializing: IoError(Os { code: 28, kind: "
                                         "StorageFull, message: \"No space left on device\" })"))
     assert disk_error_line(RuntimeError("boom")) is None
+
+
+def test_an_output_from_before_the_marker_is_recognised(tmp_path: Path) -> None:
+    """Outputs written before the marker existed: report.json / toy.json with the tool's keys."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "report.json").write_text(json.dumps(
+        {"method": "sande", "before": {}, "after": {}, "timing": {}, "environment": {}}))
+    with atomic_dir(old, force=True) as tmp:
+        (tmp / "new").write_text("x")
+    assert sorted(os.listdir(old)) == sorted(["new", OUTPUT_MARKER])
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "report.json").write_text(json.dumps({"method": "mine"}))
+    with pytest.raises(BadInputError, match="not written by sande-fast"):
+        claim_out_dir(fake, True)
