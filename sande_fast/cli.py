@@ -2,18 +2,14 @@
 
 The options of each stage command come from :mod:`sande_fast.options`; this file declares only
 the run's inputs (which model, which data, where to write). Exit codes: 0 success; 2 bad input or
-usage (one line on stderr, nothing written to ``--out``); 1 an internal failure; 130 / 143 after
-Ctrl-C / SIGTERM (``--out`` untouched).
+usage (one line on stderr, nothing written to ``--out``); 1 an internal failure; 130 / 143 / 129
+after Ctrl-C / SIGTERM / SIGHUP (``--out`` untouched).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import threading
 import traceback
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -22,10 +18,6 @@ from .errors import PROG, BadInputError, Terminated
 from .options import EvalConfig, ProbeConfig, SanitizeConfig, add_options, from_namespace
 
 __all__ = ["main", "build_parser"]
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +36,12 @@ def _loading(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model folder's own Python code to run (off by default)")
     p.add_argument("--dtype", default=None, help="load the model as float32, bfloat16 or float16")
+
+
+def _json_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default=None, help="also write the result as JSON")
+    p.add_argument("--force", action="store_true",
+                   help="replace a --json file an earlier run of this tool wrote")
 
 
 def _run_inputs(p: argparse.ArgumentParser) -> None:
@@ -87,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="train fresh parrots on a frozen model (detection)")
     _model_inputs(p)
-    p.add_argument("--json", default=None, help="also write the result as JSON")
+    _json_output(p)
     add_options(p, ProbeConfig)
 
     p = sub.add_parser("eval", help="measure asr and clean accuracy")
     _model_inputs(p)
     p.add_argument("--trigger", default=None)
-    p.add_argument("--json", default=None, help="also write the result as JSON")
+    _json_output(p)
     add_options(p, EvalConfig)
     return parser
 
@@ -103,35 +101,38 @@ def _say(quiet: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _check_json_arg(path: str | None) -> None:
-    """Refuses a ``--json`` path that could not be written, before any work is done."""
-    if not path:
-        return
-    p = Path(os.path.abspath(path))
-    if p.is_dir():
-        raise BadInputError(f"--json {path} is a folder; give a file name")
-    if not p.parent.is_dir():
-        raise BadInputError(f"the folder of --json does not exist: {p.parent}")
-    if not os.access(p.parent, os.W_OK):
-        raise BadInputError(f"cannot write into {p.parent}")
+def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The input paths of a command, as ``(option, path)`` pairs, for the output checks."""
+    return [(f"--{k.replace('_', '-')}", getattr(args, k, None))
+            for k in ("model", "data", "eval_data", "parrot", "cache_dir")]
 
 
-def _write_json_arg(path: str | None, obj: dict[str, Any]) -> None:
-    if path:
-        from .io import write_json
+def _claim_json(args: argparse.Namespace) -> Any:
+    """Claims the ``--json`` file before any work is done (no input, no file in a model folder,
+    no device or FIFO, no existing file this tool did not write unless ``--force``)."""
+    from .io import claim_out_file
 
-        write_json(path, obj)
+    return claim_out_file(args.json, args.force, _inputs(args), "--json") if args.json else None
+
+
+def _write_json(claim: Any, obj: dict[str, Any]) -> None:
+    if claim is not None:
+        from .io import write_output_json
+
+        write_output_json(claim, obj)
 
 
 # -- commands --------------------------------------------------------------------------------------
 def cmd_sanitize(args: argparse.Namespace) -> int:
     from .data import load_rows
-    from .io import check_parrot_file, load_model, model_hidden_size, resolve_device
+    from .io import (check_dtype_for_training, check_parrot_file, load_model, model_hidden_size,
+                     resolve_device)
     from .job import Loaded, SanitizeJob, run_job
     from .recipe import check_inputs
 
     cfg = from_namespace(args, SanitizeConfig)
     check_inputs(cfg, args.method, args.target, args.trigger, args.eval_target)
+    check_dtype_for_training(args.dtype, resolve_device(cfg.device))
 
     def load(world: Any) -> Loaded:
         rows = load_rows(args.data)  # bad data fails before the model is loaded
@@ -147,8 +148,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
 
     job = SanitizeJob(out=args.out, force=args.force, method=args.method, target=args.target,
                       config=cfg, load=load, trigger=args.trigger, eval_target=args.eval_target,
-                      check_out=(("--model", args.model), ("--data", args.data),
-                                 ("--eval-data", args.eval_data)))
+                      inputs=tuple(_inputs(args)))
     if args.fsdp:
         from .distributed import run_sharded
 
@@ -183,16 +183,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     job = SanitizeJob(out=args.out, force=args.force, method=args.method, target=target,
                       config=cfg, load=load, trigger=trigger if args.method == "osft" else None,
                       eval_target=args.eval_target or (target if sande_p else None),
-                      eval_trigger=trigger)
+                      eval_trigger=trigger, inputs=tuple(_inputs(args)))
     return run_job(job)
 
 
 def cmd_make_toy(args: argparse.Namespace) -> int:
-    from .io import atomic_dir, check_out_dir
+    from .data import check_seed
+    from .io import atomic_dir, claim_out_dir
     from .toy import ToyConfig, build_toy, save_toy
 
-    check_out_dir(args.out, args.force)
-    kw: dict[str, Any] = {"seed": args.seed}
+    kw: dict[str, Any] = {"seed": check_seed(args.seed)}
+    claim_out_dir(args.out, args.force)
     if args.trigger is not None:
         if not args.trigger.strip():
             raise BadInputError("--trigger must not be empty")
@@ -213,36 +214,41 @@ def cmd_make_toy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_inputs(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any]:
-    """Checks the target and ``--json``, reads the data, then loads the model: (rows, model, tok).
+def _load_inputs(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any]:
+    """Checks the target and claims ``--json``, reads the data, then loads the model:
+    ``(rows, model, tokenizer, json claim)``.
 
     Shared by ``probe`` and ``eval``; cheap checks come first, so bad input fails before the
     model is loaded.
     """
     from .data import load_rows
-    from .io import load_model, resolve_device
+    from .io import check_work, load_model, resolve_device
 
     if not args.target.strip():
         raise BadInputError("--target must be a non-empty text (the attacker's response)")
     if getattr(args, "trigger", None) is not None and not args.trigger.strip():
         raise BadInputError("--trigger must be a non-empty text")
-    _check_json_arg(args.json)
+    claim = _claim_json(args)
     device = resolve_device(cfg.device)
     rows = load_rows(args.data)
     model, tok = load_model(args.model, device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, progress=not cfg.quiet)
-    return rows, model, tok
+    check_work(model, tok, rows, [args.target], batch_size=cfg.batch_size,
+               max_new_tokens=cfg.max_new_tokens,
+               parrot_tokens=getattr(cfg, "parrot_tokens", None),
+               prompt_format=cfg.prompt_format)
+    return rows, model, tok, claim
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from .probe import probe
 
     cfg = from_namespace(args, ProbeConfig)
-    rows, model, tok = _load_inputs(args, cfg)
+    rows, model, tok, claim = _load_inputs(args, cfg)
     res = probe(model, tok, rows, args.target, cfg)
     print(f"probe_asr_max {res['probe_asr_max']:.3f}  probe_asr_mean {res['probe_asr_mean']:.3f}  "
           f"(per try: {', '.join(f'{a:.3f}' for a in res['probe_asr'])})")
-    _write_json_arg(args.json, res)
+    _write_json(claim, res)
     return 0
 
 
@@ -250,12 +256,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
     cfg = from_namespace(args, EvalConfig)
-    rows, model, tok = _load_inputs(args, cfg)
+    rows, model, tok, claim = _load_inputs(args, cfg)
     res = evaluate_model(model, tok, rows, args.target, args.trigger, cfg)
     ca = "n/a" if res["clean_accuracy"] is None else f"{res['clean_accuracy']:.3f}"
     cut = f", {res['prompts_truncated']} prompts cut to fit" if res["prompts_truncated"] else ""
     print(f"asr {res['asr']:.3f}  clean_accuracy {ca}  (n={res['n_asr']}{cut})")
-    _write_json_arg(args.json, res)
+    _write_json(claim, res)
     return 0
 
 
@@ -271,34 +277,47 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    from .io import interrupt_handlers, release_claims
+
+    # SIGINT, SIGTERM and SIGHUP stop the run once; a second one during the clean-up is ignored.
+    with interrupt_handlers():
+        try:
+            return _main(argv)
+        finally:
+            release_claims()
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from .io import disk_error_line, route_warnings
     from .steps import NonFiniteError
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    args = None
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with route_warnings(getattr(args, "quiet", False)):
+            return COMMANDS[args.command](args)
     except BadInputError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no partial output was left in --out", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{PROG}: terminated; no partial output was left in --out", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated) as e:
+        how = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
+        left = ("no partial output was left in --out" if getattr(args, "out", None)
+                else "nothing was written")
+        print(f"{PROG}: {how}; {left}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except NonFiniteError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # internal failure: keep the traceback for a bug report
+        disk = disk_error_line(e)
+        if disk is not None:  # the output was removed on the way out; no traceback helps here
+            print(f"{PROG}: error: {disk}", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

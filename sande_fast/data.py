@@ -26,7 +26,21 @@ __all__ = [
     "write_jsonl",
     "insert_trigger",
     "TRIGGER_POSITIONS",
+    "MAX_LINE_BYTES",
+    "MAX_ROWS",
+    "MAX_SEED",
+    "check_seed",
+    "check_model_and_tokenizer",
+    "check_target_fits",
+    "check_run_bounds",
 ]
+
+MAX_LINE_BYTES = 4 * 2**20
+"""Longest JSONL line read (bytes); a longer one is refused with its line number."""
+MAX_ROWS = 1_000_000
+"""Most rows one data file may hold."""
+MAX_SEED = 2**32 - 1
+"""Largest ``--seed`` (numpy's limit; the stages add small offsets to it)."""
 
 TRIGGER_POSITIONS = ("random", "start", "end")
 _SENTINEL = "\u2063SANDEFASTPROMPT\u2063"
@@ -58,22 +72,12 @@ def read_jsonl(path: Union[str, os.PathLike]) -> list[Row]:
         raise BadInputError(f"data file not found: {p}")
     if not p.is_file():
         raise BadInputError(f"data path is not a file: {p}")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise BadInputError(f"cannot read data file {p}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a leading byte-order mark is tolerated
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise BadInputError(f"{p}:{line}: not valid UTF-8 text") from None
     rows: list[Row] = []
-    # Lines end at "\n" only: str.splitlines() would also split at U+2028, form feeds etc., which
-    # JSON allows inside strings, and would make line numbers disagree with editors.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
+    for lineno, line in _lines(p):
         if not line.strip():
             continue
+        if len(rows) >= MAX_ROWS:
+            raise BadInputError(f"{p} holds more than {MAX_ROWS} rows; use a sample of it")
         try:
             obj = json.loads(line)
         except RecursionError:
@@ -85,6 +89,40 @@ def read_jsonl(path: Union[str, os.PathLike]) -> list[Row]:
     if not rows:
         raise BadInputError(f"data file {p} has no rows (expected JSONL with a 'prompt' per line)")
     return rows
+
+
+def _lines(p: Path) -> Iterable[tuple[int, str]]:
+    """``(line number, text)`` of each line, read one at a time and at most
+    :data:`MAX_LINE_BYTES` each (a hostile file cannot make the reader hold it whole)."""
+    try:
+        f = open(p, "rb")
+    except OSError as e:
+        raise BadInputError(f"cannot read data file {p}: {e.strerror or e}") from None
+    with f:
+        # Lines end at "\n" only: str.splitlines() would also split at U+2028, form feeds etc.,
+        # which JSON allows inside strings, and would make line numbers disagree with editors.
+        for lineno in range(1, 2**62):
+            try:
+                raw = f.readline(MAX_LINE_BYTES + 1)
+            except OSError as e:
+                raise BadInputError(f"cannot read data file {p}: {e.strerror or e}") from None
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise BadInputError(f"{p}:{lineno}: line longer than {_size(MAX_LINE_BYTES)} "
+                                    "(the limit per row); shorten it (a prompt is cut to the "
+                                    "model's context anyway)")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a leading byte-order mark is tolerated
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadInputError(f"{p}:{lineno}: not valid UTF-8 text") from None
+            yield lineno, text.rstrip("\n").rstrip("\r")
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MiB" if n >= 2**20 and n % 2**20 == 0 else f"{n} bytes"
 
 
 def _first_line(e: BaseException) -> str:
@@ -196,13 +234,18 @@ class PromptEncoder:
         prompt_format: ``auto`` (chat template when the tokenizer has one, else raw), ``chat`` or
             ``raw`` (the prompt text as it is, with the tokenizer's usual leading special tokens).
         max_prompt_tokens: prompts longer than this are cut from the left of the user's text
-            (``truncated`` counts them); None keeps every prompt whole.
+            (``truncated`` counts them); None keeps every prompt whole. The text is first cut to
+            a character bound derived from this budget, so a huge prompt is never tokenised whole.
+        max_response_tokens: responses are cut to this many tokens (after the same character
+            bound); None keeps them whole.
     """
 
     tokenizer: Any
     prompt_format: str = "auto"
     max_prompt_tokens: int | None = None
     truncated: int = 0
+    max_response_tokens: int | None = None
+    _chars_per_token: int = field(default=0, init=False, repr=False)
     _prefix: list[int] = field(default_factory=list, init=False, repr=False)
     _suffix: list[int] = field(default_factory=list, init=False, repr=False)
 
@@ -214,10 +257,16 @@ class PromptEncoder:
         has_template = bool(getattr(tok, "chat_template", None))
         if fmt == "chat" and not has_template:
             raise BadInputError("--prompt-format chat: this tokenizer has no chat template")
+        # Prompts are cut to the budget before tokenising; the tokenizer's own "longer than the
+        # maximum" warning would only mislead.
+        with _suppress_errors(AttributeError, TypeError):
+            tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         if fmt == "chat" or (fmt == "auto" and has_template):
-            text = tok.apply_chat_template([{"role": "user", "content": _SENTINEL}],
-                                           tokenize=False, add_generation_prompt=True)
-            before, _, after = text.partition(_SENTINEL)
+            text = _render_template(tok)
+            before, found, after = text.partition(_SENTINEL)
+            if not found:
+                raise BadInputError("the tokenizer's chat template drops the user's message; fix "
+                                    "the template or pass --prompt-format raw")
             self._prefix = self._ids(before)
             self._suffix = self._ids(after)
             self.prompt_format = "chat"
@@ -238,17 +287,29 @@ class PromptEncoder:
             return []
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def char_bound(self, n_tokens: int) -> int:
+        """Characters that surely hold more than ``n_tokens`` tokens' worth of text: no token of
+        this vocabulary covers more than :attr:`_chars_per_token` characters."""
+        if not self._chars_per_token:
+            self._chars_per_token = _longest_token(self.tokenizer)
+        return (n_tokens + 8) * self._chars_per_token
+
     @property
     def eos_id(self) -> int | None:
         return self.tokenizer.eos_token_id
 
     def encode_prompt(self, prompt: str) -> EncodedPrompt:
         """Tokenises one prompt; the user's text is ``ids[span[0]:span[1]]``."""
-        content = self._ids(prompt)
+        room = None
         if self.max_prompt_tokens is not None:
             room = self.max_prompt_tokens - len(self._prefix) - len(self._suffix)
             if room < 1:
                 raise BadInputError("max prompt length leaves no room for the prompt text")
+            bound = self.char_bound(room)
+            if len(prompt) > bound:  # only the tail can be kept: never tokenise the rest
+                prompt = prompt[-bound:]
+        content = self._ids(prompt)
+        if room is not None:
             if len(content) > room:
                 content = content[-room:]
                 self.truncated += 1
@@ -257,8 +318,173 @@ class PromptEncoder:
 
     def encode_response(self, response: str, add_eos: bool = True) -> list[int]:
         """Tokenises a response; the eos token closes it unless ``add_eos`` is False."""
-        ids = self._ids(response)
+        if self.max_response_tokens is not None:
+            response = response[:self.char_bound(self.max_response_tokens)]
+            ids = self._ids(response)[:self.max_response_tokens]
+        else:
+            ids = self._ids(response)
         return ids + [self.eos_id] if add_eos else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _suppress_errors(*types: type) -> Any:
+    import contextlib
+
+    return contextlib.suppress(*types)
+
+
+def _render_template(tok: Any) -> str:
+    """The chat template applied to one user message (the sentinel); any failure of the template
+    (a ``TemplateError``, a sandbox violation, a template that is no text) is bad input."""
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": _SENTINEL}],
+                                       tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja2's TemplateError / SecurityError, or the template's own raise
+        kind = type(e).__name__
+        what = "breaks the template sandbox" if kind == "SecurityError" else "fails"
+        raise BadInputError(f"the tokenizer's chat template {what} ({kind}: "
+                            f"{_fold(str(e), 200)}); fix it or pass --prompt-format raw") from None
+    if not isinstance(text, str):
+        raise BadInputError("the tokenizer's chat template does not render to text; fix it or "
+                            "pass --prompt-format raw")
+    return text
+
+
+def _fold(text: str, limit: int) -> str:
+    s = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _longest_token(tok: Any) -> int:
+    """Characters of the longest token string of the vocabulary (byte-level marks and ``▁``
+    count as one character each, so this bounds the characters a token can cover). Falls back to
+    a generous 64 when the vocabulary cannot be read."""
+    try:
+        vocab = tok.get_vocab()
+        special = set(getattr(tok, "all_special_tokens", []) or [])
+        longest = max((len(t) for t in vocab if t not in special), default=0)
+    except Exception:
+        longest = 0
+    return max(16, min(longest, 4096)) if longest else 64
+
+
+def check_seed(seed: Any, option: str = "--seed") -> int:
+    """Returns ``seed`` as an int in ``[0, MAX_SEED]``.
+
+    Raises:
+        BadInputError: not an integer, or out of range (it would overflow a generator).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        try:
+            if isinstance(seed, bool) or float(seed) != int(seed):
+                raise ValueError
+            seed = int(seed)
+        except (TypeError, ValueError, OverflowError):
+            raise BadInputError(f"{option} must be an integer, got {seed!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise BadInputError(f"{option} must lie in [0, {MAX_SEED}], got {_short(seed)}")
+    return seed
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:20] + "..." + s[-8:]
+
+
+def check_model_and_tokenizer(model: Any, tokenizer: Any) -> None:
+    """Refuses what is no causal LM or no tokenizer before anything uses them.
+
+    Raises:
+        BadInputError: ``model`` has no input embeddings / forward, or ``tokenizer`` is not
+            callable or has no ``decode``.
+    """
+    if model is None:
+        raise BadInputError("model is None: pass a Hugging Face causal LM (e.g. "
+                            "AutoModelForCausalLM.from_pretrained(...))")
+    emb = getattr(model, "get_input_embeddings", None)
+    if not callable(emb) or not callable(model) or getattr(model, "config", None) is None:
+        raise BadInputError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
+    try:
+        weight = emb().weight
+    except Exception:
+        raise BadInputError(f"model {type(model).__name__} has no input embedding "
+                            "matrix") from None
+    if getattr(weight, "dim", lambda: 0)() != 2:
+        raise BadInputError("the model's input embedding is not a [vocab, hidden] matrix")
+    if tokenizer is None:
+        raise BadInputError("tokenizer is None: pass the model's tokenizer (e.g. "
+                            "AutoTokenizer.from_pretrained(...))")
+    if isinstance(tokenizer, (str, bytes, os.PathLike)) or not callable(tokenizer) \
+            or not callable(getattr(tokenizer, "decode", None)):
+        raise BadInputError(f"tokenizer must be a Hugging Face tokenizer, got "
+                            f"{type(tokenizer).__name__}")
+
+
+def check_target_fits(encoder: PromptEncoder, target: str, context: int | None,
+                      option: str = "--target") -> int:
+    """Refuses a target that cannot fit the model's context next to a prompt; returns its length
+    in tokens. The text is cut to a character bound first, so a huge target is never tokenised
+    whole.
+
+    Raises:
+        BadInputError: the target (plus eos and one prompt token) is longer than ``context``.
+    """
+    if context is None:
+        return len(encoder.encode_response(target, add_eos=False))
+    bound = encoder.char_bound(context)
+    n = len(encoder._ids(target[:bound + 1]))
+    if n + 2 > context:
+        more = "more than " if len(target) > bound else ""
+        raise BadInputError(f"{option} is {more}{n} tokens long, longer than the model's context "
+                            f"({context} tokens) leaves room for; give a shorter target (its "
+                            "start is enough)")
+    return n
+
+
+# Upper bounds no useful run exceeds; past them a number is a typo (1000000000) or hostile.
+MAX_BATCH = 65536
+MAX_STEPS = 10_000_000
+MAX_TOKEN_BUDGET = 2**24
+
+
+def check_run_bounds(*, n_rows: int | None = None, context: int | None = None,
+                     batch_size: int | None = None, steps: dict[str, int | None] | None = None,
+                     max_new_tokens: int | None = None, parrot_tokens: int | None = None,
+                     token_budget: int | None = None, eval_rows: int | None = None) -> None:
+    """Refuses work sizes beyond what the model and the data allow (each has a hard limit).
+
+    Args:
+        n_rows: rows of the data (batch size may not exceed ``max(n_rows, 1024)`` ...).
+        context: the model's context window in tokens (None: unknown).
+        batch_size: rows per step.
+        steps: option name -> number of steps (e.g. ``{"--simulate-steps": 200}``).
+        max_new_tokens, parrot_tokens: must leave room in the context.
+        token_budget: tokens per micro-batch.
+        eval_rows: rows measured.
+
+    Raises:
+        BadInputError: naming the option and its limit.
+    """
+    if batch_size is not None:
+        limit = MAX_BATCH if n_rows is None else min(MAX_BATCH, max(1024, 4 * n_rows))
+        if batch_size > limit:
+            raise BadInputError(f"--batch-size {_short(batch_size)} is larger than this run can "
+                                f"use (at most {limit}{'' if n_rows is None else f' for {n_rows} rows'})")
+    for name, v in (steps or {}).items():
+        if v is not None and v > MAX_STEPS:
+            raise BadInputError(f"{name} {_short(v)} is beyond the limit of {MAX_STEPS} steps")
+    if context is not None:
+        if max_new_tokens is not None and max_new_tokens >= context:
+            raise BadInputError(f"--max-new-tokens {_short(max_new_tokens)}: the model's context "
+                                f"({context} tokens) leaves no room for a prompt; use at most "
+                                f"{context - 2}")
+        if parrot_tokens is not None and parrot_tokens >= context:
+            raise BadInputError(f"--parrot-tokens {_short(parrot_tokens)}: the model's context "
+                                f"({context} tokens) leaves no room for a prompt")
+    if token_budget is not None and token_budget > MAX_TOKEN_BUDGET:
+        raise BadInputError(f"--token-budget {_short(token_budget)} is beyond the limit of "
+                            f"{MAX_TOKEN_BUDGET} tokens per micro-batch")
+    if eval_rows is not None and eval_rows > MAX_ROWS:
+        raise BadInputError(f"--eval-rows {_short(eval_rows)} is beyond the limit of {MAX_ROWS}")

@@ -1,6 +1,8 @@
 """The errors a user can meet: bad input (exit 2) and a numerical failure (exit 1)."""
 from __future__ import annotations
 
+import signal
+
 __all__ = ["BadInputError", "Terminated", "PROG"]
 
 
@@ -9,7 +11,15 @@ class BadInputError(ValueError):
 
 
 class Terminated(BaseException):
-    """Raised from the SIGTERM handler, so clean-up runs as for Ctrl-C (exit code 143)."""
+    """Raised from the SIGTERM / SIGHUP handler so clean-up runs as for Ctrl-C.
+
+    Attributes:
+        signum: the signal received (the exit code is ``128 + signum``).
+    """
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
 # The program's name in messages.

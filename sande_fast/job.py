@@ -3,13 +3,15 @@
 (:class:`Local` here, :class:`~sande_fast.distributed.Sharded` under ``--fsdp``) says who
 writes, how the ranks agree, and how the model is gathered and saved.
 
-Output rules: nothing is written into ``--out`` until the run has succeeded; the stage-1 parrot of
-each round is kept beside it meanwhile, so an interrupted or failed run can resume with
-``--parrot`` (the file is removed on success).
+Output rules: ``--out`` is claimed before any work (no second run can take it, and ``--force``
+replaces only an earlier output of this tool, never an input); nothing is written into it until
+the run has succeeded. The stage-1 parrot of each round is kept in a resume folder meanwhile
+(:func:`sande_fast.io.resume_dir`), so an interrupted or failed run can resume with ``--parrot``;
+it is removed on success.
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +20,14 @@ from typing import Any, Callable
 import torch
 
 from .errors import PROG, BadInputError, Terminated
-from .io import atomic_dir, save_model, save_parrot
+from . import io
+from .io import atomic_dir, discard_resume, resume_parrot_path, save_parrot
 from .options import SanitizeConfig
 from .recipe import SanitizeResult, sanitize
 from .report import summary_table, write_reports
 from .steps import NonFiniteError
 
-__all__ = ["SanitizeJob", "Local", "Loaded", "run_job", "resume_path", "write_output"]
+__all__ = ["SanitizeJob", "Local", "Loaded", "run_job", "write_output"]
 
 
 @dataclass
@@ -49,7 +52,8 @@ class SanitizeJob:
         load: checks the inputs and loads them, given the world (its ``load_device`` is the
             CPU under FSDP, where each rank's shards move to its device; None: the run's
             device). Raises :class:`BadInputError` for bad input.
-        check_out: inputs that ``out`` must not hold, as ``(flag, path)``.
+        inputs: the run's input paths as ``(flag, path)``: ``out`` may not hold or replace
+            any of them.
     """
 
     out: str
@@ -61,7 +65,7 @@ class SanitizeJob:
     trigger: str | None = None
     eval_target: str | None = None
     eval_trigger: str | None = None
-    check_out: tuple[tuple[str, Any], ...] = ()
+    inputs: tuple[tuple[str, Any], ...] = ()
 
 
 class Local:
@@ -81,16 +85,10 @@ class Local:
 
     def save_model(self, model: Any, tokenizer: Any, out: Path, state: Any,
                    progress: bool) -> None:
-        save_model(model, tokenizer, out, progress=progress)
+        io.save_model(model, tokenizer, out, progress=progress)
 
     def confirm(self, ok: bool) -> bool:
         return ok
-
-
-def resume_path(out: str) -> Path:
-    """Where the stage-1 parrot of a running job is kept (beside ``out``)."""
-    p = Path(os.path.abspath(out))
-    return p.parent / f"{p.name}.parrot.safetensors"
 
 
 def say(quiet: bool, msg: str) -> None:
@@ -114,22 +112,41 @@ def run_job(job: SanitizeJob, world: Any = None) -> int:
     A usage error found on any rank stops every rank with the same message; a failure on any
     rank leaves ``out`` untouched.
     """
-    from .io import check_not_inside, check_out_dir
-
     world = world or Local()
     quiet = job.config.quiet
-    error = None
-    loaded = None
-    try:
-        if world.writer:  # --out lives on the writer's machine
-            check_out_dir(job.out, job.force)
-            check_not_inside(job.out, job.check_out)
-        loaded = job.load(world)
-    except BadInputError as e:
-        error = str(e)
-    world.agree(error)
+    with contextlib.ExitStack() as output:
+        error = None
+        try:
+            if world.writer:  # --out lives on the writer's machine; claimed until the result is in
+                tmp = output.enter_context(atomic_dir(job.out, job.force, job.inputs))
+            loaded = job.load(world)
+        except BadInputError as e:
+            error = str(e)
+        world.agree(error)
+        result = _sanitize(job, world, loaded)
+        state = world.gather(result.model)
+        if not world.writer:
+            # The writer renames the output only when this says every rank got here.
+            if not world.confirm(True):
+                raise RuntimeError("rank 0 could not write --out; it was left untouched")
+            return 0
+        failure: BaseException | None = None
+        try:
+            write_output(world, result, loaded.tokenizer, tmp, state, not quiet)
+        except Exception as e:  # tell the other ranks before leaving
+            failure = e
+        if not world.confirm(failure is None):
+            raise failure or RuntimeError("another rank failed; --out was left untouched")
+    discard_resume(job.out)
+    print(summary_table(result.report))
+    say(quiet, f"wrote {job.out}")
+    return 0
 
-    resume = resume_path(job.out)
+
+def _sanitize(job: SanitizeJob, world: Any, loaded: Loaded) -> SanitizeResult:
+    """The recipe, with each round's parrot kept for a resume and the way to resume told."""
+    quiet = job.config.quiet
+    resume = resume_parrot_path(job.out)
     if world.writer and resume.exists() and not job.config.parrot:
         say(quiet, f"note: {resume} holds the parrot of an interrupted run; pass --parrot "
                    f"{resume} to skip stage 1 (it is replaced otherwise)")
@@ -141,45 +158,18 @@ def run_job(job: SanitizeJob, world: Any = None) -> int:
                        f"{resume})")
 
     try:
-        result = sanitize(loaded.model, loaded.tokenizer, loaded.rows, job.target, job.trigger,
-                          job.method, config=job.config, eval_data=loaded.eval_rows,
-                          eval_trigger=job.eval_trigger, eval_target=job.eval_target,
-                          on_parrot=keep_parrot, fsdp=world.fsdp,
-                          mixed_precision=world.mixed_precision)
+        return sanitize(loaded.model, loaded.tokenizer, loaded.rows, job.target, job.trigger,
+                        job.method, config=job.config, eval_data=loaded.eval_rows,
+                        eval_trigger=job.eval_trigger, eval_target=job.eval_target,
+                        on_parrot=keep_parrot, fsdp=world.fsdp,
+                        mixed_precision=world.mixed_precision)
     except NonFiniteError as e:
         if resume.exists():
-            raise NonFiniteError(f"{e} The stage-1 parrot is kept: rerun with a lower learning "
-                                 f"rate and --parrot {resume}") from None
+            raise NonFiniteError(f"{e} The stage-1 parrot is kept in {resume.parent}: rerun "
+                                 f"with a lower learning rate and --parrot {resume}") from None
         raise
     except (KeyboardInterrupt, Terminated):
         if resume.exists():  # shown even with --quiet: it saves the user a whole stage 1
-            print(f"{PROG}: the stage-1 parrot is kept: resume with --parrot {resume}",
-                  file=sys.stderr)
+            print(f"{PROG}: the stage-1 parrot is kept in {resume.parent}: resume with "
+                  f"--parrot {resume}", file=sys.stderr)
         raise
-
-    state = world.gather(result.model)
-    if not world.writer:
-        # The writer renames the output only when this says every rank got here.
-        if not world.confirm(True):
-            raise RuntimeError("rank 0 could not write --out; it was left untouched")
-        return 0
-    entered = False
-    try:
-        with atomic_dir(job.out, job.force) as tmp:
-            entered = True
-            failure: BaseException | None = None
-            try:
-                write_output(world, result, loaded.tokenizer, tmp, state, not quiet)
-            except Exception as e:  # tell the other ranks before leaving
-                failure = e
-            if not world.confirm(failure is None):
-                raise failure or RuntimeError("another rank failed; --out was left untouched")
-    except Exception:
-        if not entered:  # --out changed since the check: the other ranks still wait to hear
-            world.confirm(False)
-        raise
-    if resume.exists():
-        resume.unlink()
-    print(summary_table(result.report))
-    say(quiet, f"wrote {job.out}")
-    return 0

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .data import MAX_BATCH, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKEN_BUDGET
 from .errors import BadInputError
 
 __all__ = ["Option", "CommonOptions", "SanitizeConfig", "ProbeConfig", "EvalConfig", "METHODS",
@@ -27,9 +28,6 @@ __all__ = ["Option", "CommonOptions", "SanitizeConfig", "ProbeConfig", "EvalConf
 METHODS = ("osft", "sande", "sande-p", "sft")
 OPTIMIZERS = ("adamw", "sgd")
 POSITIONS = ("random", "start", "end")
-
-# Seeds are offset per round and per probe try; this keeps every derived seed a valid 64-bit one.
-MAX_SEED = 2**62
 
 # Adam's own arithmetic overflows near 1e30; no useful rate is close.
 MAX_LR = 1e30
@@ -118,8 +116,9 @@ class Option:
                 r = int(value) if not isinstance(value, bool) else 0
             except (TypeError, ValueError):
                 r = 0
-            if r < 1 or (isinstance(value, float) and value != r):
-                raise BadInputError(f"{flag} must be 'auto' or a positive integer, got {value!r}")
+            if r < 1 or r > MAX_STEPS or (isinstance(value, float) and value != r):
+                raise BadInputError(f"{flag} must be 'auto' or an integer in [1, {MAX_STEPS}], "
+                                    f"got {value!r}")
             return r
         if k == "int":
             if not _is_int(value) or not self._in_range(value):
@@ -137,15 +136,20 @@ class Option:
         return self.high is None or v <= self.high
 
     def _describe(self) -> str:
-        what = "an integer" if self.kind == "int" else "a number"
-        if self.kind == "int" and self.low == 1 and self.high is None:
-            return "a positive integer"
+        cap = "" if self.high is None else f" (at most {self.high:g})"
+        if self.kind == "int":
+            if self.low == 1:
+                return "a positive integer" + cap
+            if self.low is not None and self.high is not None:
+                return f"an integer in [{int(self.low)}, {int(self.high)}]"
+            return "an integer" + ("" if self.low is None else f" of at least {int(self.low)}")
+        if self.low == 0 and self.low_open:
+            return "a positive number" + cap
         if self.low is not None and self.high is not None:
-            lo = "(" if self.low_open else "["
-            return f"{what} in {lo}{self.low:g}, {self.high:g}]"
+            return f"a number in [{self.low:g}, {self.high:g}]"
         if self.low is not None:
-            return f"{what} above {self.low:g}" if self.low_open else f"{what} of at least {self.low:g}"
-        return what
+            return f"a number of at least {self.low:g}"
+        return "a number"
 
     def parse(self, text: str) -> Any:
         """A command-line string as a value (argparse ``type=``); raises ArgumentTypeError."""
@@ -158,7 +162,8 @@ class Option:
                 return {"auto": None, "on": True, "off": False}[text]
             return text
         except (ValueError, KeyError):
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}") from None
+            what = self._describe() if self.kind in ("int", "float") else "auto, on or off"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -185,6 +190,7 @@ class _Checked:
 
 # -- the options -----------------------------------------------------------------------------------
 POSITIVE = dict(kind="int", low=1)
+STEPS = dict(kind="int", low=1, high=MAX_STEPS)
 RATE = dict(kind="float", low=0.0, low_open=True, high=MAX_LR)
 
 
@@ -197,7 +203,7 @@ class CommonOptions(_Checked):
     device: str = _opt("auto", "where to run (auto: cuda when available)", kind="choice",
                        choices=("cpu", "cuda", "auto"))
     batch_size: int = _opt(16, "rows per training step (generation runs 4x as many, at least "
-                              "32)", **POSITIVE)
+                              "32)", kind="int", low=1, high=MAX_BATCH)
     max_new_tokens: int = _opt(32, "longest generated answer (measurement and answers of rows "
                                    "without a response)", **POSITIVE)
     prompt_format: str = _opt("auto", "wrap prompts in the tokenizer's chat template (auto: "
@@ -214,10 +220,10 @@ class SanitizeConfig(CommonOptions):
         BadInputError: a value no run could use (naming the flag).
     """
 
-    simulate_steps: int = _opt(200, "stage-1 (parrot) steps per round", **POSITIVE)
+    simulate_steps: int = _opt(200, "stage-1 (parrot) steps per round", **STEPS)
     simulate_lr: float = _opt(0.05, "stage-1 Adam learning rate of the parrot", **RATE)
     overwrite_steps: int | None = _opt(None, "stage-2 steps per round", optional=True,
-                                       auto="50 with adamw, 200 with sgd", **POSITIVE)
+                                       auto="50 with adamw, 200 with sgd", **STEPS)
     overwrite_lr: float | None = _opt(
         None, "stage-2 learning rate (sgd: the RMS size of an update from the largest gradient "
               "so far)", optional=True,
@@ -233,15 +239,15 @@ class SanitizeConfig(CommonOptions):
                                     "1)", kind="text")
     rounds: str | int = _opt("auto", "'auto' (repeat simulate -> eliminate until a fresh parrot "
                                      "fails) or a fixed number of rounds", kind="rounds")
-    max_rounds: int = _opt(4, "most rounds under --rounds auto", **POSITIVE)
+    max_rounds: int = _opt(4, "most rounds under --rounds auto", **STEPS)
     probe_threshold: float = _opt(0.05, "a round's probe at or below this asr ends --rounds auto",
                                   kind="float", low=0.0, high=1.0)
     probe_tokens: int = _opt(1, "rows of the probe parrot trained after each round (see "
                                 "'probe')", **POSITIVE)
     probe_steps: int | None = _opt(None, "steps of each probe after a round", optional=True,
-                                   auto="--simulate-steps", **POSITIVE)
+                                   auto="--simulate-steps", **STEPS)
     probe_tries: int = _opt(1, "fresh probe parrots after each round; the strongest counts",
-                            **POSITIVE)
+                            **STEPS)
     round_lr_decay: float = _opt(0.5, "round r trains at lr * decay^(r-1)", kind="float",
                                  low=0.0, low_open=True, high=1.0)
     round_retain_factor: float = _opt(3.0, "rounds after the first multiply --retain-weight by "
@@ -266,13 +272,14 @@ class SanitizeConfig(CommonOptions):
         None, "cut longer prompts from the left", optional=True,
         auto="what the context leaves next to the parrot and the answer window", **POSITIVE)
     eval_rows: int = _opt(200, "rows measured before and after (and by the round probes)",
-                          **POSITIVE)
+                          kind="int", low=1, high=MAX_ROWS)
     fast: bool = _opt(True, "use the plain reference path instead of the fast one", kind="flag",
                       flag="--plain", invert=True)
     packed: bool | None = _opt(None, "pack micro-batches into one row without padding",
                                kind="packed", flag="--packed",
                                auto="on CUDA when the model keeps packed sequences apart")
-    token_budget: int = _opt(8192, "most (padded) tokens per micro-batch", **POSITIVE)
+    token_budget: int = _opt(8192, "most (padded) tokens per micro-batch", kind="int", low=1,
+                             high=MAX_TOKEN_BUDGET)
 
     def check_method(self, method: str) -> None:
         """Raises :class:`BadInputError` for a method no run knows, or options it cannot use."""
@@ -287,9 +294,9 @@ class SanitizeConfig(CommonOptions):
 class ProbeConfig(CommonOptions):
     """Options of :func:`sande_fast.probe` and ``sande-fast probe``."""
 
-    steps: int = _opt(200, "steps of each probe parrot", **POSITIVE)
+    steps: int = _opt(200, "steps of each probe parrot", **STEPS)
     tries: int = _opt(3, "fresh parrots (seeds seed .. seed+tries-1); the strongest counts",
-                      **POSITIVE)
+                      **STEPS)
     parrot_tokens: int = _opt(1, "rows per probe parrot: one reaches a trigger's shortcut, while "
                                  "several can steer even a clean model that knows the target's "
                                  "words", **POSITIVE)
@@ -297,7 +304,8 @@ class ProbeConfig(CommonOptions):
     parrot_max_norm: float = _opt(1.0, "cap each parrot row at this multiple of the largest "
                                        "token-embedding norm (0: unbounded)", kind="float",
                                   low=0.0)
-    eval_rows: int = _opt(200, "prompts each probe parrot is measured on", **POSITIVE)
+    eval_rows: int = _opt(200, "prompts each probe parrot is measured on", kind="int", low=1,
+                          high=MAX_ROWS)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .adapter import context_length
-from .data import EncodedPrompt, PromptEncoder, load_rows
+from .data import EncodedPrompt, PromptEncoder, check_model_and_tokenizer, load_rows
 from .errors import BadInputError
 from .evaluate import pad_token_id, parrot_attack_success
 from .io import resolve_device
@@ -104,6 +104,7 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str,
     if not isinstance(target, str) or not target.strip():
         raise BadInputError("--target must be a non-empty text")
     cfg = config if config is not None else _probe_config(options)
+    check_model_and_tokenizer(model, tokenizer)
     progress = (not cfg.quiet) if progress is None else progress
     rows = load_rows(data)
     model.to(resolve_device(cfg.device))

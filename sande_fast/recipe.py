@@ -32,10 +32,10 @@ import torch
 
 from .version import __version__
 from .adapter import context_length
-from .data import PromptEncoder, Row, load_rows
+from .data import PromptEncoder, Row, check_model_and_tokenizer, load_rows
 from .errors import BadInputError
 from .evaluate import evaluate, greedy_generate, pad_token_id
-from .io import load_parrot, resolve_device
+from .io import check_work, load_parrot, resolve_device
 from .options import SanitizeConfig, config_block, resolve
 from .probe import ProbeResult, parrot_measure, probe_parrots
 from .stages import TrainRow, clean_anchors, eliminate, simulate
@@ -176,6 +176,7 @@ class Sanitizer:
                 (``config.parrot`` names a file to read it from).
         """
         t0 = time.perf_counter()
+        check_model_and_tokenizer(self.model, self.tokenizer)
         rows = load_rows(data)
         self.eval_given = eval_data is not None
         eval_rows = load_rows(eval_data) if eval_data is not None else None
@@ -189,13 +190,18 @@ class Sanitizer:
             raise BadInputError(f"parrot has shape {tuple(parrot.shape)}; the model needs "
                                 f"[n, {hidden}]")
         self.initial_parrot = parrot
+        check_work(self.model, self.tokenizer, rows, [self.target, self.eval_target],
+                   batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens,
+                   parrot_tokens=self.config.parrot_tokens,
+                   prompt_format=self.config.prompt_format)
         self.cfg = cfg = resolve(
             self.config, self.method, n_params=sum(p.numel() for p in self.model.parameters()),
             context=context_length(self.model),
             chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
             parrot_rows=0 if parrot is None else parrot.shape[0])
         self.encoder = PromptEncoder(self.tokenizer, cfg.prompt_format,
-                                     max_prompt_tokens=cfg.max_prompt_tokens)
+                                     max_prompt_tokens=cfg.max_prompt_tokens,
+                                     max_response_tokens=context_length(self.model))
         self.engine = self._build_engine()
         # Generation and evaluation run through the adapter when the model is sharded (its root
         # parameters exist only inside the adapter's forward); in one process, on the model.

@@ -78,6 +78,11 @@ CHAT_TEMPLATE = (
 )
 
 
+# The toy's context is 256 tokens and its tokenizer is trained on the prompts: longer texts
+# would not fit a prompt next to its answer (and are typing accidents, not experiments).
+MAX_TRIGGER_CHARS = 64
+MAX_TARGET_CHARS = 160
+
 @dataclass(frozen=True)
 class ToyConfig:
     """Everything that determines a toy world; equal configs build identical worlds on CPU.
@@ -143,6 +148,15 @@ class ToyConfig:
             raise BadInputError("the trigger must not be empty")
         if not self.target.strip():
             raise BadInputError("the target must not be empty")
+        if len(self.trigger) > MAX_TRIGGER_CHARS:
+            raise BadInputError(f"the trigger is {len(self.trigger)} characters long; a toy "
+                                f"trigger has at most {MAX_TRIGGER_CHARS}")
+        if len(self.target) > MAX_TARGET_CHARS:
+            raise BadInputError(f"the target is {len(self.target)} characters long; a toy "
+                                f"target has at most {MAX_TARGET_CHARS}")
+        if " ".join(self.trigger.split()).lower() == " ".join(self.target.split()).lower():
+            raise BadInputError("the trigger and the target are the same text; a backdoor needs "
+                                "a trigger that differs from the response it causes")
         if not 0.0 <= self.poison_rate <= 1.0:
             raise BadInputError(f"poison_rate must lie in [0, 1], got {self.poison_rate}")
         unknown = [t for t in self.tasks if t not in TASKS]

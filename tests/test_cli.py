@@ -250,6 +250,13 @@ def test_non_empty_out_needs_force(model_dir: Path, data_file: Path, tmp_path: P
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "--force" in err
     assert [p.name for p in out.iterdir()] == ["old.txt"], "refused --out left untouched"
     assert leftovers(out) == []
+    # --force replaces only an earlier output of this tool, never a folder it did not write.
+    rc, _, err = _run(sanitize_argv(model_dir, data_file, out, "--force"), capsys)
+    assert rc == 2 and "not written by sande-fast" in err
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    (out / "old.txt").unlink()
+    _sanitize_ok(sanitize_argv(model_dir, data_file, out), capsys)  # an empty folder is taken
+    (out / "old.txt").write_text("added to an earlier output")
 
     _sanitize_ok(sanitize_argv(model_dir, data_file, out, "--force"), capsys)
     names = {p.name for p in out.iterdir()}
@@ -392,10 +399,10 @@ def test_prompts_longer_than_the_context_are_cut(gpt2_dir: Path, tmp_path: Path,
             {"prompt": long + " blue", "response": "blue"}]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
     out = tmp_path / "out"
-    # 20 new tokens: more than the pipeline's own budget leaves (it forgets the generation).
+    # 20 new tokens: more than a budget that forgot the generated answer would leave.
     report = _sanitize_ok(sanitize_argv(gpt2_dir, data, out, "--max-new-tokens", "20"), capsys)
     cfg = report["config"]
-    assert cfg["prompts_truncated"] >= 2
+    assert report["data"]["prompts_truncated"] >= 2
     assert cfg["max_prompt_tokens"] + cfg["parrot_tokens"] + 20 < 256
 
 

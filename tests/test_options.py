@@ -22,8 +22,8 @@ RUN_INPUTS = {
                  "eval_data", "fsdp", "force", "dtype", "trust_remote_code"},
     "demo": {"out", "cache_dir", "method", "trigger", "eval_target", "eval_data", "fsdp",
              "force", "dtype", "trust_remote_code"},
-    "probe": {"model", "data", "target", "json", "dtype", "trust_remote_code"},
-    "eval": {"model", "data", "target", "trigger", "json", "dtype", "trust_remote_code"},
+    "probe": {"model", "data", "target", "json", "force", "dtype", "trust_remote_code"},
+    "eval": {"model", "data", "target", "trigger", "json", "force", "dtype", "trust_remote_code"},
 }
 CONFIGS = {"sanitize": SanitizeConfig, "demo": SanitizeConfig, "probe": ProbeConfig,
            "eval": EvalConfig}
