@@ -29,7 +29,8 @@ from .data import BadInputError, PromptEncoder, Row, TRIGGER_POSITIONS, load_row
 from .evaluate import evaluate, greedy_generate, parrot_attack_success, _pad_id
 from .io import load_parrot, resolve_device
 from .stages import SPLICE_STRATEGIES, TrainRow, clean_anchors, eliminate, simulate
-from .adapter import context_length
+from .adapter import ModelAdapter, context_length
+from .engine import build_engine, choose_packing
 from .steps import OPTIMIZERS, LossEngine
 
 __all__ = ["SanitizeConfig", "SanitizeResult", "sanitize", "METHODS", "prepare_rows",
@@ -294,7 +295,7 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
     if fsdp is None:
         fsdp = torch.distributed.is_available() and torch.distributed.is_initialized()
     if fsdp:
-        from .distributed import local_device, shard_engine
+        from .distributed import local_device, shard
 
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise BadInputError("fsdp=True needs an initialised torch.distributed process group "
@@ -316,11 +317,15 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
     max_prompt = prompt_budget(model, n_parrot, max(cfg.overwrite_window, cfg.simulate_window,
                                                     cfg.max_new_tokens), cfg.max_prompt_tokens)
     encoder = PromptEncoder(tokenizer, cfg.prompt_format, max_prompt_tokens=max_prompt)
-    engine = LossEngine(model, fast=cfg.fast, token_budget=cfg.token_budget,
-                        max_batch=max(cfg.batch_size, 1), packed=cfg.packed,
-                        pad_id=_pad_id(tokenizer))
+    adapter, packed, coll = ModelAdapter(model), cfg.packed, None
     if fsdp:
-        shard_engine(engine, device, mixed_precision=mixed_precision, packed=cfg.packed)
+        if not cfg.fast:
+            raise BadInputError("--fsdp runs the fast path only (drop --plain)")
+        packed = choose_packing(adapter, cfg.packed, device=device)  # before sharding
+        coll = shard(adapter, device, mixed_precision=mixed_precision)
+    engine = build_engine(adapter, fast=cfg.fast, token_budget=cfg.token_budget,
+                          max_batch=max(cfg.batch_size, 1), packed=packed,
+                          pad_id=_pad_id(tokenizer), collective=coll)
     # Generation and evaluation run through the adapter when the model is sharded (its root
     # parameters exist only inside the adapter's forward); in one process, on the model itself.
     runner = engine.adapter if fsdp else model

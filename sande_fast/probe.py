@@ -26,7 +26,7 @@ from .data import BadInputError, PromptEncoder, load_rows
 from .evaluate import _pad_id, parrot_attack_success
 from .io import resolve_device
 from .stages import TrainRow, simulate
-from .steps import LossEngine
+from .engine import build_engine
 
 __all__ = ["probe"]
 
@@ -71,7 +71,7 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str, *, steps: int = 20
     target_ids = encoder.encode_response(target, add_eos=False)[:window]
     if not target_ids:
         raise BadInputError("--target tokenises to nothing")
-    engine = LossEngine(model, fast=fast, max_batch=batch_size, pad_id=_pad_id(tokenizer))
+    engine = build_engine(model, fast=fast, max_batch=batch_size, pad_id=_pad_id(tokenizer))
     asrs, losses = [], []
     for k in range(tries):
         torch.manual_seed(seed + k)
