@@ -28,7 +28,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one clear line, exit 2 (SPEC)
+    def error(self, message: str) -> None:  # a usage error: one clear line, exit 2
         raise BadInputError(f"{message} (see {self.prog} --help)")
 
 
@@ -458,7 +458,7 @@ COMMANDS = {"demo": cmd_demo, "make-toy": cmd_make_toy, "sanitize": cmd_sanitize
 
 
 def _one_line(e: BaseException) -> str:
-    """The exception's message folded onto one line (SPEC: one clear line on stderr)."""
+    """The exception's message folded onto one line (errors are one clear line on stderr)."""
     parts = [part.strip() for part in str(e).splitlines() if part.strip()]
     return " ".join(parts) or type(e).__name__
 

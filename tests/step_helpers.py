@@ -37,3 +37,13 @@ def nudge(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def hf_labels_loss(model: torch.nn.Module, item: StepItem) -> torch.Tensor:
+    """Hugging Face's own shifted-label loss of ``item`` (no parrot) on the full sequence, the
+    mean over its labels (fp32)."""
+    ids = torch.tensor([list(item.prompt + item.labels + item.tail)])
+    labels = torch.full_like(ids, -100)
+    start = len(item.prompt)
+    labels[0, start:start + len(item.labels)] = torch.tensor(item.labels)
+    return model(input_ids=ids, labels=labels).loss.float()

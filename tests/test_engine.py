@@ -17,7 +17,7 @@ from sande_fast.batching import StepItem
 from sande_fast.engine import LossEngine, build_engine, choose_packing, packing_is_exact
 from sande_fast.steps import Anchors, OverwriteStep, frozen
 
-from step_helpers import VOCAB, close, grads, make_items, nudge
+from step_helpers import VOCAB, close, grads, hf_labels_loss, make_items, nudge
 from tiny_models import ARCHS, tiny_model
 
 
@@ -121,12 +121,8 @@ def test_loss_matches_hf_labels_loss() -> None:
     """Independent reference: Hugging Face's own shifted-label loss on the full sequence."""
     model = tiny_model("llama", VOCAB, seed=5)
     it = StepItem((5, 6, 7, 8), (9, 10, 11), -1, (12, 13))
-    ids = torch.tensor([list(it.prompt + it.labels + it.tail)])
-    labels = torch.full_like(ids, -100)
-    labels[0, 4:7] = torch.tensor(it.labels)
-    ref = model(input_ids=ids, labels=labels).loss
     got = LossEngine(model, fast=True).loss([it], None, 3)
-    torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, hf_labels_loss(model, it), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -9,19 +9,15 @@ from sande_fast.adapter import ModelAdapter
 from sande_fast.batching import StepItem
 from sande_fast.reference import plain_batch, plain_hidden, plain_loss
 
-from step_helpers import VOCAB, make_items
+from step_helpers import VOCAB, hf_labels_loss, make_items
 from tiny_models import tiny_model
 
 
 def test_loss_matches_hf_labels_loss() -> None:
     model = tiny_model("llama", VOCAB, seed=5)
     it = StepItem((5, 6, 7, 8), (9, 10, 11), -1, (12, 13))
-    ids = torch.tensor([list(it.prompt + it.labels + it.tail)])
-    labels = torch.full_like(ids, -100)
-    labels[0, 4:7] = torch.tensor(it.labels)
-    ref = model(input_ids=ids, labels=labels).loss
     got = plain_loss(ModelAdapter(model), [it], None, 3)
-    torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, hf_labels_loss(model, it), rtol=1e-5, atol=1e-6)
 
 
 def test_truncation_is_exact() -> None:
