@@ -29,13 +29,16 @@ import argparse
 import contextlib
 import os
 import socket
-from typing import Any, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .data import BadInputError
+
+if TYPE_CHECKING:
+    from .adapter import ModelAdapter
 
 __all__ = ["Collective", "decoder_layers", "full_state_dict", "init_distributed",
            "local_device", "run_fsdp_sanitize", "save_sharded", "shard"]
@@ -190,7 +193,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers[::-1]
 
 
-def shard(adapter: nn.Module, device: torch.device, *,
+def shard(adapter: ModelAdapter, device: torch.device, *,
           mixed_precision: bool = False) -> Collective:
     """Shards a :class:`~sande_fast.adapter.ModelAdapter` with FSDP2 over the default process
     group (a collective) and returns its :class:`Collective` (also set as

@@ -126,3 +126,9 @@ def test_parrot_step_touches_only_parrot() -> None:
         assert torch.equal(before[n], p.detach()), n
         assert p.grad is None
         assert p.requires_grad  # restored after the step
+
+
+def test_steps_reexports_the_engine_names() -> None:
+    from sande_fast import batching, engine
+
+    assert StepItem is batching.StepItem and LossEngine is engine.LossEngine
