@@ -3,11 +3,11 @@
 Both sides run on the same randomly initialised model, in one process, on the same items (same
 prompts, responses, splice positions):
 
-* ours: ``LossEngine(fast=True)`` (truncation after the last supervised token, planner buckets,
+* ours: ``build_engine(model, fast=True)`` (truncation after the last supervised token, planner buckets,
   parrot splice kernel, fused supervised-row linear cross-entropy);
-* ref: ``LossEngine(fast=False)``, the reference-style implementation (plain Hugging Face forward
-  over the whole padded sequence including the unsupervised rest of the response, full logits,
-  masked cross-entropy, parrot spliced with ``torch.cat``).
+* ref: ``build_engine(model, fast=False)``, the reference-style implementation
+  (:mod:`sande_fast.reference`: plain Hugging Face forward over the whole padded sequence
+  including the unsupervised rest of the response, full logits, masked cross-entropy).
 
 Stage 1 is ``ParrotSimulator.step`` (model frozen, forward+backward to the parrot, Adam step on the
 parrot); stage 2 is ``OverwriteStep.step`` (forward+backward+AdamW step on the model; overwrite items
@@ -44,8 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sande_fast.steps import (Anchors, LossEngine, OverwriteStep, ParrotSimulator, StepItem,
-                              frozen)
+from sande_fast.batching import fast_length
+from sande_fast.engine import LossEngine, build_engine
+from sande_fast.steps import Anchors, OverwriteStep, ParrotSimulator, StepItem, frozen
 
 MIB = 2**20
 
@@ -222,18 +223,18 @@ def batch_stats(items: Sequence[StepItem], n_parrot: int, ours: LossEngine,
         return len(it.prompt) + (n_parrot if it.splice >= 0 else 0) + len(it.labels) + len(it.tail)
 
     def fast_len(it: StepItem) -> int:  # cut after the last supervised token (its input row)
-        return len(it.prompt) + (n_parrot if it.splice >= 0 else 0) + len(it.labels) - 1
+        return fast_length(it, n_parrot)
 
     def padded(mbs: list[list[StepItem]], length: Callable[[StepItem], int]) -> tuple[int, int]:
         rows = sum(len(mb) * max(length(it) for it in mb) for mb in mbs)
         real = sum(length(it) for mb in mbs for it in mb)
         return rows, rows - real
 
-    ref_rows, ref_pad = padded(ref.micro_batches(items, n_parrot), full_len)
+    ref_rows, ref_pad = padded(ref.batcher.micro_batches(items, n_parrot), full_len)
     with frozen(ours.model) if frozen_model else contextlib.nullcontext():
-        ours_mbs = ours.micro_batches(items, n_parrot)
-        split = [ours._splits_prefix(mb, n_parrot) for mb in ours_mbs]
-        prefix_buckets = ours.prefix_buckets(ours_mbs, n_parrot)
+        ours_mbs = ours.batcher.micro_batches(items, n_parrot)
+        split = [ours.batcher.splits_prefix(mb, n_parrot) for mb in ours_mbs]
+        prefix_buckets = ours.batcher.prefix_buckets(ours_mbs, n_parrot)
     ours_rows = ours_pad = 0
     for mb, cut in zip(ours_mbs, split):
         rows, pad = padded([mb], (lambda it: fast_len(it) - it.splice) if cut else fast_len)
@@ -594,10 +595,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = make_rows(p, args.seed)
     batch = make_batch(rows, p.window, args.seed)
     packed = {"auto": None, "on": True, "off": False}[args.packed]
-    engines = {"ours": LossEngine(model, fast=True, packed=packed,
-                                  **({"max_waste": args.max_waste} if args.max_waste is not None
-                                     else {})),
-               "ref": LossEngine(model, fast=False)}
+    engines = {"ours": build_engine(model, fast=True, packed=packed,
+                                    **({"max_waste": args.max_waste} if args.max_waste is not None
+                                       else {})),
+               "ref": build_engine(model, fast=False)}
     peak_flops = None
     gpu_name = None
     if device.type == "cuda":

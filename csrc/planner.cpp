@@ -1,6 +1,6 @@
 // Micro-batch planner: groups variable-length sequences into low-padding micro-batches and builds
-// the flat index arrays (cu_seqlens, position ids, supervised rows, parrot splice rows) that one
-// model step needs. The Python wrapper lives in sande_fast/planner.py; it converts inputs to
+// the flat index arrays (position ids, supervised rows, parrot splice rows) that one micro-batch
+// needs. The Python wrapper lives in sande_fast/planner.py; it converts inputs to
 // contiguous int64 arrays, while every per-element check is done here in a single pass, so the
 // error can name the offending sequence. std::invalid_argument surfaces in Python as ValueError.
 #include <pybind11/numpy.h>
@@ -140,7 +140,6 @@ py::tuple layout(const I64Array& lengths, const I64Array& splice, int64_t n_parr
     int64_t total_rows = 0;
     int64_t n_sup = 0;
     int64_t n_splice = 0;
-    int64_t max_len = 0;
     {
         py::gil_scoped_release release;
         for (int64_t b = 0; b < B; ++b) {
@@ -189,21 +188,19 @@ py::tuple layout(const I64Array& lengths, const I64Array& splice, int64_t n_parr
                                             at("lengths", b) + " = " + std::to_string(L));
             }
             n_sup += sl[b];
-            max_len = std::max(max_len, L);
-            // Bounded by int32 (cu_seqlens dtype) at every step, so the sum cannot overflow.
+            // Bounded by int32 at every step (far beyond any micro-batch), so the sum cannot
+            // overflow.
             total_rows += padded ? padded_len : L;
             if (total_rows > kInt32Max) {
-                throw std::invalid_argument("total rows exceed the int32 range of cu_seqlens (" +
+                throw std::invalid_argument("total rows exceed the int32 range (" +
                                             std::to_string(kInt32Max) + ")");
             }
         }
     }
 
-    py::array_t<int32_t> cu(B + 1);
     py::array_t<int64_t> pos(total_rows);
     py::array_t<int64_t> sup_rows(n_sup);
     py::array_t<int64_t> spl_rows(n_splice);
-    int32_t* cu_p = cu.mutable_data();
     int64_t* pos_p = pos.mutable_data();
     int64_t* sup_p = sup_rows.mutable_data();
     int64_t* spl_p = spl_rows.mutable_data();
@@ -216,7 +213,6 @@ py::tuple layout(const I64Array& lengths, const I64Array& splice, int64_t n_parr
         }
         int64_t off = 0;
         for (int64_t b = 0; b < B; ++b) {
-            cu_p[b] = static_cast<int32_t>(off);
             const int64_t L = len[b];
             int64_t* p = pos_p + off;
             for (int64_t t = 0; t < L; ++t) p[t] = t;
@@ -225,11 +221,8 @@ py::tuple layout(const I64Array& lengths, const I64Array& splice, int64_t n_parr
             if (spl[b] >= 0) *spl_p++ = off + spl[b];
             off += padded ? padded_len : L;
         }
-        cu_p[B] = static_cast<int32_t>(off);
     }
-    // max_seqlen matches the segments in cu_seqlens: padded_len in padded mode.
-    const int64_t max_seqlen = B == 0 ? 0 : (padded ? padded_len : max_len);
-    return py::make_tuple(cu, pos, sup_rows, spl_rows, max_seqlen, total_rows);
+    return py::make_tuple(pos, sup_rows, spl_rows);
 }
 
 }  // namespace
@@ -241,6 +234,5 @@ PYBIND11_MODULE(_planner, m) {
           "Greedy length-sorted bucketing; returns a list of int64 index arrays.");
     m.def("layout", &layout, py::arg("lengths"), py::arg("splice"), py::arg("n_parrot"),
           py::arg("sup_start"), py::arg("sup_len"), py::arg("padded_len"),
-          "Flat layout of one micro-batch: (cu_seqlens, position_ids, supervised_rows, "
-          "splice_rows, max_seqlen, total_rows).");
+          "Flat layout of one micro-batch: (position_ids, supervised_rows, splice_rows).");
 }

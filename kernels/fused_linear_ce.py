@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _resolve_backend
+from .backend import resolve_backend
 
 __all__ = ["fused_linear_cross_entropy", "fused_linear_cross_entropy_reference"]
 
@@ -359,7 +359,7 @@ def fused_linear_cross_entropy(
         ValueError: bad shapes/arguments, or a kept label outside ``[0, V)``.
     """
     _check_args(hidden, weight, labels, bias, reduction, normalizer, chunk_rows)
-    resolved = _resolve_backend(backend, hidden.device)
+    resolved = resolve_backend(backend, hidden.device)
     if resolved == "triton" and not hidden.is_cuda and not (hidden.dtype == torch.float32):
         # The Triton interpreter (the only CPU route) mishandles half-precision arithmetic.
         raise RuntimeError("the Triton interpreter path only supports fp32 on CPU")

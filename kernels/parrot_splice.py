@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _resolve_backend
+from .backend import resolve_backend
 
 __all__ = ["parrot_splice", "parrot_splice_reference"]
 
@@ -218,7 +218,7 @@ def parrot_splice(token_embeds: Tensor, parrot: Tensor, starts: Tensor, *, backe
     shape = token_embeds.shape
     x2 = token_embeds.reshape(-1, shape[-1])
     starts = _check_splice(x2, parrot, starts)
-    resolved = _resolve_backend(backend, x2.device)
+    resolved = resolve_backend(backend, x2.device)
     out = _ParrotSplice.apply(x2, parrot, starts, resolved)
     return out.view(shape)
 

@@ -7,17 +7,79 @@ embedding, the output projection (tied or not) and any logit transform the archi
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 from torch import nn
 
-__all__ = ["ModelAdapter", "UnsupportedModelError", "accepts_argument", "cache_argument",
+from .inputs import PrefixedRows, Rows
+from .splice import splice_parrot
+
+__all__ = ["ModelAdapter", "UnsupportedModelError", "Embed", "Prefix", "SupervisedHidden",
+           "HeadLoss", "FastLoss", "ModelCall", "Request", "accepts_argument", "cache_argument",
            "cache_tensors", "context_length"]
 
 # A sharded (FSDP2) model unshards its root parameters (embedding, final norm, LM head) only
 # inside the root module's forward. The fast loss therefore runs as the forward of this adapter,
-# which holds the model as a submodule: shard the adapter as the root and it just works.
+# which holds the model as a submodule: shard the adapter as the root and it just works. What the
+# forward runs is told by the type of its one argument (the requests below); FSDP's
+# mixed-precision cast reaches the tensors inside them.
+
+
+@dataclass(frozen=True)
+class Embed:
+    """The input embedding ``[*, H]`` of token ids ``ids`` ``[*]``."""
+
+    ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """Per-layer keys and values of right-padded token rows ``ids`` ``[B, P]``, no graph
+    (:meth:`ModelAdapter.prefix_states`)."""
+
+    ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SupervisedHidden:
+    """Final hidden states of the supervised rows of ``inputs``
+    (:meth:`ModelAdapter.supervised_hidden`)."""
+
+    inputs: Rows
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class HeadLoss:
+    """Summed cross-entropy of ``hidden`` ``[R, H]`` against ``labels`` ``[R]`` through the LM
+    head, divided by ``normalizer`` (:meth:`ModelAdapter.head_loss`)."""
+
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    normalizer: float
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class FastLoss:
+    """The fast loss of one micro-batch: :class:`SupervisedHidden` then :class:`HeadLoss`
+    against ``inputs.labels`` (:meth:`ModelAdapter.fast_loss`)."""
+
+    inputs: Rows
+    normalizer: float
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """The Hugging Face model's own forward with keyword arguments ``kwargs`` (generation)."""
+
+    kwargs: dict[str, Any]
+
+
+Request = Union[Embed, Prefix, SupervisedHidden, HeadLoss, FastLoss, ModelCall]
 
 
 class UnsupportedModelError(ValueError):
@@ -61,15 +123,8 @@ class ModelAdapter(nn.Module):
         return self.model.get_output_embeddings()
 
     @property
-    def hidden_size(self) -> int:
-        return self.head.weight.shape[1]
-
-    @property
     def device(self) -> torch.device:
         return self.head.weight.device
-
-    def embed_dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
 
     def hidden_states(self, inputs_embeds: torch.Tensor,
                       position_ids: torch.Tensor | None = None,
@@ -117,88 +172,63 @@ class ModelAdapter(nn.Module):
         value = float(local.float().norm(dim=1).max()) if local.numel() else 0.0
         return self.collective.max_float(value) if self.collective is not None else value
 
-    def forward(self, *args: Any, mode: str = "loss", **kwargs: Any) -> Any:
-        """Dispatches on ``mode``; every use of the root parameters goes through here.
+    def forward(self, request: Request) -> Any:
+        """Runs ``request``; every use of the root parameters goes through here.
 
         Under FSDP2 the root's own parameters (embedding, final norm, LM head) are gathered only
         around the root module's forward, so generation calls this too instead of the model.
 
         Args:
-            mode: ``loss``: :meth:`fast_loss` (``args`` / ``kwargs`` are its arguments);
-                ``embed``: the input embedding of ``args[0]`` (token ids);
-                ``prefix``: :meth:`prefix_states`; ``hidden``: :meth:`supervised_hidden`;
-                ``head``: :meth:`head_loss`;
-                ``model``: the Hugging Face model's own forward with ``args`` / ``kwargs``.
+            request: :class:`Embed`, :class:`Prefix`, :class:`SupervisedHidden`,
+                :class:`HeadLoss`, :class:`FastLoss` or :class:`ModelCall`.
         """
-        if mode == "loss":
-            return self.fast_loss(*args, **kwargs)
-        if mode == "embed":
-            return self.embed(*args)
-        if mode == "prefix":
-            return self.prefix_states(*args, **kwargs)
-        if mode == "hidden":
-            return self.supervised_hidden(*args, **kwargs)
-        if mode == "head":
-            return self.head_loss(*args, **kwargs)
-        if mode == "model":
-            return self.model(*args, **kwargs)
-        raise ValueError(f"unknown adapter mode {mode!r}")
+        if isinstance(request, FastLoss):
+            return self.fast_loss(request.inputs, request.normalizer, request.backend)
+        if isinstance(request, Embed):
+            return self.embed(request.ids)
+        if isinstance(request, Prefix):
+            return self.prefix_states(request.ids)
+        if isinstance(request, SupervisedHidden):
+            return self.supervised_hidden(request.inputs, request.backend)
+        if isinstance(request, HeadLoss):
+            return self.head_loss(request.hidden, request.labels, request.normalizer,
+                                  request.backend)
+        if isinstance(request, ModelCall):
+            return self.model(**request.kwargs)
+        raise TypeError(f"unknown adapter request {type(request).__name__}")
 
-    def fast_loss(self, ids: torch.Tensor, position_ids: torch.Tensor | None,
-                  parrot: torch.Tensor | None, splice_rows: torch.Tensor | None,
-                  supervised_rows: torch.Tensor, labels: torch.Tensor, normalizer: float,
-                  backend: str = "auto", **inputs: Any) -> torch.Tensor:
-        """The fast loss of one micro-batch (call the module, not this, when it is sharded):
-        :meth:`supervised_hidden` then :meth:`head_loss`.
+    def fast_loss(self, inputs: Rows, normalizer: float, backend: str = "auto") -> torch.Tensor:
+        """The fast loss of one micro-batch (call the module with :class:`FastLoss`, not this,
+        when it is sharded): :meth:`supervised_hidden` then :meth:`head_loss`.
 
         Args:
-            labels: ``[R]`` int64 next-token labels of the supervised rows.
+            inputs: the micro-batch (its ``labels`` are the targets).
             normalizer: the summed cross-entropy is divided by this.
-            ids, position_ids, parrot, splice_rows, supervised_rows, backend, inputs: as in
-                :meth:`supervised_hidden`.
+            backend: kernel backend of the splice and the fused loss.
 
         Returns:
             0-dim fp32 loss.
         """
-        h = self.supervised_hidden(ids, position_ids, parrot, splice_rows, supervised_rows,
-                                   backend, **inputs)
-        return self.head_loss(h, labels, normalizer, backend)
+        h = self.supervised_hidden(inputs, backend)
+        return self.head_loss(h, inputs.labels, normalizer, backend)
 
-    def supervised_hidden(self, ids: torch.Tensor, position_ids: torch.Tensor | None,
-                          parrot: torch.Tensor | None, splice_rows: torch.Tensor | None,
-                          supervised_rows: torch.Tensor, backend: str = "auto",
-                          prefix_ids: torch.Tensor | None = None,
-                          prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                          attention_mask: torch.Tensor | None = None,
-                          query_from: int = 0) -> torch.Tensor:
+    def supervised_hidden(self, inputs: Rows, backend: str = "auto") -> torch.Tensor:
         """Final hidden states ``[R, H]`` of the supervised rows of one micro-batch.
 
         Args:
-            ids: ``[B, L]`` token ids (right-padded rows, or one packed row), placeholder ids
-                where the parrot goes.
-            position_ids: ``[1, L]`` for a packed row (restarting per sequence), else None.
-            parrot: ``[n, H]`` soft prompt or None.
-            splice_rows: ``[S]`` int64 flat row index of each splice start in ``[B*L]``.
-            supervised_rows: ``[R]`` int64 flat rows whose next token is supervised.
+            inputs: token rows (:class:`~sande_fast.inputs.Rows`), or the rest of each
+                sequence after a prefix that runs without a graph
+                (:class:`~sande_fast.inputs.PrefixedRows`: ``prefix_ids`` run here, once,
+                or ``prefix_kv`` are their keys and values from :meth:`prefix_states`).
             backend: kernel backend of the parrot splice.
-            prefix_ids: ``[B, P]`` right-padded tokens that come before ``ids`` in each
-                sequence and need no gradient (a frozen model's rows before the parrot): they
-                run once without a graph and ``ids`` attends to their keys and values. Then
-                ``position_ids`` ``[B, L]`` and ``attention_mask`` ``[B, P+L]`` (1 for real
-                tokens) are required.
-            prefix_kv: instead of ``prefix_ids``, their per-layer keys and values
-                ``[B, kv_heads, P, head_dim]`` (:meth:`prefix_states`), already computed.
-            query_from: right-padded rows only: no supervised row lies in the first this many
-                columns, so the last decoder layer only needs their keys and values
-                (:meth:`_last_layer_tail`). 0: one ordinary pass.
         """
-        from .kernels import parrot_splice
-
-        emb = self.embed(ids)
-        if parrot is not None and splice_rows is not None and splice_rows.numel():
-            shape = emb.shape
-            emb = parrot_splice(emb.reshape(-1, shape[-1]), parrot.to(emb.dtype), splice_rows,
-                                backend=backend).reshape(shape)
+        position_ids, supervised_rows = inputs.position_ids, inputs.supervised_rows
+        prefix_ids = prefix_kv = attention_mask = None
+        if isinstance(inputs, PrefixedRows):
+            prefix_ids, prefix_kv = inputs.prefix_ids, inputs.prefix_kv
+            attention_mask = inputs.attention_mask
+        emb = splice_parrot(self.embed(inputs.ids), inputs.parrot, inputs.splice_rows,
+                            backend=backend)
         if prefix_ids is not None:
             prefix_kv = self.prefix_states(prefix_ids)
         cache = None
@@ -206,6 +236,7 @@ class ModelAdapter(nn.Module):
             cache = _stopping_cache()  # a DynamicCache; the last-layer tail can reuse it
             for layer, (k, v) in enumerate(prefix_kv):
                 cache.update(k, v, layer)
+        query_from = inputs.query_from
         if query_from > 0:
             tail = self._last_layer_tail(emb, position_ids, attention_mask, cache, query_from)
             if tail is not None:

@@ -7,7 +7,7 @@ How the work is split (every rank runs the same :class:`~sande_fast.recipe.Sanit
 * Sharding (torchtune's habit): ``fully_shard`` on every decoder layer, then on the
   :class:`~sande_fast.adapter.ModelAdapter` as the root. The root's own parameters (embedding,
   final norm, LM head) exist only inside the adapter's forward, so the fast loss, the embedding
-  lookups and the model calls of generation all go through it (its ``mode`` argument).
+  lookups and the model calls of generation all go through it (typed requests to its forward).
 * Data: every rank draws the same global batch (same seeded sampler); the loss engine gives each
   rank a strided share and keeps the global label count as the normaliser, so the per-rank losses
   add up to the one-process loss. FSDP is set to SUM gradients (not average) for that reason.
@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,15 +36,13 @@ from torch import nn
 
 from .errors import BadInputError
 
-__all__ = ["Collective", "FAULT_ENV", "Sharded", "decoder_layers", "full_state_dict",
-           "init_distributed", "local_device", "run_sharded", "save_sharded", "shard_engine"]
+if TYPE_CHECKING:
+    from .adapter import ModelAdapter
+
+__all__ = ["Collective", "Sharded", "decoder_layers", "full_state_dict", "init_distributed",
+           "local_device", "run_sharded", "save_sharded", "shard"]
 
 T = TypeVar("T")
-
-# Test-only fault injection: "RANK:CALL" makes that rank raise at its CALL-th sharded loss
-# accumulation (1-based), to check that a failure on any rank leaves --out untouched.
-FAULT_ENV = "SANDE_FAST_FAULT"
-
 
 class Collective:
     """The few collectives the loss engine, the parrot step and generation need under FSDP.
@@ -64,8 +62,6 @@ class Collective:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.mixed_precision = mixed_precision
-        self._calls = 0
-        self._fault = _parse_fault(os.environ.get(FAULT_ENV))
 
     # -- splitting work --------------------------------------------------------------------------
     def share(self, items: Sequence[T]) -> list[T]:
@@ -139,25 +135,11 @@ class Collective:
         return out
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def fault_hook(self) -> None:
-        """Counts sharded loss accumulations; raises where ``SANDE_FAST_FAULT`` says (tests)."""
-        self._calls += 1
-        if self._fault is not None and self._fault == (self.rank, self._calls):
-            raise RuntimeError(f"injected fault on rank {self.rank} at sharded step "
-                               f"{self._calls} ({FAULT_ENV})")
-
     def describe(self) -> dict[str, Any]:
         """What report.json records about the run's distribution."""
         return {"fsdp": 2, "world_size": self.world_size,
                 "backend": dist.get_backend(self.group),
                 "mixed_precision": "bf16 params, fp32 reduce" if self.mixed_precision else None}
-
-
-def _parse_fault(spec: str | None) -> tuple[int, int] | None:
-    if not spec:
-        return None
-    rank, _, call = spec.partition(":")
-    return int(rank), int(call or 1)
 
 
 # -- set-up ----------------------------------------------------------------------------------------
@@ -210,57 +192,47 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers[::-1]
 
 
-def shard_engine(engine: Any, device: torch.device, *, mixed_precision: bool = False,
-                 packed: bool | None = False) -> Collective:
-    """Shards the engine's model with FSDP2 over the default process group (a collective).
+def shard(adapter: ModelAdapter, device: torch.device, *,
+          mixed_precision: bool = False) -> Collective:
+    """Shards a :class:`~sande_fast.adapter.ModelAdapter` with FSDP2 over the default process
+    group (a collective) and returns its :class:`Collective` (also set as
+    ``adapter.collective``).
 
     ``fully_shard`` on every decoder layer, then on the adapter as the root; gradients are
-    summed over the ranks (the engine's per-rank losses are already divided by the global label
-    count). Sets ``engine.adapter.collective`` and returns it.
+    summed over the ranks (the sharded engine's per-rank losses are already divided by the
+    global label count). Decide packing before this
+    (:func:`~sande_fast.engine.choose_packing` runs the unsharded model), then build the engine
+    with :func:`~sande_fast.engines.build_engine` and ``collective=`` the result.
 
     Args:
-        engine: a :class:`~sande_fast.steps.LossEngine` on the fast path.
+        adapter: the adapter of the model, not yet sharded.
         device: this rank's device (see :func:`local_device`).
         mixed_precision: CUDA only: bf16 parameters in compute, fp32 gradient reduction (the
             sharded master weights stay in their dtype).
-        packed: the caller's packing choice; None (auto) redoes the engine's CUDA decision,
-            which it took on the device the model had before sharding (the CPU).
 
     Raises:
-        BadInputError: the plain path, or mixed precision off CUDA.
+        BadInputError: mixed precision off CUDA.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    from .kernels import kernel_backend
-    from .steps import packing_is_exact
-
-    if not engine.fast:
-        raise BadInputError("--fsdp runs the fast path only (drop --plain)")
     if mixed_precision and device.type != "cuda":
         raise BadInputError("FSDP mixed precision (bf16) needs CUDA")
-    if packed is None and engine.fast and device.type == "cuda" and not engine.packed:
-        # The probe runs the unsharded model directly, so it must run before fully_shard.
-        engine.packed = packing_is_exact(engine.adapter)
-        if engine.packed:
-            engine.max_waste = 1.0  # as LossEngine does for packed rows
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision else MixedPrecisionPolicy())
-    for layer in decoder_layers(engine.model):
+    for layer in decoder_layers(adapter.model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     # Reshard the root after forward too: outside a forward every parameter is then a shard,
     # which is what the optimiser, the frozen() toggles and the state-dict gather expect.
-    fully_shard(engine.adapter, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    for module in engine.adapter.modules():
+    fully_shard(adapter, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    for module in adapter.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             # gloo has no PREMUL_SUM; a plain SUM with the (no-op) factor of 1 works everywhere.
             module.set_force_sum_reduction_for_comms(True)
-    engine.adapter.collective = Collective(device, mixed_precision=mixed_precision)
-    if engine.fast:  # the engine picked its kernels on the device the model had before
-        engine.backend = kernel_backend(engine.adapter.device)
-    return engine.adapter.collective
+    adapter.collective = Collective(device, mixed_precision=mixed_precision)
+    return adapter.collective
 
 
 # -- output ----------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import ModelAdapter, accepts_argument, cache_argument
+from .adapter import Embed, ModelAdapter, ModelCall, accepts_argument, cache_argument
 from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger
+from .splice import splice_parrot
 
 __all__ = ["greedy_generate", "evaluate", "attack_success", "parrot_attack_success", "pad_token_id",
            "model_device"]
@@ -68,8 +69,8 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
     if isinstance(model, ModelAdapter):
         # Through the adapter's forward, so a sharded root gathers its parameters.
         adapter, hf = model, model.model
-        embed: Any = lambda ids: adapter(ids, mode="embed")  # noqa: E731
-        call: Any = lambda **kw: adapter(mode="model", **kw)  # noqa: E731
+        embed: Any = lambda ids: adapter(Embed(ids))  # noqa: E731
+        call: Any = lambda **kw: adapter(ModelCall(kw))  # noqa: E731
         coll = adapter.collective
     else:
         hf = call = model
@@ -118,10 +119,9 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
             ids, mask = ids.to(device), mask.to(device)
             inputs = embed(ids)
             if parrot is not None:
-                rows = parrot.to(device=device, dtype=inputs.dtype)
-                for b, i in enumerate(idx):
-                    start = width - lens[b] + splice_at[i]
-                    inputs[b, start:start + n_parrot] = rows
+                starts = torch.tensor([b * width + width - lens[b] + splice_at[i]
+                                       for b, i in enumerate(idx)], device=device)
+                inputs = splice_parrot(inputs, parrot.to(device), starts)
             position = (mask.cumsum(-1) - 1).clamp(min=0)
             out = call(inputs_embeds=inputs, attention_mask=mask, position_ids=position,
                        use_cache=True, **keep_last)

@@ -457,7 +457,7 @@ def interrupt_handlers() -> Iterator[None]:
 
 
 def _write_marker(folder: Path) -> None:
-    from . import __version__
+    from .version import __version__
 
     with open(folder / OUTPUT_MARKER, "w", encoding="utf-8") as f:
         json.dump({"written_by": JSON_MARKER, "version": __version__}, f)

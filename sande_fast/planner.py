@@ -2,8 +2,8 @@
 
 Sequences are truncated by the caller after their last supervised token, so lengths vary a lot.
 ``plan_buckets`` groups them into micro-batches that waste little compute on padding and
-``layout`` builds the flat index arrays (``cu_seqlens``, position ids, supervised rows, parrot
-splice rows) that one micro-batch needs. The loops run in C++ (``sande_fast._planner``) with the
+``layout`` builds the flat index arrays (position ids, supervised rows, parrot splice rows) that
+one micro-batch needs. The loops run in C++ (``sande_fast._planner``) with the
 GIL released; this module converts inputs to contiguous int64 arrays and checks their structure.
 Per-sequence value checks happen in C++ and raise ``ValueError`` naming the offending index.
 """
@@ -104,24 +104,17 @@ class Layout:
     """Flat index arrays of one micro-batch of B sequences.
 
     Attributes:
-        cu_seqlens: int32 [B+1], start row of each sequence in the flat view, last entry is
-            ``total_rows``. In padded mode ``cu_seqlens[b] == b * padded_len``.
-        position_ids: int64 [total_rows], 0..len-1 within each sequence, 0 on padding rows.
+        position_ids: int64 [rows of the flat view: ``B * padded_len`` or ``sum(lengths)``],
+            0..len-1 within each sequence, 0 on padding rows.
         supervised_rows: int64 [sum(sup_len)], flat rows whose hidden states go to the LM head,
             in sequence order then row order.
         splice_rows: int64 [number of sequences with splice >= 0], flat row where each parrot
             starts, in sequence order.
-        max_seqlen: Longest segment of ``cu_seqlens`` (``padded_len`` in padded mode, the
-            longest sequence in packed mode, 0 for an empty batch).
-        total_rows: Rows of the flat view (``B * padded_len`` or ``sum(lengths)``).
     """
 
-    cu_seqlens: npt.NDArray[np.int32]
     position_ids: npt.NDArray[np.int64]
     supervised_rows: npt.NDArray[np.int64]
     splice_rows: npt.NDArray[np.int64]
-    max_seqlen: int
-    total_rows: int
 
 
 def layout(
@@ -162,17 +155,10 @@ def layout(
     for name, arr in (("splice", spl), ("sup_start", s0), ("sup_len", sl)):
         if arr.shape != lens.shape:
             raise ValueError(f"{name} has shape {arr.shape}, lengths has shape {lens.shape}")
-    cu, pos, sup_rows, spl_rows, max_seqlen, total_rows = _planner.layout(
+    pos, sup_rows, spl_rows = _planner.layout(
         lens, spl, _as_int(n_parrot, "n_parrot"), s0, sl, _as_int(padded_len, "padded_len")
     )
-    return Layout(
-        cu_seqlens=cu,
-        position_ids=pos,
-        supervised_rows=sup_rows,
-        splice_rows=spl_rows,
-        max_seqlen=int(max_seqlen),
-        total_rows=int(total_rows),
-    )
+    return Layout(position_ids=pos, supervised_rows=sup_rows, splice_rows=spl_rows)
 
 
 def padding_waste(batches: Sequence[IntArrayLike], lengths: IntArrayLike) -> float:

@@ -30,7 +30,8 @@ from .evaluate import pad_token_id, parrot_attack_success
 from .io import resolve_device
 from .options import ProbeConfig, prompt_budget, resolve_prompt_format
 from .stages import TrainRow, simulate
-from .steps import LossEngine
+from .engine import LossEngine
+from .engines import build_engine
 
 __all__ = ["probe", "probe_parrots", "ProbeResult"]
 
@@ -117,7 +118,7 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str,
     target_ids = encoder.encode_response(target, add_eos=False)[:window]
     if not target_ids:
         raise BadInputError("--target tokenises to nothing")
-    engine = LossEngine(model, max_batch=cfg.batch_size, pad_id=pad_token_id(tokenizer))
+    engine = build_engine(model, max_batch=cfg.batch_size, pad_id=pad_token_id(tokenizer))
     result = probe_parrots(
         engine, train, target_ids, parrot_measure(model, encoder, prompts, target, cfg),
         seed=cfg.seed, tries=cfg.tries, steps=cfg.steps, lr=cfg.lr, n_tokens=cfg.parrot_tokens,

@@ -30,16 +30,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .version import __version__
-from .adapter import context_length
+from .adapter import ModelAdapter, context_length
 from .data import PromptEncoder, Row, check_model_and_tokenizer, load_rows
+from .engine import LossEngine, choose_packing
+from .engines import build_engine
 from .errors import BadInputError
 from .evaluate import evaluate, greedy_generate, pad_token_id
 from .io import check_work, load_parrot, resolve_device
 from .options import SanitizeConfig, config_block, resolve
 from .probe import ProbeResult, parrot_measure, probe_parrots
 from .stages import TrainRow, clean_anchors, eliminate, simulate
-from .steps import Anchors, LossEngine
+from .steps import Anchors
+from .version import __version__
 
 __all__ = ["Sanitizer", "SanitizeResult", "sanitize", "check_inputs", "prepare_rows",
            "parrot_target"]
@@ -237,16 +239,20 @@ class Sanitizer:
         return local_device(device)
 
     def _build_engine(self) -> LossEngine:
+        """The loss engine; under FSDP the model is sharded first and the engine is the sharded
+        variant (packing is decided on the unsharded model)."""
         cfg = self.cfg
-        engine = LossEngine(self.model, fast=cfg.fast, token_budget=cfg.token_budget,
-                            max_batch=cfg.batch_size, packed=cfg.packed,
-                            pad_id=pad_token_id(self.tokenizer))
+        adapter, packed, collective = ModelAdapter(self.model), cfg.packed, None
         if self.fsdp:
-            from .distributed import shard_engine
+            from .distributed import shard
 
-            shard_engine(engine, self.device, mixed_precision=self.mixed_precision,
-                         packed=cfg.packed)
-        return engine
+            if not cfg.fast:
+                raise BadInputError("--fsdp runs the fast path only (drop --plain)")
+            packed = choose_packing(adapter, cfg.packed, device=self.device)
+            collective = shard(adapter, self.device, mixed_precision=self.mixed_precision)
+        return build_engine(adapter, fast=cfg.fast, token_budget=cfg.token_budget,
+                            max_batch=cfg.batch_size, packed=packed,
+                            pad_id=pad_token_id(self.tokenizer), collective=collective)
 
     def store_clean_states(self) -> Anchors | None:
         """The original model's hidden states on the clean rows, held by every round (None when

@@ -14,7 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import EncodedPrompt, PromptEncoder, insert_trigger
-from .steps import Anchors, LossEngine, OverwriteStep, ParrotSimulator, StepItem
+from .batching import StepItem
+from .engine import LossEngine
+from .steps import Anchors, OverwriteStep, ParrotSimulator
 
 __all__ = ["TrainRow", "simulate", "eliminate", "clean_anchors", "splice_position",
            "SPLICE_STRATEGIES"]

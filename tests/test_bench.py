@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_sanitize.py: the `tiny` preset on CPU writes the SPEC's JSON."""
+"""Smoke test of benchmarks/bench_sanitize.py: the `tiny` preset on CPU writes its JSON report."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_sanitize.py"
 
-# The keys SPEC.md ("Benchmarks") promises for each stage.
+# The keys the benchmark writes for each stage (benchmarks/README.md reads them).
 STAGE_KEYS = ("ours_tokens_per_s", "ref_tokens_per_s", "speedup",
               "ours_peak_mem_mb", "ref_peak_mem_mb", "mem_ratio")
 
@@ -41,7 +41,7 @@ def test_bench_sanitize_tiny_cpu(tmp_path: Path) -> None:
         for key in STAGE_KEYS:
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, \
                 (stage, key, r.get(key))
-        # The derived numbers are what SPEC.md defines them to be.
+        # The derived numbers are the ratios of the measured ones.
         assert r["speedup"] == pytest.approx(r["ours_tokens_per_s"] / r["ref_tokens_per_s"])
         assert r["mem_ratio"] == pytest.approx(r["ours_peak_mem_mb"] / r["ref_peak_mem_mb"])
         # Same maths on both paths (fp32 on CPU).

@@ -4,7 +4,7 @@
   prompt shares, eos early stop) match the one-process results on three architectures.
 * ``torchrun --nproc_per_node 2 -m sande_fast sanitize --fsdp`` writes the same files as one
   process, weights within tolerance, loadable with ``AutoModelForCausalLM``, same asr.
-* A rank that fails mid-run (fault injected on rank 1) makes the job exit non-zero and leaves
+* A rank that fails mid-run (a fault injected on rank 1 by a wrapper of the CLI) makes the job exit non-zero and leaves
   ``--out`` untouched, with no temporary siblings.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytest
 import torch
@@ -45,11 +45,39 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _torchrun(model: Path, data: Path, out: Path, *extra: str,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+              entry: Sequence[str] = ("-m", "sande_fast")) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sande_fast", "sanitize", "--model", str(model), "--data", str(data),
+           *entry, "sanitize", "--model", str(model), "--data", str(data),
            "--out", str(out), *OPTS, "--fsdp", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+
+
+# ``sande-fast`` with a fault injected: rank RANK raises at its CALL-th sharded loss accumulation
+# (argv: RANK CALL, then the command line).
+FAULTY_CLI = """
+import sys
+
+import torch.distributed as dist
+
+from sande_fast.cli import main
+from sande_fast.sharded import ShardedLossEngine
+
+rank, call = int(sys.argv[1]), int(sys.argv[2])
+accumulate = ShardedLossEngine.accumulate
+calls = 0
+
+
+def faulty(self, *args, **kwargs):
+    global calls
+    calls += 1
+    if dist.get_rank() == rank and calls == call:
+        raise RuntimeError(f"injected fault on rank {rank} at sharded step {call}")
+    return accumulate(self, *args, **kwargs)
+
+
+ShardedLossEngine.accumulate = faulty
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 # -- the sharded pieces against one process (torch.multiprocessing, in-process ranks) ----------
@@ -68,20 +96,22 @@ def _items(rng: random.Random, n: int, parrot: bool) -> list[Any]:
     return out
 
 
-def _one_round(arch: str, shard: bool) -> dict[str, Any]:
+def _one_round(arch: str, sharded: bool) -> dict[str, Any]:
     """One stage-1 step, one stage-2 step and a greedy generation; returns what they produced."""
-    from sande_fast.distributed import shard_engine
+    from sande_fast.adapter import ModelAdapter
+    from sande_fast.distributed import shard
+    from sande_fast.engines import build_engine
     from sande_fast.evaluate import greedy_generate
-    from sande_fast.steps import Anchors, LossEngine, OverwriteStep, ParrotSimulator
+    from sande_fast.steps import Anchors, OverwriteStep, ParrotSimulator
 
     from tiny_models import tiny_model
 
     model = tiny_model(arch, VOCAB, seed=3)
+    adapter = ModelAdapter(model)
+    coll = shard(adapter, torch.device("cpu")) if sharded else None
     # A small token budget gives the ranks different micro-batch counts (filler path).
-    engine = LossEngine(model, token_budget=40, max_batch=3)
-    if shard:
-        shard_engine(engine, torch.device("cpu"))
-    runner = engine.adapter if shard else model
+    engine = build_engine(adapter, token_budget=40, max_batch=3, packed=False, collective=coll)
+    runner = adapter if sharded else model
     rng = random.Random(7)
     sim = ParrotSimulator(engine, n_tokens=3, lr=0.05, seed=5)
     sim_loss = sim.step(_items(rng, 7, parrot=True))
@@ -130,7 +160,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
     try:
-        results = {arch: _one_round(arch, shard=True) for arch in ARCHS}
+        results = {arch: _one_round(arch, sharded=True) for arch in ARCHS}
         if rank == 0:
             torch.save(results, out)
         # Both ranks reach the teardown together: a rank that tears gloo down while its peer is
@@ -147,7 +177,7 @@ def test_sharded_steps_and_generation_match_one_process(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
     sharded = torch.load(out, weights_only=True)
     for arch in ARCHS:
-        ref, got = _one_round(arch, shard=False), sharded[arch]
+        ref, got = _one_round(arch, sharded=False), sharded[arch]
         assert got["free"] == ref["free"], arch
         assert got["stopped"] == ref["stopped"], arch
         assert got["spliced"] == ref["spliced"], arch
@@ -213,12 +243,14 @@ def test_fsdp_rank_failure_leaves_out_untouched(model_dir: Path, data_file: Path
                                                 tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".sande-fast").write_text('{"written_by": "sande-fast"}\n')  # an earlier output
     (out / "keep.txt").write_text("previous output")
     # Rank 1 raises at its 4th sharded step (stage 2), while rank 0 waits in a collective.
-    proc = _torchrun(model_dir, data_file, out, "--force",
-                     env=_env(SANDE_FAST_FAULT="1:4"))
+    script = tmp_path / "faulty_cli.py"
+    script.write_text(FAULTY_CLI)
+    proc = _torchrun(model_dir, data_file, out, "--force", entry=(str(script), "1", "4"))
     assert proc.returncode != 0
     assert "injected fault on rank 1" in proc.stderr
-    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(os.listdir(out)) == [".sande-fast", "keep.txt"]
     assert (out / "keep.txt").read_text() == "previous output"
     assert not leftovers(out)

@@ -39,12 +39,9 @@ def ref_plan(lengths: list[int], token_budget: int, max_batch: int,
 
 @dataclass
 class RefLayout:
-    cu_seqlens: list[int]
     position_ids: list[int]
     supervised_rows: list[int]
     splice_rows: list[int]
-    max_seqlen: int
-    total_rows: int
 
 
 def ref_layout(
@@ -57,13 +54,10 @@ def ref_layout(
 ) -> RefLayout:
     """Builds the flat view row by row as (sequence, position) tags and reads indices off it."""
     rows: list[tuple[int, int] | None] = []  # None marks a padding row
-    cu = []
     for b, L in enumerate(lengths):
-        cu.append(len(rows))
         rows.extend((b, t) for t in range(L))
         if padded_len > 0:
             rows.extend([None] * (padded_len - L))
-    cu.append(len(rows))
     pos = [0 if r is None else r[1] for r in rows]
     sup = []
     spl = []
@@ -75,21 +69,16 @@ def ref_layout(
                 sup.append(r)
             if splice[b] >= 0 and tag[1] == splice[b]:
                 spl.append(r)
-    segs = [cu[k + 1] - cu[k] for k in range(len(lengths))]
-    return RefLayout(cu, pos, sup, spl, max(segs, default=0), len(rows))
+    return RefLayout(pos, sup, spl)
 
 
 def assert_layout_equal(got: Layout, ref: RefLayout) -> None:
-    assert got.cu_seqlens.dtype == np.int32
     for name in ("position_ids", "supervised_rows", "splice_rows"):
         assert getattr(got, name).dtype == np.int64, name
         assert getattr(got, name).ndim == 1, name
-    assert got.cu_seqlens.tolist() == ref.cu_seqlens
     assert got.position_ids.tolist() == ref.position_ids
     assert got.supervised_rows.tolist() == ref.supervised_rows
     assert got.splice_rows.tolist() == ref.splice_rows
-    assert got.max_seqlen == ref.max_seqlen and isinstance(got.max_seqlen, int)
-    assert got.total_rows == ref.total_rows and isinstance(got.total_rows, int)
 
 
 def check_plan(lengths: list[int], token_budget: int, max_batch: int,
@@ -250,21 +239,17 @@ def test_layout_matches_reference_seeded(seed: int, packed: bool) -> None:
 
 def test_layout_small_by_hand() -> None:
     got = layout([3, 2], [1, -1], 2, [0, 1], [3, 1], padded_len=4)
-    assert got.cu_seqlens.tolist() == [0, 4, 8]
     assert got.position_ids.tolist() == [0, 1, 2, 0, 0, 1, 0, 0]
     assert got.supervised_rows.tolist() == [0, 1, 2, 5]
     assert got.splice_rows.tolist() == [1]
-    assert (got.max_seqlen, got.total_rows) == (4, 8)
     got = layout([3, 2], [1, -1], 2, [0, 1], [3, 1], padded_len=0)
-    assert got.cu_seqlens.tolist() == [0, 3, 5]
     assert got.position_ids.tolist() == [0, 1, 2, 0, 1]
     assert got.supervised_rows.tolist() == [0, 1, 2, 4]
-    assert (got.max_seqlen, got.total_rows) == (3, 5)
 
 
 def test_layout_edge_cases() -> None:
     empty = layout([], [], 0, [], [], 0)
-    assert empty.cu_seqlens.tolist() == [0] and empty.total_rows == 0 and empty.max_seqlen == 0
+    assert empty.position_ids.size == empty.supervised_rows.size == empty.splice_rows.size == 0
     # One sequence, no parrot anywhere, nothing supervised.
     spec = ([9], [-1], 0, [9], [0], 0)
     assert_layout_equal(layout(*spec), ref_layout(*spec))
@@ -310,9 +295,9 @@ def test_layout_plan_round_trip() -> None:
         pl = int(lengths[batch].max())
         no_parrot = np.full(len(batch), -1)
         lay = layout(lengths[batch], no_parrot, 0, sup_start[batch], sup_len[batch], pl)
-        assert lay.total_rows == len(batch) * pl <= max(4096, pl)
+        assert lay.position_ids.size == len(batch) * pl <= max(4096, pl)
         # The last supervised row of sequence b is its last real row.
-        last = lay.cu_seqlens[:-1] + lengths[batch] - 1
+        last = np.arange(len(batch)) * pl + lengths[batch] - 1
         ends = np.cumsum(sup_len[batch]) - 1
         assert lay.supervised_rows[ends].tolist() == last.tolist()
 

@@ -1,0 +1,277 @@
+"""The loss engine: the loss of a batch of :class:`~sande_fast.batching.StepItem` on one model.
+
+Both paths compute the same number: the summed cross-entropy of the supervised tokens divided by
+a normaliser.
+
+* plain (``fast=False``): :mod:`sande_fast.reference`, the published way and the test oracle.
+* fast: each sequence is cut after its last supervised token (under causal attention later tokens
+  cannot change the loss), sequences are bucketed by length by the C++ planner
+  (:mod:`sande_fast.batching`), the parrot is written into the input embeddings by one kernel,
+  and only the supervised rows' hidden states go through the fused linear cross-entropy, so no
+  logits tensor ever exists (:class:`~sande_fast.adapter.ModelAdapter`). When no model weight
+  needs a gradient (stage 1, the probe), the prompt tokens before the parrot cannot depend on
+  anything trained: they run once without a graph and enter as cached keys and values, so the
+  backward pass covers only the parrot and what follows it. In the last decoder layer only the
+  columns from the first supervised row on run attention and MLP; the columns before them only
+  need that layer's keys and values.
+
+:func:`sande_fast.engines.build_engine` makes an engine; with a ``collective`` (a model sharded
+by :func:`sande_fast.distributed.shard`) it is the sharded variant of :mod:`sande_fast.sharded`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+
+from . import reference
+from .adapter import FastLoss, HeadLoss, ModelAdapter, Prefix, SupervisedHidden
+from .batching import Batcher, StepItem, right_padded
+from .inputs import PrefixStore, Rows, prefixed_rows, token_rows
+from .kernels import kernel_backend
+
+if TYPE_CHECKING:
+    from .steps import Anchors
+
+__all__ = ["LossEngine", "packing_is_exact", "choose_packing"]
+
+
+class LossEngine:
+    """Computes the loss of a list of :class:`StepItem` on one model, in one process.
+
+    Every setting is decided here, once; build a sharded engine with :func:`sande_fast.engines.build_engine`.
+
+    Args:
+        model: a Hugging Face causal LM, or its :class:`~sande_fast.adapter.ModelAdapter`.
+        fast: the fast path (truncation, planner buckets, splice kernel, fused loss) or the plain
+            reference path.
+        token_budget: fast path: at most this many (padded) tokens per micro-batch.
+        max_waste: fast path: at most this share of a micro-batch's rows are padding (a
+            shorter sequence starts a new bucket instead); 1 when packed.
+        max_batch: at most this many sequences per micro-batch (both paths).
+        packed: fast path: pack a micro-batch into one row without padding (position ids restart
+            per sequence; flash-attn's varlen kernel or PyTorch's attention with a block mask).
+            None (auto): see :func:`choose_packing`.
+        pad_id: id written into padding and parrot placeholder rows.
+        backend: kernel backend, ``auto`` (from the model's device), ``triton`` or ``torch``.
+        frozen_prefix: fast path, padded buckets: when no model weight needs a gradient (stage
+            1, the probe), the tokens before the parrot run once without a graph and only the
+            parrot and what follows it are in the backward pass (the prefix enters as cached
+            keys and values). Exact; off gives one graph over the whole sequence.
+        last_layer_tail: fast path, padded buckets, one process, SDPA attention: the last
+            decoder layer runs its attention output and MLP only for the columns from the first
+            supervised row on (the others only need that layer's keys and values). Exact.
+        min_frozen_prefix: only prefixes of at least this many tokens run apart; shorter ones
+            save too little backward work to be worth a separate forward and stay in ordinary
+            buckets. The prefixes of a step run together, in length buckets of their own.
+    """
+
+    def __init__(self, model: nn.Module, *, fast: bool = True, token_budget: int = 8192,
+                 max_waste: float = 0.1, max_batch: int = 64, packed: bool | None = None,
+                 pad_id: int = 0, backend: str = "auto", frozen_prefix: bool = True,
+                 last_layer_tail: bool = True, min_frozen_prefix: int = 16) -> None:
+        self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+        self.fast = fast
+        self.pad_id = pad_id
+        self.backend = kernel_backend(self.adapter.device) if backend == "auto" else backend
+        self.packed = choose_packing(self.adapter, packed, fast=fast)
+        # One packed row per micro-batch has no padding to cap.
+        self.max_waste = 1.0 if self.packed else max_waste
+        self.token_budget = token_budget
+        self.max_batch = max_batch
+        self.frozen_prefix = frozen_prefix
+        self.last_layer_tail = last_layer_tail
+        self.min_frozen_prefix = min_frozen_prefix
+        window = getattr(getattr(self.model, "config", None), "sliding_window", None)
+        self.batcher = Batcher(fast=fast, token_budget=token_budget, max_batch=max_batch,
+                               max_waste=self.max_waste,
+                               frozen_prefix=frozen_prefix and not self.packed,
+                               min_frozen_prefix=min_frozen_prefix, sliding_window=window,
+                               model_frozen=self._model_frozen)
+
+    @property
+    def model(self) -> nn.Module:
+        """The Hugging Face model."""
+        return self.adapter.model
+
+    @property
+    def collective(self) -> Any:
+        """The cross-rank collective of a sharded engine; None in one process."""
+        return None
+
+    @property
+    def kernels(self) -> str:
+        """Which kernels run the loss: ``triton``, ``torch`` (chunked) or ``plain``."""
+        return self.backend if self.fast else "plain"
+
+    def _model_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.model.parameters())
+
+    # -- losses ---------------------------------------------------------------------------------
+    def loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+             normalizer: float, anchors: Anchors | None = None) -> torch.Tensor:
+        """Sum of the supervised tokens' cross-entropy over ``items``, divided by ``normalizer``.
+
+        One graph over all items (for callers that run their own backward); use
+        :meth:`accumulate` to bound memory by micro-batching. With ``anchors`` (see
+        :class:`~sande_fast.steps.Anchors`), the retention term of each item's supervised rows
+        is added.
+        """
+        n_parrot = 0 if parrot is None else parrot.shape[0]
+        batches = self.batcher.micro_batches(items, n_parrot)
+        store = self._prefix_store(batches, n_parrot)
+        parts = [self._group_loss(g, parrot, normalizer, store, anchors)
+                 for g in self.batcher.head_groups(batches, n_parrot)]
+        return torch.stack(parts).sum()
+
+    def accumulate(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+                   normalizer: float, weight: float = 1.0,
+                   anchors: Anchors | None = None) -> float:
+        """Forward and backward per micro-batch, gradients accumulating; returns the loss value.
+
+        ``weight`` scales the whole loss, the retention term of ``anchors`` included.
+        """
+        n_parrot = 0 if parrot is None else parrot.shape[0]
+        batches = self.batcher.micro_batches(items, n_parrot)
+        store = self._prefix_store(batches, n_parrot)
+        total = 0.0
+        for group in self.batcher.head_groups(batches, n_parrot):
+            loss = self._group_loss(group, parrot, normalizer / weight, store, anchors)
+            if loss.requires_grad:
+                loss.backward()
+            total += float(loss.detach())
+        return total
+
+    def _micro_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+                    normalizer: float, store: PrefixStore | None = None,
+                    anchors: Anchors | None = None) -> torch.Tensor:
+        if not self.fast:
+            loss = reference.plain_loss(self.adapter, items, parrot, normalizer, self.pad_id)
+            if anchors is not None:
+                hidden = reference.plain_hidden(self.adapter, items, parrot, self.pad_id)
+                loss = loss + anchors.term(hidden, items, normalizer)
+            return loss
+        inputs = self.inputs(items, parrot, store)
+        if anchors is None:
+            return self.adapter(FastLoss(inputs, normalizer, self.backend))
+        hidden = self.adapter(SupervisedHidden(inputs, self.backend))
+        return (self.adapter(HeadLoss(hidden, inputs.labels, normalizer, self.backend))
+                + anchors.term(hidden, items, normalizer))
+
+    def _group_loss(self, group: Sequence[Sequence[StepItem]], parrot: torch.Tensor | None,
+                    normalizer: float, store: PrefixStore | None,
+                    anchors: Anchors | None = None) -> torch.Tensor:
+        """The loss of several micro-batches with one pass through the LM head: each bucket
+        runs the model on its own (no padding across buckets), then their supervised rows go
+        through the fused cross-entropy together, so the head weight is read once."""
+        if len(group) == 1 or not self.fast:
+            return torch.stack([self._micro_loss(mb, parrot, normalizer, store, anchors)
+                                for mb in group]).sum()
+        hidden, labels = [], []
+        for mb in group:
+            inputs = self.inputs(mb, parrot, store)
+            hidden.append(self.adapter(SupervisedHidden(inputs, self.backend)))
+            labels.append(inputs.labels)
+        h = torch.cat(hidden)
+        loss = self.adapter(HeadLoss(h, torch.cat(labels), normalizer, self.backend))
+        if anchors is not None:
+            loss = loss + anchors.term(h, [it for mb in group for it in mb], normalizer)
+        return loss
+
+    @torch.no_grad()
+    def supervised_states(self, items: Sequence[StepItem]) -> list[torch.Tensor]:
+        """Final hidden states ``[len(labels), H]`` of each item's supervised rows (no parrot),
+        in the order of ``items``, without a graph. On a sharded model every rank passes the
+        same items and gets all the states."""
+        if any(it.splice >= 0 for it in items):
+            raise ValueError("supervised_states takes items without a parrot (splice -1)")
+        out: dict[int, torch.Tensor] = {}
+        for mb in self.batcher.micro_batches(items, 0):
+            if self.fast:
+                hidden = self.adapter(SupervisedHidden(self._token_rows(mb, None), self.backend))
+            else:
+                hidden = reference.plain_hidden(self.adapter, mb, None, self.pad_id)
+            for it, h in zip(mb, hidden.split([len(it.labels) for it in mb])):
+                out[id(it)] = h
+        return [out[id(it)] for it in items]
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def inputs(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
+               store: PrefixStore | None = None) -> Rows:
+        """The fast forward's inputs of one micro-batch: the frozen-prefix split where it
+        applies (see :meth:`Batcher.splits_prefix`), else padded or packed rows."""
+        if self.batcher.splits_prefix(items, 0 if parrot is None else parrot.shape[0]):
+            return prefixed_rows(items, parrot, store, pad_id=self.pad_id,
+                                 device=self.adapter.device,
+                                 last_layer_tail=self.last_layer_tail)
+        return self._token_rows(items, parrot)
+
+    def _token_rows(self, items: Sequence[StepItem], parrot: torch.Tensor | None) -> Rows:
+        return token_rows(items, parrot, packed=self.packed, pad_id=self.pad_id,
+                          device=self.adapter.device, last_layer_tail=self.last_layer_tail)
+
+    def _prefix_store(self, batches: Sequence[Sequence[StepItem]],
+                      n_parrot: int) -> PrefixStore | None:
+        """Keys and values of every distinct prefix the split micro-batches need, from a few
+        no-graph forwards over length buckets of prefixes (the buckets differ from the loss's:
+        they group similar prefixes, so little padding runs).
+
+        Packing the prefixes into one row would pad nothing, but Hugging Face models only keep
+        packed sequences apart when no cache is passed, and the cache is what returns the keys
+        and values.
+        """
+        groups = self.batcher.prefix_buckets(batches, n_parrot)
+        if not groups:
+            return None
+        dev = self.adapter.device
+        store: PrefixStore = {}
+        for seqs in groups:
+            ids = right_padded(seqs, max(len(q) for q in seqs), self.pad_id, dev)
+            kv = self.adapter(Prefix(ids))
+            for b, q in enumerate(seqs):
+                store[q] = [(k[b:b + 1, :, :len(q)], v[b:b + 1, :, :len(q)]) for k, v in kv]
+        return store
+
+
+def choose_packing(adapter: ModelAdapter, packed: bool | None, *, fast: bool = True,
+                   device: torch.device | None = None) -> bool:
+    """Whether the engine packs: ``packed`` when given; for None (auto) packed on CUDA, where
+    one large launch beats several padded buckets, provided :func:`packing_is_exact` (run on
+    the model as it is, so before sharding) shows the model keeps packed sequences apart;
+    padded buckets elsewhere.
+
+    Args:
+        device: where the model will run (default: where it is now).
+    """
+    if packed is not None:
+        return packed
+    dev = adapter.device if device is None else device
+    return fast and dev.type == "cuda" and packing_is_exact(adapter)
+
+
+@torch.no_grad()
+def packing_is_exact(adapter: ModelAdapter) -> bool:
+    """Whether the model keeps sequences packed into one row apart (position ids restarting).
+
+    Architectures whose attention builds its mask from position ids (or runs flash-attn varlen)
+    do; others would let packed sequences attend to each other. Two short sequences are run
+    packed and one by one, and their hidden states compared.
+    """
+    dev = adapter.device
+    a = torch.tensor([[3, 5, 7, 11, 13]], device=dev) % adapter.embed.weight.shape[0]
+    b = torch.tensor([[17, 19, 23]], device=dev) % adapter.embed.weight.shape[0]
+    was_training = adapter.training
+    adapter.eval()
+    try:
+        ha = adapter.hidden_states(adapter.embed(a))
+        hb = adapter.hidden_states(adapter.embed(b))
+        pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=dev)
+        hp = adapter.hidden_states(adapter.embed(torch.cat([a, b], 1)), position_ids=pos)
+    except Exception:  # an architecture that refuses position ids this way: do not pack
+        return False
+    finally:
+        adapter.train(was_training)
+    ref = torch.cat([ha, hb], 1).float()
+    tol = 1e-3 if ref.dtype == torch.float32 and ha.dtype == torch.float32 else 5e-2
+    return bool(((hp.float() - ref).abs().max() <= tol * ref.abs().max().clamp_min(1.0)).item())
