@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from sande_fast.batching import fast_length
-from sande_fast.engine import LossEngine, build_engine
+from sande_fast.engine import LossEngine
+from sande_fast.engines import build_engine
 from sande_fast.steps import Anchors, OverwriteStep, ParrotSimulator, StepItem, frozen
 
 MIB = 2**20

@@ -371,17 +371,9 @@ def fused_linear_cross_entropy(
 
 
 def fused_linear_cross_entropy_reference(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None = None,
-    *,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    normalizer: float | None = None,
-    logit_scale: float = 1.0,
-    chunk_rows: int | None = None,
-    backend: str = "auto",
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+    ignore_index: int = -100, reduction: str = "mean", normalizer: float | None = None,
+    logit_scale: float = 1.0, chunk_rows: int | None = None, backend: str = "auto",
 ) -> Tensor:
     """Plain-torch oracle for :func:`fused_linear_cross_entropy`: full logits + ``F.cross_entropy``.
 

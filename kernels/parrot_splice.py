@@ -23,6 +23,7 @@ __all__ = ["parrot_splice", "parrot_splice_reference"]
 
 triton: Any = None
 tl: Any = None
+_tile_rows: Any = None  # a @triton.jit helper of the kernels below, a global for the same reason
 _TRITON_KERNELS: dict[str, Any] | None = None
 
 
@@ -32,7 +33,7 @@ def _build_triton_kernels() -> dict[str, Any]:
     Returns:
         ``{"map": ..., "fwd": ..., "grad_x": ..., "grad_p": ...}`` ``@triton.jit`` kernels.
     """
-    global triton, tl, _TRITON_KERNELS
+    global triton, tl, _tile_rows, _TRITON_KERNELS
     if _TRITON_KERNELS is not None:
         return _TRITON_KERNELS
     import triton as _triton
@@ -50,15 +51,21 @@ def _build_triton_kernels() -> dict[str, Any]:
             tl.store(pmap_ptr + st + j, j.to(tl.int32), mask=j < n)
 
     @triton.jit
-    def _fwd_kernel(x_ptr, p_ptr, pmap_ptr, out_ptr, T, H,
-                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _tile_rows(pmap_ptr, T, H, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+        # This program's [BLOCK_R, BLOCK_H] tile: its columns, the parrot row of each of its
+        # rows (-1: an ordinary row), which rows are parrot rows, the mask and the offsets.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         rmask = rows < T
         j = tl.load(pmap_ptr + rows, mask=rmask, other=-1)
-        is_p = (j >= 0)[:, None]
         m2 = rmask[:, None] & (cols < H)[None, :]
         offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
+        return cols, j, (j >= 0)[:, None], m2, offs
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, p_ptr, pmap_ptr, out_ptr, T, H,
+                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+        cols, j, is_p, m2, offs = _tile_rows(pmap_ptr, T, H, BLOCK_R, BLOCK_H)
         # Each element is read from exactly one source: x for ordinary rows, parrot otherwise.
         xv = tl.load(x_ptr + offs, mask=m2 & ~is_p, other=0.0)
         pv = tl.load(p_ptr + j.to(tl.int64)[:, None] * H + cols[None, :], mask=m2 & is_p, other=0.0)
@@ -68,13 +75,7 @@ def _build_triton_kernels() -> dict[str, Any]:
     @triton.jit
     def _grad_x_kernel(g_ptr, pmap_ptr, gx_ptr, T, H,
                        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        rmask = rows < T
-        j = tl.load(pmap_ptr + rows, mask=rmask, other=-1)
-        is_p = (j >= 0)[:, None]
-        m2 = rmask[:, None] & (cols < H)[None, :]
-        offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
+        cols, j, is_p, m2, offs = _tile_rows(pmap_ptr, T, H, BLOCK_R, BLOCK_H)
         gv = tl.load(g_ptr + offs, mask=m2 & ~is_p, other=0.0)  # parrot rows read as 0
         tl.store(gx_ptr + offs, gv.to(gx_ptr.dtype.element_ty), mask=m2)
 

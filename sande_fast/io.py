@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import BadInputError, Terminated
 
-__all__ = ["check_out_dir", "claim_out_dir", "release_claims", "check_not_inside", "atomic_dir",
+__all__ = ["check_out_dir", "claim_out_dir", "release_claims", "atomic_dir",
            "claim_out_file", "write_output_json", "is_tool_json", "interrupt_handlers",
            "Terminated", "resume_dir", "resume_parrot_path", "discard_resume", "disk_error_line",
            "route_warnings", "check_shard_index", "check_weights_finite",
@@ -377,23 +377,6 @@ def release_claims() -> None:
         claim.release()
 
 
-def check_not_inside(out: str | os.PathLike, inputs: Iterable[tuple[str, Any]]) -> None:
-    """Refuses an ``--out`` that is, contains or lies inside one of the inputs (by real path).
-
-    Args:
-        out: the output folder.
-        inputs: ``(option name, path or None)`` pairs, e.g. ``("--model", "llama/")``.
-    """
-    o = _real(out)
-    for name, given, real in _inputs(inputs):
-        if _is_within(real, o) or (o.exists() and _same_file(real, o)):
-            raise BadInputError(f"--out {out} holds the {name} input {given}; "
-                                "write the result to another folder")
-        if real.is_dir() and _is_within(o, real):
-            raise BadInputError(f"--out {out} lies inside the {name} input {given}; "
-                                "write the result to another folder")
-
-
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
@@ -403,20 +386,10 @@ def _signals_deferred() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-
-    def hold(signum: int, frame: Any) -> None:
-        caught.append(signum)
-
-    previous = {}
-    for s in _STOP_SIGNALS:
-        h = signal.getsignal(s)
-        if h is not signal.SIG_IGN:
-            previous[s] = signal.signal(s, hold)
     try:
-        yield
+        with _stop_signals_to(lambda signum, frame: caught.append(signum)):
+            yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
         if caught:
             signal.raise_signal(caught[0])
 
@@ -444,6 +417,14 @@ def interrupt_handlers() -> Iterator[None]:
             raise KeyboardInterrupt
         raise Terminated(signum)
 
+    with _stop_signals_to(handler):
+        yield
+
+
+@contextlib.contextmanager
+def _stop_signals_to(handler: Any) -> Iterator[None]:
+    """Routes SIGINT / SIGTERM / SIGHUP to ``handler`` for the duration (main thread only); a
+    signal the caller ignores stays ignored, and the previous handlers come back afterwards."""
     previous = {}
     for s in _STOP_SIGNALS:
         h = signal.getsignal(s)
