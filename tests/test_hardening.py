@@ -61,11 +61,16 @@ def _one_error_line(err: str, *words: str) -> str:
 
 # ------------------------------------------------------------------------------ signals
 
+def _default_stop_signals() -> None:
+    # SIGINT is ignored when pytest runs in the background, SIGHUP under nohup; the tool keeps an
+    # ignored signal ignored (as the user asked), so a run started here must see both.
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _start(argv: list[str]) -> subprocess.Popen[str]:
-    # SIGINT could be ignored when pytest itself runs in the background; a run must see it.
     return subprocess.Popen([sys.executable, "-m", "sande_fast", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_stop_signals)
 
 
 def _wait_for(proc: subprocess.Popen[str], ready: Any, timeout: float = 90) -> None:
