@@ -443,26 +443,21 @@ def check_target_fits(encoder: PromptEncoder, target: str, context: int | None,
     return n
 
 
-# Upper bounds no useful run exceeds; past them a number is a typo (1000000000) or hostile.
+# No useful run takes a larger batch; past it a number is a typo (1000000000) or hostile.
 MAX_BATCH = 65536
-MAX_STEPS = 10_000_000
-MAX_TOKEN_BUDGET = 2**24
 
 
 def check_run_bounds(*, n_rows: int | None = None, context: int | None = None,
-                     batch_size: int | None = None, steps: dict[str, int | None] | None = None,
-                     max_new_tokens: int | None = None, parrot_tokens: int | None = None,
-                     token_budget: int | None = None, eval_rows: int | None = None) -> None:
-    """Refuses work sizes beyond what the model and the data allow (each has a hard limit).
+                     batch_size: int | None = None, max_new_tokens: int | None = None,
+                     parrot_tokens: int | None = None) -> None:
+    """Refuses work sizes beyond what the model and the data allow (the fixed upper bounds of
+    every option are declared with it, in :mod:`sande_fast.options`).
 
     Args:
-        n_rows: rows of the data (batch size may not exceed ``max(n_rows, 1024)`` ...).
+        n_rows: rows of the data (batch size may not exceed ``max(1024, 4 * n_rows)``).
         context: the model's context window in tokens (None: unknown).
         batch_size: rows per step.
-        steps: option name -> number of steps (e.g. ``{"--simulate-steps": 200}``).
         max_new_tokens, parrot_tokens: must leave room in the context.
-        token_budget: tokens per micro-batch.
-        eval_rows: rows measured.
 
     Raises:
         BadInputError: naming the option and its limit.
@@ -472,9 +467,6 @@ def check_run_bounds(*, n_rows: int | None = None, context: int | None = None,
         if batch_size > limit:
             raise BadInputError(f"--batch-size {_short(batch_size)} is larger than this run can "
                                 f"use (at most {limit}{'' if n_rows is None else f' for {n_rows} rows'})")
-    for name, v in (steps or {}).items():
-        if v is not None and v > MAX_STEPS:
-            raise BadInputError(f"{name} {_short(v)} is beyond the limit of {MAX_STEPS} steps")
     if context is not None:
         if max_new_tokens is not None and max_new_tokens >= context:
             raise BadInputError(f"--max-new-tokens {_short(max_new_tokens)}: the model's context "
@@ -483,8 +475,3 @@ def check_run_bounds(*, n_rows: int | None = None, context: int | None = None,
         if parrot_tokens is not None and parrot_tokens >= context:
             raise BadInputError(f"--parrot-tokens {_short(parrot_tokens)}: the model's context "
                                 f"({context} tokens) leaves no room for a prompt")
-    if token_budget is not None and token_budget > MAX_TOKEN_BUDGET:
-        raise BadInputError(f"--token-budget {_short(token_budget)} is beyond the limit of "
-                            f"{MAX_TOKEN_BUDGET} tokens per micro-batch")
-    if eval_rows is not None and eval_rows > MAX_ROWS:
-        raise BadInputError(f"--eval-rows {_short(eval_rows)} is beyond the limit of {MAX_ROWS}")

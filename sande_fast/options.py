@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .data import MAX_BATCH, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKEN_BUDGET
+from .data import MAX_BATCH, MAX_ROWS, MAX_SEED
 from .errors import BadInputError
 
 __all__ = ["Option", "CommonOptions", "SanitizeConfig", "ProbeConfig", "EvalConfig", "METHODS",
@@ -31,6 +31,10 @@ POSITIONS = ("random", "start", "end")
 
 # Adam's own arithmetic overflows near 1e30; no useful rate is close.
 MAX_LR = 1e30
+
+# Upper bounds no useful run exceeds; past them a number is a typo (1000000000) or hostile.
+MAX_STEPS = 10_000_000
+MAX_TOKEN_BUDGET = 2**24
 
 # AdamW's default overwrite rate over CalibratedSGD's (the RMS size of an update made from the
 # largest gradient so far), measured on the toy.

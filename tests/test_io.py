@@ -378,17 +378,22 @@ def test_good_seeds() -> None:
 
 
 def test_run_bounds() -> None:
-    check_run_bounds(n_rows=8, context=256, batch_size=16, max_new_tokens=32, parrot_tokens=6,
-                     steps={"--simulate-steps": 200}, token_budget=8192, eval_rows=200)
+    check_run_bounds(n_rows=8, context=256, batch_size=16, max_new_tokens=32, parrot_tokens=6)
     for kw, words in [({"batch_size": 10**9}, "--batch-size"),
                       ({"batch_size": 5000, "n_rows": 8}, "at most 1024 for 8 rows"),
-                      ({"steps": {"--overwrite-steps": 10**12}}, "--overwrite-steps"),
                       ({"max_new_tokens": 256, "context": 256}, "--max-new-tokens"),
-                      ({"parrot_tokens": 999, "context": 256}, "--parrot-tokens"),
-                      ({"token_budget": 2**40}, "--token-budget"),
-                      ({"eval_rows": 10**12}, "--eval-rows")]:
+                      ({"parrot_tokens": 999, "context": 256}, "--parrot-tokens")]:
         with pytest.raises(BadInputError, match=words):
             check_run_bounds(**kw)
+    # The fixed bounds are the options' own.
+    from sande_fast.options import SanitizeConfig
+
+    for kw, words in [({"batch_size": 10**9}, "--batch-size"),
+                      ({"overwrite_steps": 10**12}, "--overwrite-steps"),
+                      ({"token_budget": 2**40}, "--token-budget"),
+                      ({"eval_rows": 10**12}, "--eval-rows"), ({"seed": 2**32}, "--seed")]:
+        with pytest.raises(BadInputError, match=words):
+            SanitizeConfig(**kw)
 
 
 def test_api_checks(tokenizer: Any) -> None:
