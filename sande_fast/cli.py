@@ -12,8 +12,6 @@ import sys
 import traceback
 from typing import Any, Sequence
 
-import torch
-
 from .errors import PROG, BadInputError, Terminated
 from .options import EvalConfig, ProbeConfig, SanitizeConfig, add_options, from_namespace
 
