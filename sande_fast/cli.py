@@ -94,11 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _say(quiet: bool, msg: str) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
 def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """The input paths of a command, as ``(option, path)`` pairs, for the output checks."""
     return [(f"--{k.replace('_', '-')}", getattr(args, k, None))
@@ -157,7 +152,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .io import check_parrot_file
-    from .job import Loaded, SanitizeJob, run_job
+    from .job import Loaded, SanitizeJob, run_job, say
     from .recipe import check_inputs
     from .toy import ToyConfig, load_or_build_toy
 
@@ -173,9 +168,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     target, trigger = toy_cfg.target, toy_cfg.trigger
 
     def load(world: Any) -> Loaded:  # after --out is checked: the toy takes a while to build
-        _say(cfg.quiet, "building (or loading from cache) the backdoored toy model ...")
+        say(cfg.quiet, "building (or loading from cache) the backdoored toy model ...")
         toy = load_or_build_toy(toy_cfg, cache_dir=args.cache_dir, progress=not cfg.quiet)
-        _say(cfg.quiet, f"toy model: trigger {trigger!r}, target {target!r}")
+        say(cfg.quiet, f"toy model: trigger {trigger!r}, target {target!r}")
         return Loaded(toy.model, toy.tokenizer, toy.defense_rows, toy.clean_eval_rows)
 
     job = SanitizeJob(out=args.out, force=args.force, method=args.method, target=target,

@@ -27,7 +27,7 @@ from .recipe import SanitizeResult, sanitize
 from .report import summary_table, write_reports
 from .steps import NonFiniteError
 
-__all__ = ["SanitizeJob", "Local", "Loaded", "run_job", "write_output"]
+__all__ = ["SanitizeJob", "Local", "Loaded", "run_job", "say", "write_output"]
 
 
 @dataclass

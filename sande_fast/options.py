@@ -22,7 +22,7 @@ from .data import MAX_BATCH, MAX_ROWS, MAX_SEED
 from .errors import BadInputError
 
 __all__ = ["Option", "CommonOptions", "SanitizeConfig", "ProbeConfig", "EvalConfig", "METHODS",
-           "resolve", "prompt_budget", "add_options", "from_namespace", "read_config_file",
+           "resolve", "prompt_budget", "add_options", "from_namespace", "from_keywords", "read_config_file",
            "config_block", "markdown", "option_fields"]
 
 METHODS = ("osft", "sande", "sande-p", "sft")
@@ -431,6 +431,16 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> None:
         parser.add_argument("--config", default=None, metavar="FILE",
                             help="options from a JSON or YAML file (report.json's 'config' "
                                  "block works); flags given on the command line win")
+
+
+def from_keywords(config: type, options: dict[str, Any]) -> Any:
+    """A config from Python keywords (the API's ``**options``); a name that is no option of
+    ``config`` is bad input, never silently ignored."""
+    names = {n for n, _, _ in option_fields(config)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise BadInputError(f"unknown option(s): {', '.join(unknown)}")
+    return config(**options)
 
 
 def given_options(ns: argparse.Namespace, config: type) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from .data import EncodedPrompt, PromptEncoder, check_model_and_tokenizer, load_
 from .errors import BadInputError
 from .evaluate import pad_token_id, parrot_attack_success
 from .io import resolve_device
-from .options import ProbeConfig, prompt_budget, resolve_prompt_format
+from .options import ProbeConfig, from_keywords, prompt_budget, resolve_prompt_format
 from .stages import TrainRow, simulate
 from .engine import LossEngine
 from .engines import build_engine
@@ -104,7 +104,7 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str,
     """
     if not isinstance(target, str) or not target.strip():
         raise BadInputError("--target must be a non-empty text")
-    cfg = config if config is not None else _probe_config(options)
+    cfg = config if config is not None else from_keywords(ProbeConfig, options)
     check_model_and_tokenizer(model, tokenizer)
     progress = (not cfg.quiet) if progress is None else progress
     rows = load_rows(data)
@@ -141,13 +141,3 @@ def parrot_measure(runner: Any, encoder: PromptEncoder, prompts: list[EncodedPro
                                      max_new_tokens=cfg.max_new_tokens,
                                      batch_size=max(32, cfg.batch_size * 4))
     return measure
-
-
-def _probe_config(options: dict[str, Any]) -> ProbeConfig:
-    from dataclasses import fields
-
-    known = {f.name for f in fields(ProbeConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise BadInputError(f"unknown probe option(s): {', '.join(unknown)}")
-    return ProbeConfig(**options)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import platform
 import random
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -37,7 +37,7 @@ from .engines import build_engine
 from .errors import BadInputError
 from .evaluate import evaluate, greedy_generate, pad_token_id
 from .io import check_work, load_parrot, resolve_device
-from .options import SanitizeConfig, config_block, resolve
+from .options import SanitizeConfig, config_block, from_keywords, resolve
 from .probe import ProbeResult, parrot_measure, probe_parrots
 from .stages import TrainRow, clean_anchors, eliminate, simulate
 from .steps import Anchors
@@ -304,7 +304,7 @@ class Sanitizer:
         t = time.perf_counter()
         curve = eliminate(
             self.engine, self.train_rows, steps=cfg.overwrite_steps,
-            lr=cfg.overwrite_lr * (cfg.round_lr_decay ** round_index),
+            lr=self.round_lr(round_index),
             batch_size=cfg.batch_size, seed=seed, window=cfg.overwrite_window,
             clean_weight=cfg.clean_weight, parrot=parrot,
             trigger=self.trigger if self.method == "osft" else None, encoder=self.encoder,
@@ -313,6 +313,9 @@ class Sanitizer:
             optimizer=cfg.optimizer)
         self.timing["eliminate_s"] += time.perf_counter() - t
         return curve
+
+    def round_lr(self, round_index: int) -> float:
+        return self.cfg.overwrite_lr * (self.cfg.round_lr_decay ** round_index)
 
     def round_retain_weight(self, round_index: int) -> float:
         return self.cfg.retain_weight * (self.cfg.round_retain_factor if round_index else 1.0)
@@ -407,7 +410,7 @@ class Sanitizer:
             self.rounds.append({
                 "round": round_no, "probe_asr_before": probe_before, **measured,
                 "parrot_asr": parrot_asr,
-                "lr": cfg.overwrite_lr * (cfg.round_lr_decay ** r),
+                "lr": self.round_lr(r),
                 "retain_weight": self.round_retain_weight(r),
                 "simulate_final_loss": curve[-1] if curve else None,
                 "eliminate_final_loss": self.curves[f"eliminate_r{round_no}"][-1]})
@@ -521,13 +524,9 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
     if config is not None and options:
         raise BadInputError("give the options as config= or as keywords, not both")
     if config is None:
-        known = {f.name for f in fields(SanitizeConfig)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise BadInputError(f"unknown option(s): {', '.join(unknown)}")
         if isinstance(parrot, str):
             options["parrot"] = parrot
-        config = SanitizeConfig(**options)
+        config = from_keywords(SanitizeConfig, options)
     elif isinstance(parrot, str):
         config = replace(config, parrot=parrot)
     if fsdp is None:
