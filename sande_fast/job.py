@@ -21,7 +21,7 @@ import torch
 
 from .errors import PROG, BadInputError, Terminated
 from . import io
-from .io import atomic_dir, discard_resume, resume_parrot_path, save_parrot
+from .io import atomic_dir, claim_out_dir, discard_resume, resume_parrot_path, save_parrot
 from .options import SanitizeConfig
 from .recipe import SanitizeResult, sanitize
 from .report import summary_table, write_reports
@@ -116,9 +116,12 @@ def run_job(job: SanitizeJob, world: Any = None) -> int:
     quiet = job.config.quiet
     with contextlib.ExitStack() as output:
         error = None
+        tmp = None
         try:
             if world.writer:  # --out lives on the writer's machine; claimed until the result is in
-                tmp = output.enter_context(atomic_dir(job.out, job.force, job.inputs))
+                claim_out_dir(job.out, job.force, job.inputs)
+                if not world.fsdp:
+                    tmp = output.enter_context(atomic_dir(job.out, job.force, job.inputs))
             loaded = job.load(world)
         except BadInputError as e:
             error = str(e)
@@ -130,6 +133,14 @@ def run_job(job: SanitizeJob, world: Any = None) -> int:
             if not world.confirm(True):
                 raise RuntimeError("rank 0 could not write --out; it was left untouched")
             return 0
+        if tmp is None:
+            # A sharded writer makes its temporary folder only now: while the ranks train, one
+            # that fails can leave it blocked in a collective until torchrun kills it.
+            try:
+                tmp = output.enter_context(atomic_dir(job.out, job.force, job.inputs))
+            except BaseException:
+                world.confirm(False)  # the other ranks wait to hear
+                raise
         failure: BaseException | None = None
         try:
             write_output(world, result, loaded.tokenizer, tmp, state, not quiet)
