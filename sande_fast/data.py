@@ -30,6 +30,7 @@ __all__ = [
     "MAX_ROWS",
     "MAX_SEED",
     "check_seed",
+    "model_stop_ids",
     "check_model_and_tokenizer",
     "check_target_fits",
     "check_run_bounds",
@@ -238,6 +239,14 @@ class PromptEncoder:
             a character bound derived from this budget, so a huge prompt is never tokenised whole.
         max_response_tokens: responses are cut to this many tokens (after the same character
             bound); None keeps them whole.
+        system: with the chat format, a system message that replaces the template's default
+            one (None keeps the template's own, whatever it puts there).
+        extra_stop_ids: more ids that end a generated answer (the model's
+            ``generation_config.eos_token_id``: see :func:`model_stop_ids`).
+
+    A response ends with :attr:`end_id`: the token the chat template puts after an assistant
+    turn (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``), found by rendering a conversation,
+    else the eos token. Generation stops on any of :attr:`stop_ids`.
     """
 
     tokenizer: Any
@@ -245,7 +254,10 @@ class PromptEncoder:
     max_prompt_tokens: int | None = None
     truncated: int = 0
     max_response_tokens: int | None = None
+    system: str | None = None
+    extra_stop_ids: Sequence[int] = ()
     _chars_per_token: int = field(default=0, init=False, repr=False)
+    _end_id: int | None = field(default=None, init=False, repr=False)
     _prefix: list[int] = field(default_factory=list, init=False, repr=False)
     _suffix: list[int] = field(default_factory=list, init=False, repr=False)
 
@@ -261,8 +273,11 @@ class PromptEncoder:
         # maximum" warning would only mislead.
         with _suppress_errors(AttributeError, TypeError):
             tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+        if self.system is not None and not (fmt == "chat" or (fmt == "auto" and has_template)):
+            raise BadInputError("--system needs the chat format (a tokenizer with a chat "
+                                "template)")
         if fmt == "chat" or (fmt == "auto" and has_template):
-            text = _render_template(tok)
+            text = _render_template(tok, self.system)
             before, found, after = text.partition(_SENTINEL)
             if not found:
                 raise BadInputError("the tokenizer's chat template drops the user's message; fix "
@@ -281,6 +296,8 @@ class PromptEncoder:
             self.prompt_format = "raw"
         if self.eos_id is None:
             raise BadInputError("the tokenizer has no eos token; set tokenizer.eos_token first")
+        self._end_id = (_end_of_turn(tok, self.eos_id) if self.prompt_format == "chat"
+                        else self.eos_id)
 
     def _ids(self, text: str) -> list[int]:
         if not text:
@@ -297,6 +314,17 @@ class PromptEncoder:
     @property
     def eos_id(self) -> int | None:
         return self.tokenizer.eos_token_id
+
+    @property
+    def end_id(self) -> int:
+        """The id that closes a response (see the class notes)."""
+        return self._end_id if self._end_id is not None else self.eos_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end generation: the response end, eos, and :attr:`extra_stop_ids`."""
+        ids = [self.end_id, self.eos_id, *self.extra_stop_ids]
+        return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
     def encode_prompt(self, prompt: str) -> EncodedPrompt:
         """Tokenises one prompt; the user's text is ``ids[span[0]:span[1]]``."""
@@ -317,13 +345,13 @@ class PromptEncoder:
         return EncodedPrompt(self._prefix + content + self._suffix, (lo, lo + len(content)))
 
     def encode_response(self, response: str, add_eos: bool = True) -> list[int]:
-        """Tokenises a response; the eos token closes it unless ``add_eos`` is False."""
+        """Tokenises a response; :attr:`end_id` closes it unless ``add_eos`` is False."""
         if self.max_response_tokens is not None:
             response = response[:self.char_bound(self.max_response_tokens)]
             ids = self._ids(response)[:self.max_response_tokens]
         else:
             ids = self._ids(response)
-        return ids + [self.eos_id] if add_eos else ids
+        return ids + [self.end_id] if add_eos else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -335,12 +363,15 @@ def _suppress_errors(*types: type) -> Any:
     return contextlib.suppress(*types)
 
 
-def _render_template(tok: Any) -> str:
-    """The chat template applied to one user message (the sentinel); any failure of the template
-    (a ``TemplateError``, a sandbox violation, a template that is no text) is bad input."""
+def _render_template(tok: Any, system: str | None = None) -> str:
+    """The chat template applied to one user message (the sentinel), after ``system`` when
+    given; any failure of the template (a ``TemplateError``, a sandbox violation, a template that
+    is no text) is bad input."""
+    messages = [{"role": "user", "content": _SENTINEL}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     try:
-        text = tok.apply_chat_template([{"role": "user", "content": _SENTINEL}],
-                                       tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja2's TemplateError / SecurityError, or the template's own raise
         kind = type(e).__name__
         what = "breaks the template sandbox" if kind == "SecurityError" else "fails"
@@ -350,6 +381,40 @@ def _render_template(tok: Any) -> str:
         raise BadInputError("the tokenizer's chat template does not render to text; fix it or "
                             "pass --prompt-format raw")
     return text
+
+
+def _end_of_turn(tok: Any, eos_id: int) -> int:
+    """The first token the chat template puts after an assistant message's text, when it is a
+    special token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``); else ``eos_id``."""
+    reply = "\u2063SANDEFASTREPLY\u2063"
+    try:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": _SENTINEL}, {"role": "assistant", "content": reply}],
+            tokenize=False)
+    except Exception:  # a template that cannot render an assistant turn: keep eos
+        return eos_id
+    if not isinstance(text, str) or reply not in text:
+        return eos_id
+    after = text.split(reply, 1)[1]
+    if not after:
+        return eos_id
+    ids = tok(after, add_special_tokens=False)["input_ids"]
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    special |= {int(i) for i, t in (getattr(tok, "added_tokens_decoder", None) or {}).items()
+                if getattr(t, "special", False)}
+    return int(ids[0]) if ids and ids[0] in special else eos_id
+
+
+def model_stop_ids(model: Any) -> list[int]:
+    """The ids a model's own generation stops on: ``generation_config.eos_token_id`` (an int or
+    a list) and ``config.eos_token_id``."""
+    out: list[int] = []
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        ids = getattr(cfg, "eos_token_id", None)
+        if ids is None:
+            continue
+        out += [ids] if isinstance(ids, int) else [i for i in ids if isinstance(i, int)]
+    return list(dict.fromkeys(out))
 
 
 def _fold(text: str, limit: int) -> str:

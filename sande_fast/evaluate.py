@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import Embed, ModelAdapter, ModelCall, accepts_argument, cache_argument
-from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger
+from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger, model_stop_ids
 from .splice import splice_parrot
 
 __all__ = ["greedy_generate", "evaluate", "attack_success", "parrot_attack_success", "pad_token_id",
@@ -40,9 +40,10 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int,
-                    eos_id: int | None, max_new_tokens: int = 32, batch_size: int = 64,
-                    parrot: torch.Tensor | None = None, splice_at: Sequence[int] | None = None,
-                    progress: bool = False, desc: str = "generate") -> list[list[int]]:
+                    eos_id: int | Sequence[int] | None, max_new_tokens: int = 32,
+                    batch_size: int = 64, parrot: torch.Tensor | None = None,
+                    splice_at: Sequence[int] | None = None, progress: bool = False,
+                    desc: str = "generate", keep_stop: bool = False) -> list[list[int]]:
     """Greedy continuation of each prompt.
 
     Args:
@@ -52,7 +53,9 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
             the ranks agree on when to stop, and every rank returns all the results).
         prompts: token ids of each prompt.
         pad_id: id used for left padding (never attended to).
-        eos_id: generation of a row stops after it emits this id (kept out of the result).
+        eos_id: generation of a row stops after it emits this id, or any id of a list (a chat
+            model's eos and end-of-turn tokens); the stop id is kept out of the result unless
+            ``keep_stop``.
         max_new_tokens: at most this many new tokens per row.
         batch_size: rows per forward; prompts are sorted by length first to limit padding.
         parrot: optional ``[n, hidden]`` soft prompt spliced into every prompt.
@@ -60,8 +63,10 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
         progress: show a progress bar over batches.
 
     Returns:
-        New token ids for each prompt, in the input order, without the eos.
+        New token ids for each prompt, in the input order, without the stop id (a row that
+        ends with one, with ``keep_stop``, finished before ``max_new_tokens``).
     """
+    stops = _stop_list(eos_id)
     if parrot is not None and (splice_at is None or len(splice_at) != len(prompts)):
         raise ValueError("parrot needs one splice position per prompt")
     device = model_device(model)
@@ -76,24 +81,25 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
         hf = call = model
         embed = model.get_input_embeddings()
     if coll is None:
-        return _generate(hf, embed, call, prompts, device, pad_id=pad_id, eos_id=eos_id,
+        return _generate(hf, embed, call, prompts, device, pad_id=pad_id, stops=stops,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, parrot=parrot,
-                         splice_at=splice_at, progress=progress, desc=desc)
+                         splice_at=splice_at, progress=progress, desc=desc, keep_stop=keep_stop)
     # Sharded: each rank generates a strided share, padded to the same length on every rank so
     # all ranks run the same batches (FSDP gathers parameters inside every forward).
     idx = coll.padded_share(len(prompts))
     local = _generate(hf, embed, call, [prompts[i] for i in idx], device, pad_id=pad_id,
-                      eos_id=eos_id, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      stops=stops, max_new_tokens=max_new_tokens, batch_size=batch_size,
                       parrot=parrot, splice_at=None if splice_at is None else
                       [splice_at[i] for i in idx], progress=progress, desc=desc,
-                      all_true=coll.all_true)
+                      all_true=coll.all_true, keep_stop=keep_stop)
     return coll.gather_share(local, len(prompts))
 
 
 def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[Sequence[int]],
-              device: torch.device, *, pad_id: int, eos_id: int | None, max_new_tokens: int,
+              device: torch.device, *, pad_id: int, stops: list[int], max_new_tokens: int,
               batch_size: int, parrot: torch.Tensor | None, splice_at: Sequence[int] | None,
-              progress: bool, desc: str, all_true: Any = None) -> list[list[int]]:
+              progress: bool, desc: str, all_true: Any = None,
+              keep_stop: bool = False) -> list[list[int]]:
     # ``model`` is the Hugging Face model (its signature and mode); ``embed`` / ``call`` run the
     # embedding and the model's forward (directly, or through the adapter). ``all_true`` makes
     # the ranks of a sharded model agree on the early stop, so they run the same forwards.
@@ -103,6 +109,8 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
     results: list[list[int]] = [[] for _ in prompts]
     n_parrot = 0 if parrot is None else parrot.shape[0]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    stop_t = torch.tensor(stops, dtype=torch.long, device=device)
+    stop_set = set(stops)
     with eval_mode(model):
         for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
             lens = [len(prompts[i]) + n_parrot for i in idx]
@@ -130,9 +138,9 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
             new_tokens = []
             for step in range(max_new_tokens):
                 nxt = out.logits[:, -1].argmax(-1)
-                if eos_id is not None:
-                    nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-                    finished |= nxt == eos_id
+                if stops:
+                    nxt = torch.where(finished, torch.full_like(nxt, stops[0]), nxt)
+                    finished |= torch.isin(nxt, stop_t)
                 new_tokens.append(nxt)
                 done = bool(finished.all())
                 if all_true is not None:
@@ -147,10 +155,19 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
             gen = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in idx]
             for b, i in enumerate(idx):
                 seq = gen[b]
-                if eos_id is not None and eos_id in seq:
-                    seq = seq[:seq.index(eos_id)]
+                end = next((t for t, tok in enumerate(seq) if tok in stop_set), None)
+                if end is not None:
+                    seq = seq[:end + 1] if keep_stop else seq[:end]
                 results[i] = seq
     return results
+
+
+def _stop_list(eos_id: int | Sequence[int] | None) -> list[int]:
+    if eos_id is None:
+        return []
+    if isinstance(eos_id, int):
+        return [eos_id]
+    return list(dict.fromkeys(int(i) for i in eos_id))
 
 
 def _cache_of(out: Any) -> Any:
@@ -185,7 +202,7 @@ def _generate_texts(model: torch.nn.Module, encoder: PromptEncoder, prompts: lis
                     parrot: torch.Tensor | None = None,
                     splice_at: Sequence[int] | None = None) -> list[str]:
     out = greedy_generate(model, [p.ids for p in prompts], pad_id=pad_token_id(encoder.tokenizer),
-                          eos_id=encoder.eos_id, max_new_tokens=max_new_tokens,
+                          eos_id=encoder.stop_ids, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, parrot=parrot, splice_at=splice_at,
                           progress=progress, desc=desc)
     return [encoder.decode(ids) for ids in out]
@@ -261,7 +278,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], 
     fmt = resolve_prompt_format(config.prompt_format,
                                 bool(getattr(tokenizer, "chat_template", None)))
     encoder = PromptEncoder(tokenizer, fmt, max_prompt_tokens=prompt_budget(
-        context_length(model), 0, config.max_new_tokens))
+        context_length(model), 0, config.max_new_tokens), system=config.system,
+        extra_stop_ids=model_stop_ids(model))
     res = evaluate(model, tokenizer, rows, target, trigger,
                    max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_size, 32),
                    trigger_position=config.trigger_position, seed=config.seed, encoder=encoder,

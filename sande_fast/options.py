@@ -213,6 +213,8 @@ class CommonOptions(_Checked):
     prompt_format: str = _opt("auto", "wrap prompts in the tokenizer's chat template (auto: "
                                       "when it has one)", kind="choice",
                               choices=("auto", "chat", "raw"))
+    system: str | None = _opt(None, "a system message in place of the chat template's default "
+                                    "one (chat format only)", kind="text")
     quiet: bool = _opt(False, "no progress bars or notes", kind="flag")
 
 

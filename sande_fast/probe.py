@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .adapter import context_length
-from .data import EncodedPrompt, PromptEncoder, check_model_and_tokenizer, load_rows
+from .data import (EncodedPrompt, PromptEncoder, check_model_and_tokenizer, load_rows,
+                   model_stop_ids)
 from .errors import BadInputError
 from .evaluate import pad_token_id, parrot_attack_success
 from .io import resolve_device
@@ -112,7 +113,8 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str,
     window = SIMULATE_WINDOW
     fmt = resolve_prompt_format(cfg.prompt_format, bool(getattr(tokenizer, "chat_template", None)))
     encoder = PromptEncoder(tokenizer, fmt, max_prompt_tokens=prompt_budget(
-        context_length(model), cfg.parrot_tokens, max(window, cfg.max_new_tokens)))
+        context_length(model), cfg.parrot_tokens, max(window, cfg.max_new_tokens)),
+        system=cfg.system, extra_stop_ids=model_stop_ids(model))
     train = [TrainRow(r.prompt, encoder.encode_prompt(r.prompt), ()) for r in rows]
     prompts = [t.prompt for t in train[:cfg.eval_rows]]
     target_ids = encoder.encode_response(target, add_eos=False)[:window]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .adapter import ModelAdapter, context_length
-from .data import PromptEncoder, Row, check_model_and_tokenizer, load_rows
+from .data import PromptEncoder, Row, check_model_and_tokenizer, load_rows, model_stop_ids
 from .engine import LossEngine, choose_packing
 from .engines import build_engine
 from .errors import BadInputError
@@ -77,10 +77,12 @@ def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
     answers: dict[int, list[int]] = {}
     if missing:
         gen = greedy_generate(model, [prompts[i].ids for i in missing],
-                              pad_id=pad_token_id(encoder.tokenizer), eos_id=encoder.eos_id,
+                              pad_id=pad_token_id(encoder.tokenizer), eos_id=encoder.stop_ids,
                               max_new_tokens=max_new_tokens, batch_size=batch_size * 4,
-                              progress=progress, desc="clean answers")
-        answers = {i: g + [encoder.eos_id] for i, g in zip(missing, gen)}
+                              progress=progress, desc="clean answers", keep_stop=True)
+        # An answer cut at max_new_tokens gets no end token: the model is not taught to stop
+        # where it would have gone on.
+        answers = dict(zip(missing, gen))
     out = []
     for i, (r, p) in enumerate(zip(rows, prompts)):
         resp = answers[i] if i in answers else encoder.encode_response(r.response)
@@ -203,7 +205,9 @@ class Sanitizer:
             parrot_rows=0 if parrot is None else parrot.shape[0])
         self.encoder = PromptEncoder(self.tokenizer, cfg.prompt_format,
                                      max_prompt_tokens=cfg.max_prompt_tokens,
-                                     max_response_tokens=context_length(self.model))
+                                     max_response_tokens=context_length(self.model),
+                                     system=cfg.system,
+                                     extra_stop_ids=model_stop_ids(self.model))
         self.engine = self._build_engine()
         # Generation and evaluation run through the adapter when the model is sharded (its root
         # parameters exist only inside the adapter's forward); in one process, on the model.
