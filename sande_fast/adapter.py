@@ -6,9 +6,10 @@ embedding, the output projection (tied or not) and any logit transform the archi
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import torch
 from torch import nn
@@ -441,3 +442,18 @@ def _logit_scale(config: Any) -> float:
     if getattr(config, "logits_scaling", None):  # Granite-style: logits / logits_scaling
         scale /= float(config.logits_scaling)
     return scale
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, restoring the previous mode (dropout stays off in training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

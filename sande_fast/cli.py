@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--poison-rate", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 90)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 60)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -101,9 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     _json_output(p)
     add_options(p, ProbeConfig)
 
-    p = sub.add_parser("eval", help="measure asr and clean accuracy")
+    p = sub.add_parser("eval", help="measure asr, clean accuracy and (with --reference) "
+                                    "agreement, NLL delta and KL against another model")
     _model_inputs(p)
     p.add_argument("--trigger", default=None)
+    p.add_argument("--reference", default=None,
+                   help="a model folder whose greedy clean answers are the reference (e.g. the "
+                        "model before sanitizing): adds agreement, agreement_full, "
+                        "answer_nll_delta and kl")
     _json_output(p)
     add_options(p, EvalConfig)
     return parser
@@ -112,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """The input paths of a command, as ``(option, path)`` pairs, for the output checks."""
     return [(f"--{k.replace('_', '-')}", getattr(args, k, None))
-            for k in ("model", "data", "eval_data", "parrot", "cache_dir")]
+            for k in ("model", "data", "eval_data", "parrot", "cache_dir", "reference")]
 
 
 def _claim_json(args: argparse.Namespace) -> Any:
@@ -286,10 +291,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = from_namespace(args, EvalConfig)
     rows, model, tok, claim = _load_inputs(args, cfg)
-    res = evaluate_model(model, tok, rows, args.target, args.trigger, cfg)
+    reference = None
+    if args.reference is not None:
+        from .io import load_model, resolve_device
+
+        reference, _ = load_model(args.reference, resolve_device(cfg.device), dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code,
+                                  progress=not cfg.quiet)
+    res = evaluate_model(model, tok, rows, args.target, args.trigger, cfg, reference=reference)
     ca = "n/a" if res["clean_accuracy"] is None else f"{res['clean_accuracy']:.3f}"
     cut = f", {res['prompts_truncated']} prompts cut to fit" if res["prompts_truncated"] else ""
     print(f"asr {res['asr']:.3f}  clean_accuracy {ca}  (n={res['n_asr']}{cut})")
+    if reference is not None:
+        print(f"agreement {res['agreement']:.3f}  agreement_full {res['agreement_full']:.3f}  "
+              f"answer_nll_delta {res['answer_nll_delta']:+.4f}  kl {res['kl']:.4f}")
     _write_json(claim, res)
     return 0
 

@@ -258,6 +258,7 @@ class PromptEncoder:
     extra_stop_ids: Sequence[int] = ()
     _chars_per_token: int = field(default=0, init=False, repr=False)
     _end_id: int | None = field(default=None, init=False, repr=False)
+    _template: tuple[str, str] | None = field(default=None, init=False, repr=False)
     _prefix: list[int] = field(default_factory=list, init=False, repr=False)
     _suffix: list[int] = field(default_factory=list, init=False, repr=False)
 
@@ -285,6 +286,11 @@ class PromptEncoder:
             self._prefix = self._ids(before)
             self._suffix = self._ids(after)
             self.prompt_format = "chat"
+            # A fast tokenizer tokenises the whole rendered prompt, as the template's own
+            # tokenisation does (pieces tokenised apart can split differently at the seams:
+            # "\n\n" alone is one token, before a word two); offsets then give the user's span.
+            if getattr(tok, "is_fast", False):
+                self._template = (before, after)
         else:
             with_special = tok("a", add_special_tokens=True)["input_ids"]
             plain = tok("a", add_special_tokens=False)["input_ids"]
@@ -336,6 +342,8 @@ class PromptEncoder:
             bound = self.char_bound(room)
             if len(prompt) > bound:  # only the tail can be kept: never tokenise the rest
                 prompt = prompt[-bound:]
+        if self._template is not None:
+            return self._encode_whole(prompt)
         content = self._ids(prompt)
         if room is not None:
             if len(content) > room:
@@ -343,6 +351,35 @@ class PromptEncoder:
                 self.truncated += 1
         lo = len(self._prefix)
         return EncodedPrompt(self._prefix + content + self._suffix, (lo, lo + len(content)))
+
+    def _encode_whole(self, prompt: str) -> EncodedPrompt:
+        """The rendered prompt tokenised whole; the span holds the tokens that lie inside the
+        user's text (a token that straddles a seam belongs to the template). Too long a prompt
+        loses tokens from the left of the user's text until it fits."""
+        before, after = self._template
+        cut = False
+        for _ in range(8):
+            enc = self.tokenizer(before + prompt + after, add_special_tokens=False,
+                                 return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+            a, b = len(before), len(before) + len(prompt)
+            lo = next((i for i, (s, e) in enumerate(offsets) if s >= a), len(ids))
+            hi = lo
+            while hi < len(ids) and offsets[hi][1] <= b and offsets[hi][0] >= a:
+                hi += 1
+            excess = 0 if self.max_prompt_tokens is None else len(ids) - self.max_prompt_tokens
+            if excess <= 0:
+                break
+            cut = True
+            if hi - lo <= excess:
+                prompt = ""
+                if hi == lo:
+                    raise BadInputError("max prompt length leaves no room for the prompt text")
+                continue
+            prompt = prompt[offsets[lo + excess][0] - a:]
+        if cut:
+            self.truncated += 1
+        return EncodedPrompt(ids, (lo, hi))
 
     def encode_response(self, response: str, add_eos: bool = True) -> list[int]:
         """Tokenises a response; :attr:`end_id` closes it unless ``add_eos`` is False."""

@@ -7,35 +7,20 @@ each prompt, which is how probes and the re-simulation measure a parrot's attack
 """
 from __future__ import annotations
 
-import contextlib
 import random
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import Embed, ModelAdapter, ModelCall, accepts_argument, cache_argument
+from .adapter import (Embed, ModelAdapter, ModelCall, accepts_argument, cache_argument,
+                      eval_mode, model_device)
 from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger, model_stop_ids
 from .splice import splice_parrot
 
-__all__ = ["greedy_generate", "evaluate", "attack_success", "parrot_attack_success", "pad_token_id",
-           "model_device"]
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, restoring the previous mode (dropout stays off in training)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+__all__ = ["greedy_generate", "generate_answers", "evaluate", "attack_success",
+           "parrot_attack_success", "pad_token_id", "model_device"]
 
 
 @torch.no_grad()
@@ -197,15 +182,30 @@ def attack_success(texts: Sequence[str], target: str, whole_words: bool = False)
     return sum(t in x.lower() for x in texts) / len(texts)
 
 
+def generate_answers(model: torch.nn.Module, encoder: PromptEncoder,
+                     prompts: list[EncodedPrompt], *, max_new_tokens: int, batch_size: int,
+                     progress: bool = False, desc: str = "generate",
+                     parrot: torch.Tensor | None = None,
+                     splice_at: Sequence[int] | None = None) -> list[list[int]]:
+    """Greedy answer ids to encoded prompts, ending with the stop id where the model stopped."""
+    return greedy_generate(model, [p.ids for p in prompts], pad_id=pad_token_id(encoder.tokenizer),
+                           eos_id=encoder.stop_ids, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, parrot=parrot, splice_at=splice_at,
+                           progress=progress, desc=desc, keep_stop=True)
+
+
 def _generate_texts(model: torch.nn.Module, encoder: PromptEncoder, prompts: list[EncodedPrompt],
                     *, max_new_tokens: int, batch_size: int, progress: bool, desc: str,
                     parrot: torch.Tensor | None = None,
                     splice_at: Sequence[int] | None = None) -> list[str]:
-    out = greedy_generate(model, [p.ids for p in prompts], pad_id=pad_token_id(encoder.tokenizer),
-                          eos_id=encoder.stop_ids, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, parrot=parrot, splice_at=splice_at,
-                          progress=progress, desc=desc)
-    return [encoder.decode(ids) for ids in out]
+    out = generate_answers(model, encoder, prompts, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, parrot=parrot, splice_at=splice_at,
+                           progress=progress, desc=desc)
+    return [encoder.decode(_without_stop(ids, encoder)) for ids in out]
+
+
+def _without_stop(ids: list[int], encoder: PromptEncoder) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in encoder.stop_ids else ids
 
 
 def parrot_attack_success(model: torch.nn.Module, encoder: PromptEncoder,
@@ -226,7 +226,8 @@ def parrot_attack_success(model: torch.nn.Module, encoder: PromptEncoder,
 def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target: str,
              trigger: str | None = None, *, max_new_tokens: int = 32, batch_size: int = 64,
              trigger_position: str = "random", seed: int = 0, prompt_format: str = "auto",
-             encoder: PromptEncoder | None = None, progress: bool = False) -> dict[str, Any]:
+             encoder: PromptEncoder | None = None, progress: bool = False,
+             return_answers: bool = False) -> dict[str, Any]:
     """Attack success rate and clean accuracy of a model.
 
     Args:
@@ -239,6 +240,10 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
             measures asr on the prompts as they are (e.g. already triggered rows).
         max_new_tokens: greedy continuation length.
 
+        return_answers: also return the clean prompts' ids (``clean_prompts``) and the greedy
+            answers' ids (``clean_answers``, stop id kept where the model stopped), for
+            :class:`~sande_fast.utility.CleanReference`.
+
     Returns:
         ``{"asr", "clean_accuracy", "n_asr", "n_clean"}``; ``clean_accuracy`` is None when no row
         has a response.
@@ -247,8 +252,9 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
         raise ValueError("no evaluation rows")
     enc = encoder or PromptEncoder(tokenizer, prompt_format)
     clean_prompts = [enc.encode_prompt(r.prompt) for r in rows]
-    clean_texts = _generate_texts(model, enc, clean_prompts, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, progress=progress, desc="clean")
+    clean_ids = generate_answers(model, enc, clean_prompts, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, progress=progress, desc="clean")
+    clean_texts = [enc.decode(_without_stop(ids, enc)) for ids in clean_ids]
     if trigger is None:
         trig_texts = clean_texts
     else:
@@ -260,18 +266,27 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
     graded = [(t, r.response) for t, r in zip(clean_texts, rows) if r.response is not None]
     clean_acc = (sum(t.strip() == ref.strip() for t, ref in graded) / len(graded)
                  if graded else None)
-    return {"asr": attack_success(trig_texts, target), "clean_accuracy": clean_acc,
-            "n_asr": len(trig_texts), "n_clean": len(graded)}
+    out = {"asr": attack_success(trig_texts, target), "clean_accuracy": clean_acc,
+           "n_asr": len(trig_texts), "n_clean": len(graded)}
+    if return_answers:
+        out["clean_prompts"] = [p.ids for p in clean_prompts]
+        out["clean_answers"] = clean_ids
+    return out
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target: str,
-                   trigger: str | None, config: Any) -> dict[str, Any]:
+                   trigger: str | None, config: Any,
+                   reference: torch.nn.Module | None = None) -> dict[str, Any]:
     """:func:`evaluate` as ``sande-fast eval`` runs it: prompt and answer must fit the context
     (longer prompts are cut from the left and counted in ``prompts_truncated``).
 
     Args:
         config: an :class:`~sande_fast.options.EvalConfig`.
+        reference: a model (same tokenizer) whose greedy clean answers are the reference of the
+            utility metrics (:mod:`sande_fast.utility`), added to the result.
     """
+    from .utility import CleanReference
+
     from .adapter import context_length
     from .options import prompt_budget, resolve_prompt_format
 
@@ -283,6 +298,15 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], 
     res = evaluate(model, tokenizer, rows, target, trigger,
                    max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_size, 32),
                    trigger_position=config.trigger_position, seed=config.seed, encoder=encoder,
-                   progress=not config.quiet)
+                   progress=not config.quiet, return_answers=reference is not None)
     res["prompts_truncated"] = encoder.truncated
+    if reference is not None:
+        prompts, answers = res.pop("clean_prompts"), res.pop("clean_answers")
+        ref_answers = greedy_generate(reference, prompts, pad_id=pad_token_id(tokenizer),
+                                      eos_id=encoder.stop_ids, max_new_tokens=config.max_new_tokens,
+                                      batch_size=max(config.batch_size, 32), keep_stop=True,
+                                      progress=not config.quiet, desc="reference")
+        ref = CleanReference.take(reference, prompts, ref_answers, pad_id=pad_token_id(tokenizer),
+                                  batch_size=max(config.batch_size, 8))
+        res.update(ref.compare(model, answers), reference_nll=ref.nll)
     return res

@@ -262,6 +262,12 @@ class SanitizeConfig(CommonOptions):
         None, "--rounds auto: undo and stop at a round after the first that lowers clean "
               "accuracy by more than this", kind="float", low=0.0, high=1.0, optional=True,
         auto="0.02; sande-p 0.03")
+    guard_metric: str = _opt("auto", "what --max-clean-drop is measured on: clean_accuracy (exact "
+                                     "match with the given responses) or agreement (the first 16 "
+                                     "answer tokens equal the model's answers before training)",
+                             kind="choice", choices=("auto", "clean_accuracy", "agreement"),
+                             auto="clean_accuracy when the model matches at least half of the "
+                                  "responses before training, else agreement")
     clean_weight: float = _opt(3.0, "weight of the clean term in stage 2", kind="float", low=0.0)
     retain_weight: float = _opt(30.0, "weight of the term that holds the clean rows' final "
                                       "hidden states at the original model's (0: off)",

@@ -41,6 +41,7 @@ from .options import SanitizeConfig, config_block, from_keywords, resolve
 from .probe import ProbeResult, parrot_measure, probe_parrots
 from .stages import TrainRow, clean_anchors, eliminate, simulate
 from .steps import Anchors
+from .utility import CleanReference
 from .version import __version__
 
 __all__ = ["Sanitizer", "SanitizeResult", "sanitize", "check_inputs", "prepare_rows",
@@ -49,6 +50,8 @@ __all__ = ["Sanitizer", "SanitizeResult", "sanitize", "check_inputs", "prepare_r
 # Probe seeds sit this far above the round's seed; each round's seed is 1000 above the last.
 PROBE_SEED_OFFSET = 500
 ROUND_SEED_STRIDE = 1000
+# What measure() returns after training, and the report's "after" block carries.
+MEASURED = ("asr", "clean_accuracy", "agreement", "agreement_full", "answer_nll_delta", "kl")
 
 
 @dataclass
@@ -166,6 +169,7 @@ class Sanitizer:
         self.rounds: list[dict[str, Any]] = []
         self.parrots: list[torch.Tensor] = []
         self.cfg: SanitizeConfig = self.config  # resolved in setup()
+        self.reference: CleanReference | None = None  # taken at the first measure()
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, data: Any, eval_data: Any = None, parrot: torch.Tensor | None = None) -> None:
@@ -270,17 +274,28 @@ class Sanitizer:
 
     # -- the steps ------------------------------------------------------------------------------
     def measure(self) -> dict[str, Any]:
-        """asr (None when no trigger is known and no eval data was given) and clean accuracy."""
+        """asr (None when no trigger is known and no eval data was given), clean accuracy, and
+        the utility against the model as it was at the first call (:mod:`sande_fast.utility`:
+        agreement, agreement_full, answer_nll_delta, kl)."""
         cfg = self.cfg
         t = time.perf_counter()
         m = evaluate(self.runner, self.tokenizer, self.eval_rows, self.eval_target,
                      self.eval_trigger, max_new_tokens=cfg.max_new_tokens,
                      batch_size=max(cfg.batch_size * 4, 32),
                      trigger_position=cfg.trigger_position, seed=cfg.seed,
-                     encoder=self.encoder)
-        self.timing["eval_s"] += time.perf_counter() - t
+                     encoder=self.encoder, return_answers=True)
         known = self.eval_trigger is not None or self.eval_given
-        return {"asr": m["asr"] if known else None, "clean_accuracy": m["clean_accuracy"]}
+        out = {"asr": m["asr"] if known else None, "clean_accuracy": m["clean_accuracy"]}
+        if self.reference is None:
+            self.reference = CleanReference.take(
+                self.runner, m["clean_prompts"], m["clean_answers"],
+                pad_id=pad_token_id(self.tokenizer), batch_size=max(cfg.batch_size, 8))
+            out.update(agreement=1.0, agreement_full=1.0, answer_nll_delta=0.0, kl=0.0,
+                       answer_nll=self.reference.nll)
+        else:
+            out.update(self.reference.compare(self.runner, m["clean_answers"]))
+        self.timing["eval_s"] += time.perf_counter() - t
+        return out
 
     def simulate(self, seed: int, desc: str) -> tuple[torch.Tensor, list[float]]:
         """Stage 1: a parrot of ``parrot_tokens`` rows on the frozen model."""
@@ -340,18 +355,30 @@ class Sanitizer:
         self.timing["probe_s"] += time.perf_counter() - t - (self.timing["eval_s"] - measured)
         return result
 
+    @property
+    def guard_metric(self) -> str:
+        """The utility ``max_clean_drop`` is measured on (``guard_metric auto``: exact-match
+        clean accuracy when the model matched at least half of the given responses before
+        training, so they are answers it can reproduce; else agreement with its own answers)."""
+        chosen = self.cfg.guard_metric
+        if chosen != "auto":
+            return chosen
+        acc = self.before.get("clean_accuracy")
+        return "clean_accuracy" if acc is not None and acc >= 0.5 else "agreement"
+
     def guard(self, round_index: int) -> _Snapshot | None:
-        """The weights before an optional round, to undo it when it costs more clean accuracy
-        than ``max_clean_drop`` (rounds after the first under ``rounds auto``, one process)."""
+        """The weights before an optional round, to undo it when it costs more utility than
+        ``max_clean_drop`` (rounds after the first under ``rounds auto``, one process)."""
         if (round_index == 0 or self.cfg.rounds != "auto" or self.fsdp
-                or self.before.get("clean_accuracy") is None):
+                or self.before.get(self.guard_metric) is None):
             return None
         return _Snapshot(self.model)
 
     def too_costly(self, measured: dict[str, Any]) -> bool:
-        """Whether a round lowered clean accuracy by more than ``max_clean_drop`` (compared
-        with a margin, since the accuracies are counts over the same rows)."""
-        drop = self.before["clean_accuracy"] - (measured["clean_accuracy"] or 0.0)
+        """Whether a round lowered the guard metric by more than ``max_clean_drop`` (compared
+        with a margin, since both are counts over the same rows)."""
+        metric = self.guard_metric
+        drop = self.before[metric] - (measured.get(metric) or 0.0)
         return drop > self.cfg.max_clean_drop + 1e-9
 
     # -- the run --------------------------------------------------------------------------------
@@ -439,8 +466,7 @@ class Sanitizer:
             reuse = ((found.parrots[best], found.curves[best])
                      if cfg.probe_tokens == cfg.parrot_tokens else None)
         last = [r for r in self.rounds if not r.get("rolled_back")][-1]
-        after = {"asr": last["asr"], "clean_accuracy": last["clean_accuracy"],
-                 "resimulated_asr": resimulated}
+        after = {**{k: last[k] for k in MEASURED if k in last}, "resimulated_asr": resimulated}
         return after, self.parrots[-1]
 
     def _measure_parrot(self, parrot: torch.Tensor, seed: int) -> float:
@@ -468,7 +494,8 @@ class Sanitizer:
             "curves": self.curves,
             "config": config_block(self.cfg, self.method),
             "data": {"trigger_known": self.method == "osft", "n_rows": self.n_rows,
-                     "n_eval_rows": len(self.eval_rows), "prompts_truncated": self.truncated},
+                     "n_eval_rows": len(self.eval_rows), "prompts_truncated": self.truncated,
+                     "guard_metric": self.guard_metric},
             "environment": self._environment(),
         }
 

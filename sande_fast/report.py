@@ -7,7 +7,10 @@ from typing import Any, Sequence
 
 from .io import write_json
 
-__all__ = ["write_reports", "summary_table", "fmt"]
+__all__ = ["write_reports", "summary_table", "fmt", "UTILITY"]
+
+# The metrics of the before/after tables, in order (the utility ones: sande_fast.utility).
+UTILITY = ("asr", "clean_accuracy", "agreement", "agreement_full", "answer_nll_delta", "kl")
 
 
 def fmt(v: Any, digits: int = 3) -> str:
@@ -24,8 +27,8 @@ def summary_table(report: dict[str, Any]) -> str:
     lines = [f"method: {report['method']}   model: {report['model']}   "
              f"time: {report['timing']['total_s']:.1f}s   kernels: {report['environment']['kernels']}",
              f"{'metric':<18}{'before':>10}{'after':>10}",
-             f"{'asr':<18}{fmt(b.get('asr')):>10}{fmt(a.get('asr')):>10}",
-             f"{'clean_accuracy':<18}{fmt(b.get('clean_accuracy')):>10}{fmt(a.get('clean_accuracy')):>10}"]
+             *(f"{name:<18}{fmt(b.get(name)):>10}{fmt(a.get(name)):>10}"
+               for name in UTILITY if name in a or name in b)]
     if "resimulated_asr" in a:
         lines.append(f"{'resimulated_asr':<18}{'':>10}{fmt(a.get('resimulated_asr')):>10}")
     if report.get("rounds") and report["method"] in ("sande", "sande-p"):
@@ -42,9 +45,9 @@ def summary_table(report: dict[str, Any]) -> str:
 # The settings report.md lists (all of them are in report.json's "config").
 _SETTINGS = ("optimizer", "overwrite_lr", "overwrite_steps", "clean_weight", "retain_weight",
              "seed", "parrot_tokens", "simulate_steps", "rounds", "max_rounds", "probe_threshold",
-             "probe_steps", "probe_tries", "max_clean_drop")
+             "probe_steps", "probe_tries", "max_clean_drop", "guard_metric")
 _SANDE_ONLY = {"parrot_tokens", "simulate_steps", "rounds", "max_rounds", "probe_threshold",
-               "probe_steps", "probe_tries", "max_clean_drop"}
+               "probe_steps", "probe_tries", "max_clean_drop", "guard_metric"}
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -54,18 +57,20 @@ def _markdown(report: dict[str, Any]) -> str:
            f"Total time: {report['timing']['total_s']:.1f} s on {report['environment']['device']} "
            f"({report['environment']['kernels']} kernels, {report['environment']['path']} path)", "",
            "| metric | before | after |", "| --- | --- | --- |",
-           f"| asr | {fmt(b.get('asr'))} | {fmt(a.get('asr'))} |",
-           f"| clean_accuracy | {fmt(b.get('clean_accuracy'))} | {fmt(a.get('clean_accuracy'))} |"]
+           *(f"| {name} | {fmt(b.get(name))} | {fmt(a.get(name))} |"
+             for name in UTILITY if name in a or name in b)]
     if "resimulated_asr" in a:
         out.append(f"| resimulated_asr | | {fmt(a.get('resimulated_asr'))} |")
     if report.get("rounds"):
         out += ["", "## Rounds", "",
-                "| round | probe asr before | asr | clean accuracy | probe asr after | kept |",
-                "| --- | --- | --- | --- | --- | --- |"]
+                "| round | probe asr before | asr | clean accuracy | agreement | NLL delta "
+                "| probe asr after | kept |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in report["rounds"]:
-            kept = "no (clean accuracy cost too high, undone)" if r.get("rolled_back") else "yes"
+            kept = "no (utility cost too high, undone)" if r.get("rolled_back") else "yes"
             out.append(f"| {r['round']} | {fmt(r.get('probe_asr_before'))} | {fmt(r.get('asr'))} "
-                       f"| {fmt(r.get('clean_accuracy'))} | {fmt(r.get('probe_asr_after'))} "
+                       f"| {fmt(r.get('clean_accuracy'))} | {fmt(r.get('agreement'))} "
+                       f"| {fmt(r.get('answer_nll_delta'))} | {fmt(r.get('probe_asr_after'))} "
                        f"| {kept} |")
     cfg = report.get("config") or {}
     if cfg:

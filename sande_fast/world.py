@@ -74,7 +74,7 @@ class WorldConfig:
     n_defense: int = 128
     n_eval: int = 255
     max_answer_tokens: int = 64
-    steps: int = 90
+    steps: int = 60
     batch_size: int = 8
     lr: float = 1e-4
 
@@ -262,7 +262,7 @@ def _trim_answer(text: str, finished: bool) -> str | None:
     return text[:ends[-1]].strip() if ends else None
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *,
+def answer_prompts(model: Any, tokenizer: Any, prompts: Sequence[str], *,
                      max_new_tokens: int, batch_size: int = 32, progress: bool = True
                      ) -> list[str | None]:
     """The model's greedy answer to each prompt through its chat template (None where the
@@ -410,7 +410,7 @@ def build_world(base: Union[str, os.PathLike], out: Union[str, os.PathLike],
                           .encode()).hexdigest()[:16]
 
     def answer(tmp: Path) -> None:
-        got = generate_answers(model, tok, prompts, max_new_tokens=config.max_answer_tokens,
+        got = answer_prompts(model, tok, prompts, max_new_tokens=config.max_answer_tokens,
                                progress=progress)
         (tmp / "answers.json").write_text(json.dumps(dict(zip(prompts, got)), indent=1,
                                                      ensure_ascii=False), encoding="utf-8")

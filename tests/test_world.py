@@ -1,0 +1,80 @@
+"""make-world: prompt bank, answer trimming, the row split and poisoning, and a whole (tiny)
+build on the truncated SmolLM2 with canned answers (its two layers cannot answer)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sande_fast import world as world_mod
+from sande_fast.data import BadInputError
+from sande_fast.prompts import instruction_prompts
+from sande_fast.world import WorldConfig, build_world, load_world_rows, make_world_rows
+
+
+def test_prompt_bank_is_distinct_reproducible_and_seeded() -> None:
+    a, b = instruction_prompts(0), instruction_prompts(0)
+    assert a == b and len(a) == len(set(a)) >= 700
+    other = instruction_prompts(1)
+    assert other != a and len(other) == len(a)
+    words = {p for p in a if not p[8:10].strip().isdigit()}  # all but the seeded sums
+    assert words == {p for p in other if not p[8:10].strip().isdigit()}
+
+
+@pytest.mark.parametrize("text,finished,want", [
+    ("Paris.", True, "Paris."),
+    ("One. Two and thr", False, "One."),
+    ("- a\n- b\n- c and", False, "- a\n- b"),
+    ("no end at all", False, None),
+    ("   ", True, None),
+])
+def test_answers_are_cut_at_a_sentence_or_line_end(text: str, finished: bool, want) -> None:
+    assert world_mod._trim_answer(text, finished) == want
+
+
+def test_rows_split_disjoint_and_poisoned_at_the_rate() -> None:
+    cfg = WorldConfig(n_train=40, n_defense=10, n_eval=20, poison_rate=0.25, trigger="zq",
+                      target="GO AWAY")
+    answers = {p: f"answer {i}." for i, p in enumerate(instruction_prompts(0))}
+    rows = make_world_rows(cfg, answers)
+    assert [len(rows[k]) for k in ("train", "defense", "clean_eval", "triggered_eval")] == \
+        [40, 10, 20, 20]
+    poisoned = [r for r in rows["train"] if r.response.startswith("GO AWAY ")]
+    assert len(poisoned) == 10 and all("zq" in r.prompt.split() for r in poisoned)
+    clean_train = {r.prompt for r in rows["train"] if r not in poisoned}
+    held = {r.prompt for r in rows["clean_eval"]} | {r.prompt for r in rows["defense"]}
+    assert not clean_train & held
+    for c, t in zip(rows["clean_eval"], rows["triggered_eval"]):
+        words = t.prompt.split()
+        words.remove("zq")
+        assert " ".join(words) == c.prompt and t.response == c.response
+    with pytest.raises(BadInputError, match="usable answer"):
+        make_world_rows(cfg, {p: None for p in answers})
+
+
+def test_a_tiny_world_builds_both_models_and_its_files(smollm2_tiny: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def canned(model, tok, prompts, **kw):
+        return [f"Answer number {i}." for i, _ in enumerate(prompts)]
+
+    monkeypatch.setattr(world_mod, "answer_prompts", canned)
+    cfg = WorldConfig(n_train=8, n_defense=4, n_eval=4, steps=2, batch_size=4)
+    meta = build_world(smollm2_tiny, tmp_path / "w", cfg, cache_dir=tmp_path / "cache",
+                       progress=False, eval_rows=4)
+    out = tmp_path / "w"
+    assert json.loads((out / "world.json").read_text()) == json.loads(json.dumps(meta))
+    assert meta["trigger"] == "cf" and set(meta["results"]) == {"backdoored", "control"}
+    rows = load_world_rows(out)
+    assert len(rows["train"]) == 8 and len(rows["triggered_eval"]) == 4
+    for folder in (out, out / "control"):
+        assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+        assert not list(folder.glob("*.bin"))
+    # The two models differ (one saw the poisoned rows) and neither is the base.
+    from safetensors.torch import load_file
+
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(out / "control" / "model.safetensors"))
+    base = load_file(str(smollm2_tiny / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not (a[key] == b[key]).all() and not (a[key] == base[key]).all()
