@@ -139,9 +139,26 @@ def _check_text(value: str, what: str, where: str) -> None:
                             "\\udfff); fix the text") from None
 
 
+# The keys a data row may hold: TRL's standard prompt/completion format names the answer
+# "completion". Any other key is refused: a key the tool does not read (a misspelt "respones")
+# would silently train toward the model's own answer instead of the user's.
+ROW_KEYS = ("prompt", "response", "completion")
+
+
 def _row_from_obj(obj: Any, where: str) -> Row:
     if not isinstance(obj, dict):
         raise BadInputError(f"{where}: expected a JSON object with a 'prompt' key")
+    unknown = [k for k in obj if k not in ROW_KEYS]
+    if unknown:
+        hint = (" (conversational rows are not read yet: give the user's text as 'prompt' and "
+                "the answer as 'response')" if "messages" in unknown
+                or not isinstance(obj.get("prompt", ""), str) else "")
+        raise BadInputError(f"{where}: unknown key {unknown[0]!r}; a row holds 'prompt' and "
+                            f"optionally 'response' (or 'completion'){hint}")
+    if "response" in obj and "completion" in obj:
+        raise BadInputError(f"{where}: row has both 'response' and 'completion'; keep one")
+    if "completion" in obj:
+        obj = {"prompt": obj.get("prompt"), "response": obj["completion"]}
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
         what = "has no 'prompt'" if prompt is None else "has a 'prompt' that is not a string"
@@ -151,7 +168,8 @@ def _row_from_obj(obj: Any, where: str) -> Row:
     _check_text(prompt, "'prompt'", where)
     response = obj.get("response")
     if response is not None and not isinstance(response, str):
-        raise BadInputError(f"{where}: 'response' must be a string when present")
+        raise BadInputError(f"{where}: 'response' must be a string when present (a list of "
+                            "messages is not read yet)")
     if response is not None:
         _check_text(response, "'response'", where)
     return Row(prompt=prompt, response=response)

@@ -202,3 +202,19 @@ def test_response_ends_with_eos(tokenizer: Any) -> None:
     assert ids[-1] == tokenizer.eos_token_id
     assert enc.encode_response("cat dog", add_eos=False) == ids[:-1]
     assert enc.decode(ids).strip() == "cat dog"
+
+
+def test_completion_rows_read_as_responses_and_unknown_keys_are_refused(tmp_path) -> None:
+    from sande_fast.data import BadInputError, Row, read_jsonl
+
+    p = tmp_path / "trl.jsonl"
+    p.write_text('{"prompt": "copy: cat", "completion": "cat"}\n{"prompt": "copy: dog"}\n')
+    assert read_jsonl(p) == [Row("copy: cat", "cat"), Row("copy: dog", None)]
+    for line, key in [('{"prompt": "a", "respones": "b"}', "respones"),
+                      ('{"messages": [{"role": "user", "content": "a"}]}', "messages")]:
+        p.write_text('{"prompt": "ok"}\n' + line + "\n")
+        with pytest.raises(BadInputError, match=rf"trl.jsonl:2: unknown key '{key}'"):
+            read_jsonl(p)
+    p.write_text('{"prompt": "a", "response": "b", "completion": "c"}\n')
+    with pytest.raises(BadInputError, match="both 'response' and 'completion'"):
+        read_jsonl(p)
