@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--poison-rate", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 60)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 100)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")

