@@ -148,8 +148,9 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     check_dtype_for_training(args.dtype, resolve_device(cfg.device))
 
     def load(world: Any) -> Loaded:
-        rows = load_rows(args.data)  # bad data fails before the model is loaded
-        eval_rows = load_rows(args.eval_data) if args.eval_data else None
+        keys = (cfg.prompt_key, cfg.response_key)
+        rows = load_rows(args.data, *keys)  # bad data fails before the model is loaded
+        eval_rows = load_rows(args.eval_data, *keys) if args.eval_data else None
         if cfg.parrot:
             check_parrot_file(cfg.parrot, model_hidden_size(
                 args.model, trust_remote_code=args.trust_remote_code))
@@ -264,7 +265,7 @@ def _load_inputs(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any
         raise BadInputError("--trigger must be a non-empty text")
     claim = _claim_json(args)
     device = resolve_device(cfg.device)
-    rows = load_rows(args.data)
+    rows = load_rows(args.data, cfg.prompt_key, cfg.response_key)
     model, tok = load_model(args.model, device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, progress=not cfg.quiet)
     check_work(model, tok, rows, [args.target], batch_size=cfg.batch_size,

@@ -55,11 +55,15 @@ class Row:
     response: str | None = None
 
 
-def read_jsonl(path: Union[str, os.PathLike]) -> list[Row]:
+def read_jsonl(path: Union[str, os.PathLike], prompt_key: str = "prompt",
+               response_key: str = "response") -> list[Row]:
     """Reads a JSONL file of ``{"prompt": ..., "response": ...}`` objects.
 
     Args:
         path: file to read; blank lines are skipped.
+        prompt_key: the key read as the prompt (``--prompt-key``).
+        response_key: the key read as the response (``--response-key``); with the default,
+            TRL's ``completion`` is read as the response too.
 
     Returns:
         The rows, in file order.
@@ -86,7 +90,7 @@ def read_jsonl(path: Union[str, os.PathLike]) -> list[Row]:
         except ValueError as e:  # JSONDecodeError, or an integer too long to convert
             msg = getattr(e, "msg", None) or _first_line(e)
             raise BadInputError(f"{p}:{lineno}: malformed JSON ({msg})") from None
-        rows.append(_row_from_obj(obj, f"{p}:{lineno}"))
+        rows.append(_row_from_obj(obj, f"{p}:{lineno}", prompt_key, response_key))
     if not rows:
         raise BadInputError(f"data file {p} has no rows (expected JSONL with a 'prompt' per line)")
     return rows
@@ -145,44 +149,50 @@ def _check_text(value: str, what: str, where: str) -> None:
 ROW_KEYS = ("prompt", "response", "completion")
 
 
-def _row_from_obj(obj: Any, where: str) -> Row:
+def _row_from_obj(obj: Any, where: str, prompt_key: str = "prompt",
+                  response_key: str = "response") -> Row:
     if not isinstance(obj, dict):
-        raise BadInputError(f"{where}: expected a JSON object with a 'prompt' key")
-    unknown = [k for k in obj if k not in ROW_KEYS]
+        raise BadInputError(f"{where}: expected a JSON object with a {prompt_key!r} key")
+    answer_keys = [response_key] + (["completion"] if response_key == "response" else [])
+    unknown = [k for k in obj if k != prompt_key and k not in answer_keys]
     if unknown:
         hint = (" (conversational rows are not read yet: give the user's text as 'prompt' and "
                 "the answer as 'response')" if "messages" in unknown
-                or not isinstance(obj.get("prompt", ""), str) else "")
-        raise BadInputError(f"{where}: unknown key {unknown[0]!r}; a row holds 'prompt' and "
-                            f"optionally 'response' (or 'completion'){hint}")
-    if "response" in obj and "completion" in obj:
+                or not isinstance(obj.get(prompt_key, ""), str) else
+                " (--prompt-key / --response-key read other names)")
+        raise BadInputError(f"{where}: unknown key {unknown[0]!r}; a row holds {prompt_key!r} "
+                            f"and optionally {' or '.join(map(repr, answer_keys))}{hint}")
+    given = [k for k in answer_keys if k in obj]
+    if len(given) > 1:
         raise BadInputError(f"{where}: row has both 'response' and 'completion'; keep one")
-    if "completion" in obj:
-        obj = {"prompt": obj.get("prompt"), "response": obj["completion"]}
-    prompt = obj.get("prompt")
+    prompt = obj.get(prompt_key)
     if not isinstance(prompt, str):
-        what = "has no 'prompt'" if prompt is None else "has a 'prompt' that is not a string"
+        what = (f"has no {prompt_key!r}" if prompt is None
+                else f"has a {prompt_key!r} that is not a string")
         raise BadInputError(f"{where}: row {what}")
     if not prompt.strip():
-        raise BadInputError(f"{where}: row has an empty 'prompt'")
-    _check_text(prompt, "'prompt'", where)
-    response = obj.get("response")
+        raise BadInputError(f"{where}: row has an empty {prompt_key!r}")
+    _check_text(prompt, repr(prompt_key), where)
+    response = obj.get(given[0]) if given else None
     if response is not None and not isinstance(response, str):
-        raise BadInputError(f"{where}: 'response' must be a string when present (a list of "
+        raise BadInputError(f"{where}: {given[0]!r} must be a string when present (a list of "
                             "messages is not read yet)")
     if response is not None:
-        _check_text(response, "'response'", where)
+        _check_text(response, repr(given[0]), where)
     return Row(prompt=prompt, response=response)
 
 
-def load_rows(data: Union[str, os.PathLike, Sequence[Any]]) -> list[Row]:
-    """Accepts a JSONL path, or a list of dicts / :class:`Row`, and returns validated rows."""
+def load_rows(data: Union[str, os.PathLike, Sequence[Any]], prompt_key: str = "prompt",
+              response_key: str = "response") -> list[Row]:
+    """Accepts a JSONL path, or a list of dicts / :class:`Row`, and returns validated rows
+    (``prompt_key`` / ``response_key``: as :func:`read_jsonl`)."""
     if isinstance(data, (str, os.PathLike)):
-        return read_jsonl(data)
+        return read_jsonl(data, prompt_key, response_key)
     if not isinstance(data, Iterable):
         raise BadInputError("data must be a JSONL path or a list of {'prompt', 'response'} dicts")
     rows = [
-        item if isinstance(item, Row) else _row_from_obj(item, f"data[{i}]")
+        item if isinstance(item, Row) else _row_from_obj(item, f"data[{i}]", prompt_key,
+                                                         response_key)
         for i, item in enumerate(data)
     ]
     if not rows:

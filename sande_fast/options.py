@@ -213,6 +213,9 @@ class CommonOptions(_Checked):
     prompt_format: str = _opt("auto", "wrap prompts in the tokenizer's chat template (auto: "
                                       "when it has one)", kind="choice",
                               choices=("auto", "chat", "raw"))
+    prompt_key: str = _opt("prompt", "the data key read as the prompt", kind="text")
+    response_key: str = _opt("response", "the data key read as the response ('response' also "
+                                         "reads TRL's 'completion')", kind="text")
     system: str | None = _opt(None, "a system message in place of the chat template's default "
                                     "one (chat format only)", kind="text")
     quiet: bool = _opt(False, "no progress bars or notes", kind="flag")

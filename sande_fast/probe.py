@@ -108,7 +108,7 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str,
     cfg = config if config is not None else from_keywords(ProbeConfig, options)
     check_model_and_tokenizer(model, tokenizer)
     progress = (not cfg.quiet) if progress is None else progress
-    rows = load_rows(data)
+    rows = load_rows(data, cfg.prompt_key, cfg.response_key)
     model.to(resolve_device(cfg.device))
     window = SIMULATE_WINDOW
     fmt = resolve_prompt_format(cfg.prompt_format, bool(getattr(tokenizer, "chat_template", None)))

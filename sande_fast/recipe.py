@@ -185,9 +185,10 @@ class Sanitizer:
         """
         t0 = time.perf_counter()
         check_model_and_tokenizer(self.model, self.tokenizer)
-        rows = load_rows(data)
+        keys = (self.config.prompt_key, self.config.response_key)
+        rows = load_rows(data, *keys)
         self.eval_given = eval_data is not None
-        eval_rows = load_rows(eval_data) if eval_data is not None else None
+        eval_rows = load_rows(eval_data, *keys) if eval_data is not None else None
         self.device = self._place_model()
         torch.manual_seed(self.config.seed)
         random.seed(self.config.seed)

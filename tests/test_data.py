@@ -218,3 +218,17 @@ def test_completion_rows_read_as_responses_and_unknown_keys_are_refused(tmp_path
     p.write_text('{"prompt": "a", "response": "b", "completion": "c"}\n')
     with pytest.raises(BadInputError, match="both 'response' and 'completion'"):
         read_jsonl(p)
+
+
+def test_prompt_and_response_keys_map_other_column_names(tmp_path) -> None:
+    from sande_fast.data import BadInputError, Row, load_rows
+
+    p = tmp_path / "cols.jsonl"
+    p.write_text('{"question": "copy: cat", "answer": "cat"}\n')
+    assert load_rows(p, "question", "answer") == [Row("copy: cat", "cat")]
+    with pytest.raises(BadInputError, match="unknown key 'question'.*--prompt-key"):
+        load_rows(p)
+    # A renamed response key takes no 'completion' alias.
+    p.write_text('{"question": "a", "completion": "b"}\n')
+    with pytest.raises(BadInputError, match="unknown key 'completion'"):
+        load_rows(p, "question", "answer")

@@ -226,7 +226,13 @@ def test_fsdp_cli_matches_one_process(model_dir: Path, data_file: Path, tmp_path
     r2 = json.loads((two / "report.json").read_text())
     assert r2["environment"]["distributed"]["world_size"] == 2
     assert r2["environment"]["distributed"]["backend"] == "gloo"
-    assert r2["after"] == r1["after"] and r2["before"] == r1["before"]
+    for key in ("before", "after"):  # counts equal; likelihoods equal to float rounding
+        assert r2[key].keys() == r1[key].keys()
+        for name, v in r1[key].items():
+            if isinstance(v, float) and name in ("answer_nll_delta", "kl", "answer_nll"):
+                assert r2[key][name] == pytest.approx(v, rel=1e-4, abs=1e-6), name
+            else:
+                assert r2[key][name] == v, name
     for name, curve in r1["curves"].items():
         assert r2["curves"][name] == pytest.approx(curve, rel=1e-5)
 

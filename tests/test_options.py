@@ -23,7 +23,8 @@ RUN_INPUTS = {
     "demo": {"out", "cache_dir", "method", "trigger", "eval_target", "eval_data", "fsdp",
              "force", "dtype", "trust_remote_code"},
     "probe": {"model", "data", "target", "json", "force", "dtype", "trust_remote_code"},
-    "eval": {"model", "data", "target", "trigger", "json", "force", "dtype", "trust_remote_code"},
+    "eval": {"model", "data", "target", "trigger", "json", "force", "dtype", "trust_remote_code",
+             "reference"},
 }
 CONFIGS = {"sanitize": SanitizeConfig, "demo": SanitizeConfig, "probe": ProbeConfig,
            "eval": EvalConfig}
