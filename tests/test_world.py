@@ -78,3 +78,19 @@ def test_a_tiny_world_builds_both_models_and_its_files(smollm2_tiny: Path, tmp_p
     base = load_file(str(smollm2_tiny / "model.safetensors"))
     key = "model.layers.0.mlp.up_proj.weight"
     assert not (a[key] == b[key]).all() and not (a[key] == base[key]).all()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--base", "missing.gguf"], "no such GGUF file"),
+    (["--base", "model.bin"], "a Hugging Face model folder or a .gguf file"),
+    (["--trigger", " "], "--trigger must not be empty"),
+    (["--poison-rate", "1.5"], "--poison-rate must lie in"),
+])
+def test_make_world_refuses_bad_input_with_one_line(tmp_path: Path, capsys, extra, message) -> None:
+    from sande_fast.cli import main
+
+    out = tmp_path / "w"
+    assert main(["make-world", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists() or not any(out.iterdir())
