@@ -126,25 +126,16 @@ class CleanReference:
              *, pad_id: int, batch_size: int = 8, top_k: int = TOP_K) -> "CleanReference":
         """Measures the reference on ``answers`` (its greedy answers, end token kept where it
         stopped); empty answers are left out of the likelihood terms."""
-        keep = [i for i, a in enumerate(answers) if len(a)]
-        ps = [list(prompts[i]) for i in keep]
-        ans = [list(answers[i]) for i in keep]
         nll_sum, count = 0.0, 0
         tops: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for idx, logp in teacher_forced_logprobs(model, ps, ans, pad_id=pad_id,
-                                                 batch_size=batch_size):
-            at = 0
-            for i in idx:
-                n = len(ans[i])
-                rows = logp[at:at + n]
-                labels = torch.tensor(ans[i], device=rows.device)
-                nll_sum += float(-rows.gather(1, labels[:, None]).sum())
-                count += n
-                v, t = rows.topk(min(top_k, rows.shape[-1]), dim=-1)
-                tops[i] = (t.cpu(), v.cpu())
-                at += n
-        top_ids = torch.cat([tops[i][0] for i in range(len(ans))]) if ans else torch.empty(0, 0)
-        top_logp = torch.cat([tops[i][1] for i in range(len(ans))]) if ans else torch.empty(0, 0)
+        kept = [list(a) for a in answers if len(a)]
+        for i, rows, nll in _answer_rows(model, prompts, answers, pad_id, batch_size):
+            nll_sum += nll
+            count += rows.shape[0]
+            v, t = rows.topk(min(top_k, rows.shape[-1]), dim=-1)
+            tops[i] = (t.cpu(), v.cpu())
+        top_ids = torch.cat([tops[i][0] for i in range(len(kept))]) if kept else torch.empty(0, 0)
+        top_logp = torch.cat([tops[i][1] for i in range(len(kept))]) if kept else torch.empty(0, 0)
         return cls(prompts=[list(p) for p in prompts], answers=[list(a) for a in answers],
                    nll=nll_sum / max(count, 1), top_ids=top_ids, top_logp=top_logp,
                    pad_id=pad_id, batch_size=batch_size)
@@ -152,30 +143,38 @@ class CleanReference:
     def compare(self, model: Any, answers: Sequence[Sequence[int]]) -> dict[str, float]:
         """The utility metrics of ``model``, whose greedy answers to the same prompts are
         ``answers``."""
-        keep = [i for i, a in enumerate(self.answers) if len(a)]
-        ps = [self.prompts[i] for i in keep]
-        ans = [self.answers[i] for i in keep]
-        offsets, at = {}, 0
-        for i, a in enumerate(ans):
-            offsets[i] = at
-            at += len(a)
+        lengths = [len(a) for a in self.answers if len(a)]
+        offsets = [sum(lengths[:i]) for i in range(len(lengths))]
         nll_sum, kl_sum, count = 0.0, 0.0, 0
-        for idx, logp in teacher_forced_logprobs(model, ps, ans, pad_id=self.pad_id,
-                                                 batch_size=self.batch_size):
-            r = 0
-            for i in idx:
-                n = len(ans[i])
-                rows = logp[r:r + n]
-                labels = torch.tensor(ans[i], device=rows.device)
-                nll_sum += float(-rows.gather(1, labels[:, None]).sum())
-                lo = offsets[i]
-                ref_ids = self.top_ids[lo:lo + n].to(rows.device)
-                ref_logp = self.top_logp[lo:lo + n].to(rows.device)
-                kl_sum += float(coarse_kl(ref_logp, rows.gather(1, ref_ids)).sum())
-                count += n
-                r += n
+        for i, rows, nll in _answer_rows(model, self.prompts, self.answers, self.pad_id,
+                                         self.batch_size):
+            lo, n = offsets[i], rows.shape[0]
+            ref_ids = self.top_ids[lo:lo + n].to(rows.device)
+            ref_logp = self.top_logp[lo:lo + n].to(rows.device)
+            nll_sum += nll
+            kl_sum += float(coarse_kl(ref_logp, rows.gather(1, ref_ids)).sum())
+            count += n
         count = max(count, 1)
         return {"agreement": agreement(answers, self.answers),
                 "agreement_full": agreement(answers, self.answers, None),
                 "answer_nll_delta": nll_sum / count - self.nll,
                 "kl": kl_sum / count}
+
+
+def _answer_rows(model: Any, prompts: Sequence[Sequence[int]],
+                 answers: Sequence[Sequence[int]], pad_id: int, batch_size: int
+                 ) -> Iterator[tuple[int, torch.Tensor, float]]:
+    """``(k, logp, nll)`` per non-empty answer: ``k`` counts the non-empty answers in order,
+    ``logp`` is ``[len, vocab]`` along the answer, ``nll`` its summed negative log-likelihood."""
+    keep = [i for i, a in enumerate(answers) if len(a)]
+    ps = [list(prompts[i]) for i in keep]
+    ans = [list(answers[i]) for i in keep]
+    for idx, logp in teacher_forced_logprobs(model, ps, ans, pad_id=pad_id,
+                                             batch_size=batch_size):
+        at = 0
+        for k in idx:
+            n = len(ans[k])
+            rows = logp[at:at + n]
+            labels = torch.tensor(ans[k], device=rows.device)
+            yield k, rows, float(-rows.gather(1, labels[:, None]).sum())
+            at += n
