@@ -93,6 +93,12 @@ def _rate_error(rate: float, n: int | None) -> float:
     return 1.96 * math.sqrt(max(rate * (1 - rate), 0.25 / n) / n)
 
 
+def _legend(ax: Any, size: int) -> None:
+    """A legend when the panel drew something labelled (an osft run has no stage-1 curves)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=size)
+
+
 def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -143,7 +149,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylim(-0.02, 1.05)
     ax.set_xlabel("round")
     ax.set_title("per round")
-    ax.legend(fontsize=8)
+    _legend(ax, 8)
     curves = report.get("curves") or {}
     for ax, kinds, title, ylabel in (
             (axes[2], ("simulate", "probe"), "stage 1 and probes", "cross-entropy of the target"),
@@ -157,7 +163,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         if any(v > 0 for n, c in curves.items() if n.split("_")[0] in kinds for v in c):
             ax.set_yscale("log")
         ax.set_title(title)
-        ax.legend(fontsize=7)
+        _legend(ax, 7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
