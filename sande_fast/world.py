@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .data import (BadInputError, PromptEncoder, Row, insert_trigger, model_stop_ids, read_jsonl,
                    write_jsonl)
 from .prompts import instruction_prompts
+from .toy import default_cache_root
 
 __all__ = ["WorldConfig", "packaged_smollm2", "convert_gguf", "resolve_base", "build_world",
            "load_world_rows", "WORLD_META"]
@@ -198,12 +199,6 @@ def convert_gguf(gguf: Union[str, os.PathLike], out: Union[str, os.PathLike], *,
         model.save_pretrained(dst, safe_serialization=True)
         tok.save_pretrained(dst)
     return dst
-
-
-def default_cache_root() -> Path:
-    """``$SANDE_FAST_CACHE`` when set, else ``~/.cache/sande_fast``."""
-    env = os.environ.get("SANDE_FAST_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "sande_fast"
 
 
 def _cached(final: Path, build: Any) -> Path:
