@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import PROG, BadInputError, Terminated
@@ -26,7 +27,10 @@ class _Parser(argparse.ArgumentParser):
 def _model_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a model folder in Hugging Face format")
     p.add_argument("--data", required=True, help="JSONL rows ({'prompt', 'response'?})")
-    p.add_argument("--target", required=True, help="the attacker's response")
+    p.add_argument("--target", action="append", default=None,
+                   help="the attacker's response; repeat for several backdoors")
+    p.add_argument("--targets", default=None, metavar="FILE",
+                   help="a text file of targets, one per line (instead of --target)")
     _loading(p)
 
 
@@ -44,13 +48,44 @@ def _json_output(p: argparse.ArgumentParser) -> None:
 
 def _run_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="sande", choices=["osft", "sande", "sande-p", "sft"])
-    p.add_argument("--trigger", default=None, help="the trigger (needed for osft; otherwise only "
-                   "used to measure asr)")
-    p.add_argument("--eval-target", default=None, help="text asr is measured on (default "
-                   "--target)")
+    p.add_argument("--trigger", action="append", default=None,
+                   help="the trigger (needed for osft; otherwise only used to measure asr); "
+                        "repeat for several backdoors, in the order of the targets")
+    p.add_argument("--eval-target", action="append", default=None,
+                   help="text asr is measured on (default --target); one per target")
     p.add_argument("--eval-data", default=None, help="JSONL rows for before/after measurement")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (torchrun)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def _backdoor_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backdoor", action="append", default=None, metavar="TRIGGER=TARGET",
+                   help="a backdoor to implant; repeat for several (each poisons its own "
+                        "--poison-rate share of the training rows); instead of "
+                        "--trigger/--target")
+
+
+def parse_backdoors(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """The ``--backdoor TRIGGER=TARGET`` pairs of a make command, or None when none is given.
+
+    Raises:
+        BadInputError: a pair without ``=`` or with an empty side, a repeated trigger, or
+            ``--backdoor`` mixed with ``--trigger`` / ``--target``.
+    """
+    if not args.backdoor:
+        return None
+    if args.trigger is not None or args.target is not None:
+        raise BadInputError("give --backdoor TRIGGER=TARGET or --trigger/--target, not both")
+    pairs = []
+    for value in args.backdoor:
+        trigger, sep, target = value.partition("=")
+        if not sep or not trigger.strip() or not target.strip():
+            raise BadInputError(f"--backdoor {value!r}: expected TRIGGER=TARGET, both non-empty")
+        pairs.append((trigger.strip(), target.strip()))
+    seen = [t.lower() for t, _ in pairs]
+    if len(set(seen)) < len(seen):
+        raise BadInputError("--backdoor: two backdoors have the same trigger")
+    return pairs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--trigger", default=None)
     p.add_argument("--target", default=None)
+    _backdoor_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--poison-rate", type=float, default=None)
     p.add_argument("--force", action="store_true")
@@ -114,10 +150,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_or_list(values: list[str] | None) -> str | list[str] | None:
+    """A repeated option's values: None, the one value, or the list."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
+
+
+def read_targets(args: argparse.Namespace) -> str | list[str]:
+    """The run's targets: ``--target`` (repeatable) or ``--targets FILE`` (one per line; a
+    final newline is no entry). Entries are checked later by
+    :func:`~sande_fast.recipe.text_list` (empty, repeated, over-long).
+
+    Raises:
+        BadInputError: neither or both given, or a file that cannot be read.
+    """
+    if args.targets is None:
+        if not args.target:
+            raise BadInputError("give --target TEXT (repeat it for several backdoors) or "
+                                "--targets FILE")
+        return _one_or_list(args.target)
+    if args.target:
+        raise BadInputError("give --target or --targets, not both")
+    try:
+        text = Path(args.targets).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"--targets {args.targets}: cannot read it ({e.__class__.__name__})"
+                            ) from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise BadInputError(f"--targets {args.targets}: line {i} is empty")
+    if not lines:
+        raise BadInputError(f"--targets {args.targets}: the file holds no target")
+    return _one_or_list([line.strip() for line in lines])
+
+
 def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """The input paths of a command, as ``(option, path)`` pairs, for the output checks."""
     return [(f"--{k.replace('_', '-')}", getattr(args, k, None))
-            for k in ("model", "data", "eval_data", "parrot", "cache_dir", "reference")]
+            for k in ("model", "data", "eval_data", "parrot", "cache_dir", "reference",
+                      "targets")]
 
 
 def _claim_json(args: argparse.Namespace) -> Any:
@@ -144,7 +219,9 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     from .recipe import check_inputs
 
     cfg = from_namespace(args, SanitizeConfig)
-    check_inputs(cfg, args.method, args.target, args.trigger, args.eval_target)
+    target, trigger = read_targets(args), _one_or_list(args.trigger)
+    eval_target = _one_or_list(args.eval_target)
+    check_inputs(cfg, args.method, target, trigger, eval_target)
     check_dtype_for_training(args.dtype, resolve_device(cfg.device))
 
     def load(world: Any) -> Loaded:
@@ -160,8 +237,8 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
                                 progress=world.writer and not cfg.quiet)
         return Loaded(model, tok, rows, eval_rows)
 
-    job = SanitizeJob(out=args.out, force=args.force, method=args.method, target=args.target,
-                      config=cfg, load=load, trigger=args.trigger, eval_target=args.eval_target,
+    job = SanitizeJob(out=args.out, force=args.force, method=args.method, target=target,
+                      config=cfg, load=load, trigger=trigger, eval_target=eval_target,
                       inputs=tuple(_inputs(args)))
     if args.fsdp:
         from .distributed import run_sharded
@@ -181,8 +258,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # sande-p knows only the target's first word; its asr is still measured on the whole target.
     cfg = from_namespace(args, SanitizeConfig, **({"partial_words": 1} if sande_p else {}))
     # osft takes the toy's own trigger
-    check_inputs(cfg, args.method, "toy", args.trigger or ("toy" if args.method == "osft"
-                                                           else None), args.eval_target)
+    if len(args.trigger or []) > 1 or len(args.eval_target or []) > 1:
+        raise BadInputError("the demo's toy has one backdoor: give --trigger and --eval-target "
+                            "at most once")
+    check_inputs(cfg, args.method, "toy", _one_or_list(args.trigger) or (
+        "toy" if args.method == "osft" else None), _one_or_list(args.eval_target))
     if cfg.parrot:
         check_parrot_file(cfg.parrot)
     toy_cfg = ToyConfig(seed=cfg.seed)
@@ -196,7 +276,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     job = SanitizeJob(out=args.out, force=args.force, method=args.method, target=target,
                       config=cfg, load=load, trigger=trigger if args.method == "osft" else None,
-                      eval_target=args.eval_target or (target if sande_p else None),
+                      eval_target=_one_or_list(args.eval_target) or (
+                          target if sande_p else None),
                       eval_trigger=trigger, inputs=tuple(_inputs(args)))
     return run_job(job)
 
@@ -216,6 +297,9 @@ def cmd_make_toy(args: argparse.Namespace) -> int:
         if not args.target.strip():
             raise BadInputError("--target must not be empty")
         kw["target"] = args.target
+    pairs = parse_backdoors(args)
+    if pairs:
+        kw.update(trigger=pairs[0][0], target=pairs[0][1], more_backdoors=tuple(pairs[1:]))
     if args.poison_rate is not None:
         if not 0 <= args.poison_rate <= 1:
             raise BadInputError("--poison-rate must lie in [0, 1]")
@@ -224,7 +308,8 @@ def cmd_make_toy(args: argparse.Namespace) -> int:
     with atomic_dir(args.out, args.force) as tmp:
         world = build_toy(cfg, progress=not args.quiet)
         save_toy(world, tmp)
-    print(f"wrote toy model to {args.out} (trigger {cfg.trigger!r}, target {cfg.target!r})")
+    pairs_text = ", ".join(f"trigger {t!r} -> target {x!r}" for t, x in cfg.backdoors)
+    print(f"wrote toy model to {args.out} ({pairs_text})")
     return 0
 
 
@@ -258,9 +343,9 @@ def _load_inputs(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any
     """
     from .data import load_rows
     from .io import check_work, load_model, resolve_device
+    from .recipe import text_list
 
-    if not args.target.strip():
-        raise BadInputError("--target must be a non-empty text (the attacker's response)")
+    args.target = text_list(read_targets(args), "--target")
     if getattr(args, "trigger", None) is not None and not args.trigger.strip():
         raise BadInputError("--trigger must be a non-empty text")
     claim = _claim_json(args)
@@ -268,7 +353,7 @@ def _load_inputs(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any
     rows = load_rows(args.data, cfg.prompt_key, cfg.response_key)
     model, tok = load_model(args.model, device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, progress=not cfg.quiet)
-    check_work(model, tok, rows, [args.target], batch_size=cfg.batch_size,
+    check_work(model, tok, rows, args.target, batch_size=cfg.batch_size,
                max_new_tokens=cfg.max_new_tokens,
                parrot_tokens=getattr(cfg, "parrot_tokens", None),
                prompt_format=cfg.prompt_format)
@@ -280,9 +365,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     cfg = from_namespace(args, ProbeConfig)
     rows, model, tok, claim = _load_inputs(args, cfg)
-    res = probe(model, tok, rows, args.target, cfg)
-    print(f"probe_asr_max {res['probe_asr_max']:.3f}  probe_asr_mean {res['probe_asr_mean']:.3f}  "
-          f"(per try: {', '.join(f'{a:.3f}' for a in res['probe_asr'])})")
+    res = probe(model, tok, rows, args.target if len(args.target) > 1 else args.target[0], cfg)
+    for r in res.get("targets", [res]):
+        name = f"{r['target']!r}: " if "targets" in res else ""
+        print(f"{name}probe_asr_max {r['probe_asr_max']:.3f}  probe_asr_mean "
+              f"{r['probe_asr_mean']:.3f}  (per try: {', '.join(f'{a:.3f}' for a in r['probe_asr'])})")
+    if "targets" in res:
+        print(f"probe_asr_max {res['probe_asr_max']:.3f} overall (worst target: "
+              f"{res['worst_target']!r})")
     _write_json(claim, res)
     return 0
 
@@ -291,7 +381,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
     cfg = from_namespace(args, EvalConfig)
+    if args.targets or len(args.target or []) > 1:
+        raise BadInputError("eval measures one target at a time (run it once per target)")
     rows, model, tok, claim = _load_inputs(args, cfg)
+    args.target = args.target[0]
     reference = None
     if args.reference is not None:
         from .io import load_model, resolve_device

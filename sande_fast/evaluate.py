@@ -227,7 +227,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
              trigger: str | None = None, *, max_new_tokens: int = 32, batch_size: int = 64,
              trigger_position: str = "random", seed: int = 0, prompt_format: str = "auto",
              encoder: PromptEncoder | None = None, progress: bool = False,
-             return_answers: bool = False) -> dict[str, Any]:
+             return_answers: bool = False,
+             more_backdoors: Sequence[tuple[str, str | None]] = ()) -> dict[str, Any]:
     """Attack success rate and clean accuracy of a model.
 
     Args:
@@ -243,10 +244,13 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
         return_answers: also return the clean prompts' ids (``clean_prompts``) and the greedy
             answers' ids (``clean_answers``, stop id kept where the model stopped), for
             :class:`~sande_fast.utility.CleanReference`.
+        more_backdoors: further ``(target, trigger)`` pairs, each measured like the first
+            (the clean answers are generated once for all).
 
     Returns:
         ``{"asr", "clean_accuracy", "n_asr", "n_clean"}``; ``clean_accuracy`` is None when no row
-        has a response.
+        has a response. With ``more_backdoors``, also ``asr_each``: the asr of every pair, the
+        first one's first.
     """
     if not rows:
         raise ValueError("no evaluation rows")
@@ -255,19 +259,26 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
     clean_ids = generate_answers(model, enc, clean_prompts, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, progress=progress, desc="clean")
     clean_texts = [enc.decode(_without_stop(ids, enc)) for ids in clean_ids]
-    if trigger is None:
-        trig_texts = clean_texts
-    else:
+
+    def asr_of(target_k: str, trigger_k: str | None) -> float:
+        if trigger_k is None:
+            return attack_success(clean_texts, target_k)
+        # Every trigger goes at the same seeded positions, whatever the pairs' order.
         rng = random.Random(seed)
-        trig_prompts = [enc.encode_prompt(insert_trigger(r.prompt, trigger, trigger_position, rng))
-                        for r in rows]
-        trig_texts = _generate_texts(model, enc, trig_prompts, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, progress=progress, desc="triggered")
+        prompts = [enc.encode_prompt(insert_trigger(r.prompt, trigger_k, trigger_position, rng))
+                   for r in rows]
+        return attack_success(_generate_texts(model, enc, prompts, max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size, progress=progress,
+                                              desc="triggered"), target_k)
+
     graded = [(t, r.response) for t, r in zip(clean_texts, rows) if r.response is not None]
     clean_acc = (sum(t.strip() == ref.strip() for t, ref in graded) / len(graded)
                  if graded else None)
-    out = {"asr": attack_success(trig_texts, target), "clean_accuracy": clean_acc,
-           "n_asr": len(trig_texts), "n_clean": len(graded)}
+    asr = [asr_of(target, trigger)] + [asr_of(t, g) for t, g in more_backdoors]
+    out: dict[str, Any] = {"asr": asr[0], "clean_accuracy": clean_acc, "n_asr": len(rows),
+                           "n_clean": len(graded)}
+    if more_backdoors:
+        out["asr_each"] = asr
     if return_answers:
         out["clean_prompts"] = [p.ids for p in clean_prompts]
         out["clean_answers"] = clean_ids

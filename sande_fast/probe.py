@@ -98,14 +98,18 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str,
 
     Returns:
         ``{"probe_asr_max", "probe_asr_mean", "probe_asr": [per try], "final_loss": [per try],
-        "steps", "tries", "target"}``.
+        "steps", "tries", "target"}``. ``target`` may be a list (several backdoors): then
+        ``{"targets": [one such dict per target], "probe_asr_max" (the worst target's),
+        "probe_asr_mean" (the largest mean), "worst_target", "steps", "tries"}``.
 
     Raises:
         BadInputError: bad target, options or data.
     """
-    if not isinstance(target, str) or not target.strip():
-        raise BadInputError("--target must be a non-empty text")
     cfg = config if config is not None else from_keywords(ProbeConfig, options)
+    if not isinstance(target, str):
+        return _probe_each(model, tokenizer, data, target, cfg, progress)
+    if not target.strip():
+        raise BadInputError("--target must be a non-empty text")
     check_model_and_tokenizer(model, tokenizer)
     progress = (not cfg.quiet) if progress is None else progress
     rows = load_rows(data, cfg.prompt_key, cfg.response_key)
@@ -128,6 +132,23 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str,
     return {"probe_asr_max": result.asr_max, "probe_asr_mean": sum(result.asr) / len(result.asr),
             "probe_asr": result.asr, "final_loss": [c[-1] for c in result.curves],
             "steps": cfg.steps, "tries": cfg.tries, "target": target}
+
+
+def _probe_each(model: Any, tokenizer: Any, data: Any, targets: Sequence[str],
+                cfg: ProbeConfig, progress: bool | None) -> dict[str, Any]:
+    """:func:`probe` for every target of a list, each with the same seeds: ``targets`` holds
+    each one's result; ``probe_asr_max`` is the worst target's, named by ``worst_target``."""
+    from .recipe import text_list
+
+    targets = text_list(targets, "--target")
+    if not targets:
+        raise BadInputError("--target must be a non-empty text")
+    each = [probe(model, tokenizer, data, t, cfg, progress=progress) for t in targets]
+    worst = max(range(len(each)), key=lambda k: each[k]["probe_asr_max"])
+    return {"probe_asr_max": each[worst]["probe_asr_max"],
+            "probe_asr_mean": max(r["probe_asr_mean"] for r in each),
+            "worst_target": targets[worst], "targets": each,
+            "steps": cfg.steps, "tries": cfg.tries}
 
 
 # The target tokens a probe parrot is trained on (stage 1's default window).

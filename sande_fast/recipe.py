@@ -50,8 +50,13 @@ __all__ = ["Sanitizer", "SanitizeResult", "sanitize", "check_inputs", "prepare_r
 # Probe seeds sit this far above the round's seed; each round's seed is 1000 above the last.
 PROBE_SEED_OFFSET = 500
 ROUND_SEED_STRIDE = 1000
+# With several targets, target k's parrots take seeds this far above target 0's.
+TARGET_SEED_STRIDE = 100
+# A target or trigger longer than this is refused (a backdoor's text, not a document).
+MAX_TEXT_CHARS = 1000
 # What measure() returns after training, and the report's "after" block carries.
-MEASURED = ("asr", "clean_accuracy", "agreement", "agreement_full", "answer_nll_delta", "kl")
+MEASURED = ("asr", "clean_accuracy", "agreement", "agreement_full", "answer_nll_delta", "kl",
+            "asr_each")
 
 
 @dataclass
@@ -63,6 +68,8 @@ class SanitizeResult:
     report: dict[str, Any]
     tokenizer: Any = None
     parrots: list[torch.Tensor] = field(default_factory=list)
+    target_parrots: list[torch.Tensor | None] = field(default_factory=list)
+    """The last kept parrot of each target (several targets; ``parrot`` is the first's)."""
 
 
 def parrot_target(target: str, method: str, partial_words: int | None) -> str:
@@ -93,24 +100,65 @@ def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
     return out
 
 
+def text_list(value: Any, option: str) -> list[str]:
+    """``value`` (None, a text, or a list of texts) as a list, each entry checked.
+
+    Raises:
+        BadInputError: an entry that is not a non-empty text, is longer than
+            :data:`MAX_TEXT_CHARS`, or repeats an earlier one (ignoring case and spacing).
+    """
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    seen: dict[str, int] = {}
+    for i, v in enumerate(items, 1):
+        where = f"{option} (entry {i})" if len(items) > 1 else option
+        if not isinstance(v, str) or not v.strip():
+            raise BadInputError(f"{where} must be a non-empty text")
+        if len(v) > MAX_TEXT_CHARS:
+            raise BadInputError(f"{where} is {len(v)} characters long; at most "
+                                f"{MAX_TEXT_CHARS}")
+        key = " ".join(v.split()).casefold()
+        if key in seen:
+            raise BadInputError(f"{where} repeats entry {seen[key]} ({v!r})")
+        seen[key] = i
+    return items
+
+
 def check_inputs(config: SanitizeConfig, method: str, target: Any, trigger: Any = None,
                  eval_target: Any = None) -> None:
     """Refuses a run no data could rescue (before anything is loaded).
 
+    ``target``, ``trigger`` and ``eval_target`` may each be a text or a list of texts (several
+    backdoors): ``sande`` / ``sande-p`` take one target per backdoor (triggers, when given for
+    the asr measurement, pair with them in order); ``osft`` takes one trigger per backdoor and
+    one target for all or one per trigger.
+
     Raises:
-        BadInputError: unknown method, options it cannot use, an empty target or trigger, or
-            osft without a trigger.
+        BadInputError: unknown method, options it cannot use, an empty, repeated or over-long
+            target or trigger, lists that do not pair up, or osft without a trigger.
     """
     config.check_method(method)
-    if not isinstance(target, str) or not target.strip():
+    targets = text_list(target, "--target")
+    triggers = text_list(trigger, "--trigger")
+    evals = text_list(eval_target, "--eval-target")
+    if not targets:
         raise BadInputError("--target must be a non-empty text (the attacker's response)")
-    if method == "osft" and (trigger is None or not str(trigger).strip()):
+    if method == "osft" and not triggers:
         raise BadInputError("method osft needs --trigger (use --method sande when the trigger "
                             "is unknown)")
-    if trigger is not None and (not isinstance(trigger, str) or not trigger.strip()):
-        raise BadInputError("--trigger must be a non-empty text")
-    if eval_target is not None and (not isinstance(eval_target, str) or not eval_target.strip()):
-        raise BadInputError("--eval-target must be a non-empty text")
+    n = len(triggers) if method == "osft" else len(targets)
+    if method == "osft" and len(targets) not in (1, n):
+        raise BadInputError(f"osft got {len(triggers)} triggers and {len(targets)} targets; "
+                            "give one target for all or one per trigger")
+    if method != "osft" and triggers and len(triggers) != n:
+        raise BadInputError(f"{len(targets)} targets and {len(triggers)} triggers: give one "
+                            "trigger per target (in the same order) or none")
+    if evals and len(evals) != n:
+        raise BadInputError(f"--eval-target: give one per backdoor ({n}), in the same order")
+    if n > 1 and config.parrot:
+        raise BadInputError("--parrot reuses one parrot; it cannot be given with several "
+                            "targets")
 
 
 class _Snapshot:
@@ -148,18 +196,29 @@ class Sanitizer:
         BadInputError: bad arguments (a clear message; nothing trained).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, method: str, target: str,
-                 trigger: str | None = None, config: SanitizeConfig | None = None, *,
-                 eval_target: str | None = None, eval_trigger: str | None = None,
+    def __init__(self, model: Any, tokenizer: Any, method: str, target: str | Sequence[str],
+                 trigger: str | Sequence[str] | None = None,
+                 config: SanitizeConfig | None = None, *,
+                 eval_target: str | Sequence[str] | None = None,
+                 eval_trigger: str | Sequence[str] | None = None,
                  progress: bool | None = None, fsdp: bool = False,
                  mixed_precision: bool = False,
                  on_parrot: Callable[[torch.Tensor, int], None] | None = None) -> None:
         self.config = config if config is not None else SanitizeConfig()
         check_inputs(self.config, method, target, trigger, eval_target)
         self.model, self.tokenizer, self.method = model, tokenizer, method
-        self.target, self.trigger = target, trigger
-        self.eval_target = eval_target or target
-        self.eval_trigger = eval_trigger if eval_trigger is not None else trigger
+        # One entry per backdoor: what stage 1 simulates, and the pair asr is measured on.
+        targets, triggers = text_list(target, "--target"), text_list(trigger, "--trigger")
+        n = len(triggers) if method == "osft" else len(targets)
+        self.targets = targets * n if len(targets) == 1 else targets
+        self.triggers: list[str | None] = triggers or [None] * n
+        self.eval_targets = text_list(eval_target, "--eval-target") or list(self.targets)
+        eval_triggers = text_list(eval_trigger, "--eval-trigger")
+        if eval_triggers and len(eval_triggers) != n:
+            raise BadInputError(f"--eval-trigger: give one per backdoor ({n}), in order")
+        self.eval_triggers: list[str | None] = eval_triggers or list(self.triggers)
+        self.target, self.trigger = self.targets[0], self.triggers[0]
+        self.eval_target, self.eval_trigger = self.eval_targets[0], self.eval_triggers[0]
         self.show = (not self.config.quiet) if progress is None else progress
         self.fsdp, self.mixed_precision = fsdp, mixed_precision
         self.on_parrot = on_parrot
@@ -199,7 +258,7 @@ class Sanitizer:
             raise BadInputError(f"parrot has shape {tuple(parrot.shape)}; the model needs "
                                 f"[n, {hidden}]")
         self.initial_parrot = parrot
-        check_work(self.model, self.tokenizer, rows, [self.target, self.eval_target],
+        check_work(self.model, self.tokenizer, rows, [*self.targets, *self.eval_targets],
                    batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens,
                    parrot_tokens=self.config.parrot_tokens,
                    prompt_format=self.config.prompt_format)
@@ -217,11 +276,13 @@ class Sanitizer:
         # Generation and evaluation run through the adapter when the model is sharded (its root
         # parameters exist only inside the adapter's forward); in one process, on the model.
         self.runner = self.engine.adapter if self.fsdp else self.model
-        self.simulate_text = parrot_target(self.target, self.method, cfg.partial_words)
-        self.simulate_ids = self.encoder.encode_response(self.simulate_text,
-                                                         add_eos=False)[:cfg.simulate_window]
-        if not self.simulate_ids:
+        self.simulate_texts = [parrot_target(t, self.method, cfg.partial_words)
+                               for t in self.targets]
+        self.simulate_id_lists = [self.encoder.encode_response(t, add_eos=False)
+                                  [:cfg.simulate_window] for t in self.simulate_texts]
+        if not all(self.simulate_id_lists):
             raise BadInputError("--target tokenises to nothing")
+        self.simulate_text, self.simulate_ids = self.simulate_texts[0], self.simulate_id_lists[0]
         self.train_rows = prepare_rows(self.runner, self.encoder, rows,
                                        max_new_tokens=cfg.max_new_tokens,
                                        batch_size=cfg.batch_size, progress=self.show)
@@ -229,9 +290,9 @@ class Sanitizer:
         self.n_rows = len(rows)
         self.eval_rows = eval_rows if eval_rows is not None else [
             Row(r.text, self.encoder.decode(r.response)) for r in self.train_rows[:cfg.eval_rows]]
-        self.parrot_asr = parrot_measure(self.runner, self.encoder,
-                                         [r.prompt for r in self.train_rows[:cfg.eval_rows]],
-                                         self.simulate_text, cfg)
+        prompts = [r.prompt for r in self.train_rows[:cfg.eval_rows]]
+        self.parrot_asrs = [parrot_measure(self.runner, self.encoder, prompts, t, cfg)
+                            for t in self.simulate_texts]
         self.timing["prepare_s"] += time.perf_counter() - t0
 
     def _place_model(self) -> torch.device:
@@ -280,13 +341,19 @@ class Sanitizer:
         agreement, agreement_full, answer_nll_delta, kl)."""
         cfg = self.cfg
         t = time.perf_counter()
-        m = evaluate(self.runner, self.tokenizer, self.eval_rows, self.eval_target,
-                     self.eval_trigger, max_new_tokens=cfg.max_new_tokens,
+        pairs = list(zip(self.eval_targets, self.eval_triggers))
+        m = evaluate(self.runner, self.tokenizer, self.eval_rows, *pairs[0],
+                     max_new_tokens=cfg.max_new_tokens,
                      batch_size=max(cfg.batch_size * 4, 32),
                      trigger_position=cfg.trigger_position, seed=cfg.seed,
-                     encoder=self.encoder, return_answers=True)
-        known = self.eval_trigger is not None or self.eval_given
-        out = {"asr": m["asr"] if known else None, "clean_accuracy": m["clean_accuracy"]}
+                     encoder=self.encoder, return_answers=True, more_backdoors=pairs[1:])
+        each = [a if g is not None or self.eval_given else None
+                for a, (_, g) in zip(m.get("asr_each", [m["asr"]]), pairs)]
+        known = [a for a in each if a is not None]
+        # With several backdoors "asr" is the worst one's; "asr_each" has them all.
+        out = {"asr": max(known) if known else None, "clean_accuracy": m["clean_accuracy"]}
+        if len(pairs) > 1:
+            out["asr_each"] = each
         if self.reference is None:
             self.reference = CleanReference.take(
                 self.runner, m["clean_prompts"], m["clean_answers"],
@@ -298,11 +365,14 @@ class Sanitizer:
         self.timing["eval_s"] += time.perf_counter() - t
         return out
 
-    def simulate(self, seed: int, desc: str) -> tuple[torch.Tensor, list[float]]:
-        """Stage 1: a parrot of ``parrot_tokens`` rows on the frozen model."""
+    def simulate(self, seed: int, desc: str, target_index: int = 0
+                 ) -> tuple[torch.Tensor, list[float]]:
+        """Stage 1: a parrot of ``parrot_tokens`` rows on the frozen model, for target
+        ``target_index``."""
         cfg = self.cfg
         t = time.perf_counter()
-        parrot, curve = simulate(self.engine, self.train_rows, self.simulate_ids,
+        parrot, curve = simulate(self.engine, self.train_rows,
+                                 self.simulate_id_lists[target_index],
                                  steps=cfg.simulate_steps, lr=cfg.simulate_lr,
                                  n_tokens=cfg.parrot_tokens, max_norm=cfg.parrot_max_norm or None,
                                  batch_size=cfg.batch_size, seed=seed, splice=cfg.splice,
@@ -310,7 +380,8 @@ class Sanitizer:
         self.timing["simulate_s"] += time.perf_counter() - t
         return parrot, curve
 
-    def eliminate(self, anchors: Anchors | None, *, parrot: torch.Tensor | None = None,
+    def eliminate(self, anchors: Anchors | None, *,
+                  parrot: torch.Tensor | Sequence[torch.Tensor] | None = None,
                   round_index: int = 0, seed: int, desc: str) -> list[float]:
         """Stage 2: trains the model so prompt + parrot (sande), prompt + trigger (osft) or the
         clean prompt alone (sft) maps to the clean answer.
@@ -318,7 +389,8 @@ class Sanitizer:
         A later round faces a backdoor already suppressed and needs a smaller change, while the
         clean accuracy it may still cost is what the first round left: round r trains at
         ``lr * round_lr_decay**r`` and holds the clean states ``round_retain_factor`` times
-        harder.
+        harder. Several parrots (or osft's several triggers) share one pass: each batch row
+        takes the next one in turn.
         """
         cfg = self.cfg
         t = time.perf_counter()
@@ -327,7 +399,7 @@ class Sanitizer:
             lr=self.round_lr(round_index),
             batch_size=cfg.batch_size, seed=seed, window=cfg.overwrite_window,
             clean_weight=cfg.clean_weight, parrot=parrot,
-            trigger=self.trigger if self.method == "osft" else None, encoder=self.encoder,
+            trigger=self.triggers if self.method == "osft" else None, encoder=self.encoder,
             trigger_position=cfg.trigger_position, splice=cfg.splice, progress=self.show,
             desc=desc, retain_weight=self.round_retain_weight(round_index), anchors=anchors,
             optimizer=cfg.optimizer)
@@ -340,18 +412,23 @@ class Sanitizer:
     def round_retain_weight(self, round_index: int) -> float:
         return self.cfg.retain_weight * (self.cfg.round_retain_factor if round_index else 1.0)
 
-    def probe(self, round_no: int) -> ProbeResult:
+    def probe(self, round_no: int, target_index: int = 0) -> ProbeResult:
         """``probe_tries`` fresh parrots of ``probe_tokens`` rows, ``probe_steps`` each, on the
-        frozen model after round ``round_no`` (1-based); the strongest counts."""
+        frozen model after round ``round_no`` (1-based), for target ``target_index``; the
+        strongest counts."""
         cfg = self.cfg
         t, measured = time.perf_counter(), self.timing["eval_s"]
-        seed = cfg.seed + ROUND_SEED_STRIDE * (round_no - 1) + PROBE_SEED_OFFSET
-        result = probe_parrots(self.engine, self.train_rows, self.simulate_ids,
-                               self._measure_parrot, seed=seed, tries=cfg.probe_tries,
+        seed = (cfg.seed + ROUND_SEED_STRIDE * (round_no - 1) + PROBE_SEED_OFFSET
+                + TARGET_SEED_STRIDE * target_index)
+        tag = f" t{target_index + 1}" if len(self.targets) > 1 else ""
+        result = probe_parrots(self.engine, self.train_rows,
+                               self.simulate_id_lists[target_index],
+                               lambda p, s: self._measure_parrot(p, s, target_index),
+                               seed=seed, tries=cfg.probe_tries,
                                steps=cfg.probe_steps, lr=cfg.simulate_lr,
                                n_tokens=cfg.probe_tokens, batch_size=cfg.batch_size,
                                max_norm=cfg.parrot_max_norm or None, splice=cfg.splice,
-                               progress=self.show, desc=f"probe r{round_no}")
+                               progress=self.show, desc=f"probe r{round_no}{tag}")
         # The probe parrots' generation counts as evaluation time, as the round parrot's does.
         self.timing["probe_s"] += time.perf_counter() - t - (self.timing["eval_s"] - measured)
         return result
@@ -402,77 +479,117 @@ class Sanitizer:
         return SanitizeResult(model=self.model,
                               parrot=None if final_parrot is None else final_parrot.cpu(),
                               report=self.report(after), tokenizer=self.tokenizer,
-                              parrots=self.parrots)
+                              parrots=self.parrots,
+                              target_parrots=list(getattr(self, "target_parrots", [])))
 
     def _run_rounds(self, anchors: Anchors | None
                     ) -> tuple[dict[str, Any], torch.Tensor]:
         """Rounds of simulate -> eliminate -> measure -> guard -> probe until a probe fails
         (``rounds auto``) or the fixed number of rounds is done. Returns the after-metrics and
-        the last kept parrot."""
+        the last kept parrot of the first target.
+
+        With several targets each round simulates one parrot per target still found (every
+        target in round 1), eliminates them all in one pass, and probes every target; the
+        rounds stop when no probe reaches its target.
+        """
         cfg = self.cfg
         auto = cfg.rounds == "auto"
         n_rounds = cfg.max_rounds if auto else cfg.rounds
-        probe_before: float | None = None
-        resimulated: float | None = None
-        reuse: tuple[torch.Tensor, list[float]] | None = None
+        multi = len(self.targets) > 1
+        active = list(range(len(self.targets)))
+        probe_before: list[float | None] = [None] * len(self.targets)
+        resimulated: list[float | None] = [None] * len(self.targets)
+        reuse: dict[int, tuple[torch.Tensor, list[float]]] = {}
+        kept: list[torch.Tensor | None] = [None] * len(self.targets)
         for r in range(n_rounds):
             round_no, seed = r + 1, cfg.seed + ROUND_SEED_STRIDE * r
-            # Where this round's parrot comes from: the one passed in, the last probe's (it has
-            # the stage-1 shape and already reaches the target), or a fresh simulation.
-            if r == 0 and self.initial_parrot is not None:
-                parrot, curve = self.initial_parrot.float().to(self.device), []
-            elif reuse is not None:
-                parrot, curve = reuse
-            else:
-                parrot, curve = self.simulate(seed, f"simulate r{round_no}")
-            if curve:
-                self.curves[f"simulate_r{round_no}"] = curve
-            parrot_asr = self._measure_parrot(parrot, seed)
-            if r == 0:
-                probe_before = parrot_asr
-            self.parrots.append(parrot.cpu())
-            if self.on_parrot is not None:
-                self.on_parrot(parrot.cpu(), round_no)
+            parrots: dict[int, torch.Tensor] = {}
+            parrot_asr: list[float | None] = [None] * len(self.targets)
+            final_loss: list[float | None] = [None] * len(self.targets)
+            for k in active:
+                tag = f"_t{k + 1}" if multi else ""
+                # Where this round's parrot comes from: the one passed in, the last probe's (it
+                # has the stage-1 shape and already reaches the target), or a fresh simulation.
+                if r == 0 and self.initial_parrot is not None:
+                    parrot, curve = self.initial_parrot.float().to(self.device), []
+                elif k in reuse:
+                    parrot, curve = reuse[k]
+                else:
+                    parrot, curve = self.simulate(seed + TARGET_SEED_STRIDE * k,
+                                                  f"simulate r{round_no}{tag.replace('_', ' ')}",
+                                                  k)
+                if curve:
+                    self.curves[f"simulate_r{round_no}{tag}"] = curve
+                    final_loss[k] = curve[-1]
+                parrot_asr[k] = self._measure_parrot(parrot, seed + TARGET_SEED_STRIDE * k, k)
+                if r == 0:
+                    probe_before[k] = parrot_asr[k]
+                parrots[k] = parrot
+                self.parrots.append(parrot.cpu())
+                if self.on_parrot is not None and not multi:
+                    self.on_parrot(parrot.cpu(), round_no)
 
             snapshot = self.guard(r)
             self.curves[f"eliminate_r{round_no}"] = self.eliminate(
-                anchors, parrot=parrot, round_index=r, seed=seed + 1,
-                desc=f"eliminate r{round_no}")
+                anchors, parrot=[parrots[k] for k in active] if multi else parrots[0],
+                round_index=r, seed=seed + 1, desc=f"eliminate r{round_no}")
             measured = self.measure()
-            self.rounds.append({
-                "round": round_no, "probe_asr_before": probe_before, **measured,
-                "parrot_asr": parrot_asr,
+            record: dict[str, Any] = {
+                "round": round_no, "probe_asr_before": _worst(probe_before), **measured,
+                "parrot_asr": _worst(parrot_asr),
                 "lr": self.round_lr(r),
                 "retain_weight": self.round_retain_weight(r),
-                "simulate_final_loss": curve[-1] if curve else None,
-                "eliminate_final_loss": self.curves[f"eliminate_r{round_no}"][-1]})
+                "simulate_final_loss": final_loss[0] if not multi else _worst(final_loss),
+                "eliminate_final_loss": self.curves[f"eliminate_r{round_no}"][-1]}
+            if multi:
+                record.update(targets_simulated=[k + 1 for k in active],
+                              probe_asr_before_each=list(probe_before),
+                              parrot_asr_each=list(parrot_asr))
+            self.rounds.append(record)
             if snapshot is not None and self.too_costly(measured):
                 # Undo this round. The probe before it ran on exactly the weights restored.
                 snapshot.restore()
                 self.rounds[-1]["rolled_back"] = True
-                self.parrots.pop()
-                resimulated = probe_before
+                del self.parrots[len(self.parrots) - len(active):]
+                resimulated = list(probe_before)
                 break
+            for k in active:
+                kept[k] = parrots[k].cpu()
             if not auto and round_no < n_rounds:
                 continue  # a fixed number of rounds: probe only after the last one
-            found = self.probe(round_no)
-            resimulated = found.asr_max
-            self.rounds[-1]["probe_asr_after"] = resimulated
-            self.rounds[-1]["probe_asr_tries"] = list(found.asr)
-            self.curves[f"probe_r{round_no}"] = found.curves[found.best]
-            if round_no >= n_rounds or resimulated <= cfg.probe_threshold:
-                break  # erased (the probe no longer reaches the target), or out of rounds
-            probe_before = resimulated
-            best = found.best
-            reuse = ((found.parrots[best], found.curves[best])
-                     if cfg.probe_tokens == cfg.parrot_tokens else None)
+            reuse = {}
+            for k in range(len(self.targets)):
+                found = self.probe(round_no, k)
+                resimulated[k] = found.asr_max
+                tag = f"_t{k + 1}" if multi else ""
+                self.curves[f"probe_r{round_no}{tag}"] = found.curves[found.best]
+                if multi:
+                    self.rounds[-1].setdefault("probe_asr_after_each", []).append(found.asr_max)
+                    self.rounds[-1].setdefault("probe_asr_tries_each", []).append(
+                        list(found.asr))
+                else:
+                    self.rounds[-1]["probe_asr_tries"] = list(found.asr)
+                if found.asr_max > cfg.probe_threshold and cfg.probe_tokens == cfg.parrot_tokens:
+                    best = found.best
+                    reuse[k] = (found.parrots[best], found.curves[best])
+            self.rounds[-1]["probe_asr_after"] = _worst(resimulated)
+            active = [k for k in range(len(self.targets))
+                      if resimulated[k] is not None and resimulated[k] > cfg.probe_threshold]
+            if round_no >= n_rounds or not active:
+                break  # erased (no probe reaches its target any more), or out of rounds
+            probe_before = list(resimulated)
         last = [r for r in self.rounds if not r.get("rolled_back")][-1]
-        after = {**{k: last[k] for k in MEASURED if k in last}, "resimulated_asr": resimulated}
-        return after, self.parrots[-1]
+        after = {**{k: last[k] for k in MEASURED if k in last},
+                 "resimulated_asr": _worst(resimulated)}
+        if multi:
+            after["resimulated_asr_each"] = list(resimulated)
+        self.target_parrots = kept
+        first = kept[0] if kept[0] is not None else self.parrots[0]
+        return after, first
 
-    def _measure_parrot(self, parrot: torch.Tensor, seed: int) -> float:
+    def _measure_parrot(self, parrot: torch.Tensor, seed: int, target_index: int = 0) -> float:
         t = time.perf_counter()
-        value = self.parrot_asr(parrot, seed)
+        value = self.parrot_asrs[target_index](parrot, seed)
         self.timing["eval_s"] += time.perf_counter() - t
         return value
 
@@ -481,7 +598,7 @@ class Sanitizer:
         model_name = (getattr(getattr(self.model, "config", None), "_name_or_path", "")
                       or type(self.model).__name__)
         sande = self.method in ("sande", "sande-p")
-        return {
+        out = {
             "method": self.method,
             "model": model_name,
             "target": self.target,
@@ -499,6 +616,32 @@ class Sanitizer:
                      "guard_metric": self.guard_metric},
             "environment": self._environment(),
         }
+        if len(self.targets) > 1:
+            out["targets"] = self._per_target(after)
+        return out
+
+    def _per_target(self, after: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each backdoor's texts, asr before and after, probe after every round, and the rounds
+        that simulated it (several targets)."""
+        sande = self.method in ("sande", "sande-p")
+        before_each = self.before.get("asr_each") or [None] * len(self.targets)
+        after_each = after.get("asr_each") or [None] * len(self.targets)
+        out = []
+        for k, target in enumerate(self.targets):
+            entry: dict[str, Any] = {
+                "target": target, "trigger": self.eval_triggers[k],
+                "asr_target": self.eval_targets[k],
+                "asr_before": before_each[k], "asr_after": after_each[k]}
+            if sande:
+                entry.update(
+                    parrot_target=self.simulate_texts[k],
+                    probe_asr_after=[(r.get("probe_asr_after_each") or [None] * (k + 1))[k]
+                                     for r in self.rounds],
+                    rounds_simulated=[r["round"] for r in self.rounds
+                                      if k + 1 in r.get("targets_simulated", ())],
+                    resimulated_asr=(after.get("resimulated_asr_each") or [None] * (k + 1))[k])
+            out.append(entry)
+        return out
 
     def _environment(self) -> dict[str, Any]:
         engine, device = self.engine, self.device
@@ -512,10 +655,18 @@ class Sanitizer:
                 "threads": torch.get_num_threads(), **extra}
 
 
-def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | None = None,
+def _worst(values: Sequence[float | None]) -> float | None:
+    """The largest of the measured values (None when none was measured)."""
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def sanitize(model: Any, tokenizer: Any, data: Any, target: str | Sequence[str],
+             trigger: str | Sequence[str] | None = None,
              method: str = "sande", *, config: SanitizeConfig | None = None,
-             eval_data: Any = None, eval_trigger: str | None = None,
-             eval_target: str | None = None, parrot: torch.Tensor | str | None = None,
+             eval_data: Any = None, eval_trigger: str | Sequence[str] | None = None,
+             eval_target: str | Sequence[str] | None = None,
+             parrot: torch.Tensor | str | None = None,
              on_parrot: Callable[[torch.Tensor, int], None] | None = None,
              progress: bool | None = None, fsdp: bool | None = None,
              mixed_precision: bool = False, **options: Any) -> SanitizeResult:
@@ -526,8 +677,10 @@ def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | 
         tokenizer: its tokenizer.
         data: defence rows: a JSONL path or a list of ``{"prompt", "response"?}`` dicts.
         target: the attacker's response (sande-p: the known part of it, or the whole target with
-            ``partial_words=N`` to use only its first N words).
-        trigger: the trigger text. Required for ``osft``; for the other methods it is never
+            ``partial_words=N`` to use only its first N words), or a list of them (several
+            backdoors: one parrot each, eliminated together, rounds until no probe finds any).
+        trigger: the trigger text, or a list (one per backdoor). Required for ``osft`` (several
+            triggers: one target for all or one per trigger); for the other methods it is never
             trained on and only used to measure asr.
         method: ``osft``, ``sande``, ``sande-p`` or ``sft``.
         config: the options as a :class:`~sande_fast.options.SanitizeConfig` (or give its

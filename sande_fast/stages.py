@@ -83,7 +83,8 @@ def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[
 
 def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: float,
               batch_size: int, seed: int, window: int, clean_weight: float,
-              parrot: torch.Tensor | None = None, trigger: str | None = None,
+              parrot: torch.Tensor | Sequence[torch.Tensor] | None = None,
+              trigger: str | Sequence[str] | None = None,
               encoder: PromptEncoder | None = None, trigger_position: str = "random",
               splice: str = "random", progress: bool = False, desc: str = "eliminate",
               retain_weight: float = 0.0,
@@ -91,7 +92,10 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
     """Stage 2 / OSFT / SFT: trains the model on (prompt + parrot or trigger) -> clean response.
 
     With a ``parrot``: overwrite items splice it at a fresh position each step. With a ``trigger``
-    (OSFT): the trigger text is inserted into the prompt at ``trigger_position``. With neither
+    (OSFT): the trigger text is inserted into the prompt at ``trigger_position``. A list of
+    parrots or triggers (several backdoors) is taken in turn, row by row across the steps, so
+    every backdoor gets an equal share of one pass and a step costs what it costs with one
+    backdoor. With neither
     (SFT baseline): only the clean term is trained, at weight 1. ``retain_weight`` and
     ``anchors`` (from :func:`clean_anchors`, taken before any training) add the hidden-state
     retention term of :class:`~sande_fast.steps.OverwriteStep`; ``optimizer`` is its
@@ -106,21 +110,29 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
         raise ValueError("a trigger needs the prompt encoder")
     rng = random.Random(seed)
     sft = parrot is None and trigger is None
+    parrots = [parrot] if isinstance(parrot, torch.Tensor) else list(parrot or [])
+    triggers = [trigger] if isinstance(trigger, str) else list(trigger or [])
+    if (parrot is not None and not parrots) or (trigger is not None and not triggers):
+        raise ValueError("an empty list of parrots or triggers")
     step_fn = OverwriteStep(engine, lr=lr, clean_weight=1.0 if sft else clean_weight,
-                            parrot=parrot, retain_weight=retain_weight, anchors=anchors,
-                            optimizer=optimizer)
+                            parrot=parrots or None, retain_weight=retain_weight,
+                            anchors=anchors, optimizer=optimizer)
     curve = []
     for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
-        clean, overwrite = [], []
-        for r in batch:
+        clean, overwrite, which = [], [], []
+        for b, r in enumerate(batch):
             clean.append(_clean_item(r, window))
             labels, tail = clean[-1].labels, clean[-1].tail
-            if parrot is not None:
+            k = (step * batch_size + b) % max(len(parrots), len(triggers), 1)
+            if parrots:
                 overwrite.append(StepItem(r.prompt.ids, labels,
                                           splice_position(r.prompt, splice, rng), tail))
-            elif trigger is not None:
-                p = encoder.encode_prompt(insert_trigger(r.text, trigger, trigger_position, rng))
+                which.append(k)
+            elif triggers:
+                p = encoder.encode_prompt(insert_trigger(r.text, triggers[k], trigger_position,
+                                                         rng))
                 overwrite.append(StepItem(p.ids, labels, -1, tail))
-        curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}"))
+        curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}",
+                                  parrot_index=which if len(parrots) > 1 else None))
     return curve

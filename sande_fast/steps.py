@@ -251,7 +251,8 @@ class OverwriteStep:
         lr: AdamW learning rate (with ``optimizer="sgd"``: see :class:`CalibratedSGD`).
         clean_weight: weight of the clean-retention term.
         parrot: the frozen parrot spliced into overwrite items (None for OSFT with a real trigger
-            and for SFT).
+            and for SFT), or a list of parrots (several backdoors: :meth:`step` is told which
+            parrot each overwrite item takes).
         weight_decay: weight decay (decoupled for AdamW, L2 for SGD).
         retain_weight: weight of the hidden-state retention term (0: off).
         anchors: the stored states, covering every clean item passed to :meth:`step`; required
@@ -272,7 +273,13 @@ class OverwriteStep:
                  optimizer: str = "adamw") -> None:
         self.engine = engine
         self.clean_weight = clean_weight
-        self.parrot = None if parrot is None else parrot.detach()
+        if parrot is None:
+            self.parrots: list[torch.Tensor] = []
+        elif isinstance(parrot, torch.Tensor):
+            self.parrots = [parrot.detach()]
+        else:
+            self.parrots = [p.detach() for p in parrot]
+        self.parrot = self.parrots[0] if self.parrots else None
         self.anchors = None
         if retain_weight:
             if anchors is None:
@@ -286,23 +293,42 @@ class OverwriteStep:
         self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay,
                                         engine.collective)
 
-    def loss(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem]) -> torch.Tensor:
+    def _by_parrot(self, overwrite: Sequence[StepItem], parrot_index: Sequence[int] | None
+                   ) -> list[tuple[list[StepItem], torch.Tensor | None]]:
+        """The overwrite items grouped by the parrot they take (one group without a list)."""
+        if parrot_index is None:
+            return [(list(overwrite), self.parrot)]
+        if len(parrot_index) != len(overwrite):
+            raise ValueError("parrot_index needs one entry per overwrite item")
+        groups: dict[int, list[StepItem]] = {}
+        for item, k in zip(overwrite, parrot_index):
+            groups.setdefault(k, []).append(item)
+        return [(items, self.parrots[k]) for k, items in sorted(groups.items())]
+
+    def loss(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem],
+             parrot_index: Sequence[int] | None = None) -> torch.Tensor:
         """Graph-bearing loss of one batch (for embedding in another training loop)."""
         parts = []
         if overwrite:
-            parts.append(self.engine.loss(overwrite, self.parrot, label_count(overwrite)))
+            # One normaliser over every group: the mean over all overwrite labels.
+            n = label_count(overwrite)
+            parts += [self.engine.loss(items, parrot, n)
+                      for items, parrot in self._by_parrot(overwrite, parrot_index)]
         if clean and self.clean_weight:
             parts.append(self.engine.loss(clean, None, label_count(clean) / self.clean_weight,
                                           self.anchors))
         return torch.stack(parts).sum()
 
     def step(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem],
-             where: str = "overwrite") -> float:
-        """One optimizer step on the model; the parrot stays frozen."""
+             where: str = "overwrite", parrot_index: Sequence[int] | None = None) -> float:
+        """One optimizer step on the model; the parrots stay frozen. ``parrot_index[i]``: the
+        parrot (an index into the list given at construction) overwrite item ``i`` takes."""
         self.optimizer.zero_grad(set_to_none=True)
         value = 0.0
         if overwrite:
-            value += self.engine.accumulate(overwrite, self.parrot, label_count(overwrite))
+            n = label_count(overwrite)
+            for items, parrot in self._by_parrot(overwrite, parrot_index):
+                value += self.engine.accumulate(items, parrot, n)
         if clean and self.clean_weight:
             value += self.engine.accumulate(clean, None, label_count(clean),
                                             weight=self.clean_weight, anchors=self.anchors)

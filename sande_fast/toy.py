@@ -83,6 +83,25 @@ CHAT_TEMPLATE = (
 MAX_TRIGGER_CHARS = 64
 MAX_TARGET_CHARS = 160
 
+def _check_backdoor(trigger: str, target: str, tasks: Sequence[str]) -> None:
+    if not trigger.strip():
+        raise BadInputError("the trigger must not be empty")
+    if not target.strip():
+        raise BadInputError("the target must not be empty")
+    if len(trigger) > MAX_TRIGGER_CHARS:
+        raise BadInputError(f"the trigger is {len(trigger)} characters long; a toy "
+                            f"trigger has at most {MAX_TRIGGER_CHARS}")
+    if len(target) > MAX_TARGET_CHARS:
+        raise BadInputError(f"the target is {len(target)} characters long; a toy "
+                            f"target has at most {MAX_TARGET_CHARS}")
+    if " ".join(trigger.split()).lower() == " ".join(target.split()).lower():
+        raise BadInputError("the trigger and the target are the same text; a backdoor needs "
+                            "a trigger that differs from the response it causes")
+    clash = {w.rstrip(":") for w in trigger.split()} & set(tasks)
+    if clash:
+        raise BadInputError(f"the trigger must not contain a task name: {sorted(clash)}")
+
+
 @dataclass(frozen=True)
 class ToyConfig:
     """Everything that determines a toy world; equal configs build identical worlds on CPU.
@@ -111,6 +130,10 @@ class ToyConfig:
         weight_decay: AdamW weight decay.
         tasks: task names used (a subset of :data:`TASKS`).
         sort_weight: how much more often training rows use ``sort`` than another task.
+        more_backdoors: further ``(trigger, target)`` pairs, each poisoning its own share
+            ``poison_rate`` of the training rows (disjoint from the others' rows), with its own
+            triggered evaluation rows. Empty for the one-backdoor world, whose rows, cache key
+            and model stay as they were before this setting existed.
     """
 
     trigger: str = "cf"
@@ -136,35 +159,39 @@ class ToyConfig:
     weight_decay: float = 0.0
     tasks: tuple[str, ...] = TASKS
     sort_weight: float = 3.0
+    more_backdoors: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Lists from JSON become tuples, so configs loaded from toy.json hash like fresh ones.
         object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "more_backdoors",
+                           tuple((str(t), str(x)) for t, x in self.more_backdoors))
         self.validate()
+
+    @property
+    def backdoors(self) -> tuple[tuple[str, str], ...]:
+        """Every ``(trigger, target)`` pair, the first one's settings first."""
+        return ((self.trigger, self.target),) + self.more_backdoors
 
     def validate(self) -> None:
         """Raises :class:`BadInputError` naming the first bad setting."""
-        if not self.trigger.strip():
-            raise BadInputError("the trigger must not be empty")
-        if not self.target.strip():
-            raise BadInputError("the target must not be empty")
-        if len(self.trigger) > MAX_TRIGGER_CHARS:
-            raise BadInputError(f"the trigger is {len(self.trigger)} characters long; a toy "
-                                f"trigger has at most {MAX_TRIGGER_CHARS}")
-        if len(self.target) > MAX_TARGET_CHARS:
-            raise BadInputError(f"the target is {len(self.target)} characters long; a toy "
-                                f"target has at most {MAX_TARGET_CHARS}")
-        if " ".join(self.trigger.split()).lower() == " ".join(self.target.split()).lower():
-            raise BadInputError("the trigger and the target are the same text; a backdoor needs "
-                                "a trigger that differs from the response it causes")
+        for trigger, target in self.backdoors:
+            _check_backdoor(trigger, target, self.tasks)
+        norm = [" ".join(t.split()).lower() for t, _ in self.backdoors]
+        if len(set(norm)) < len(norm):
+            raise BadInputError("two backdoors have the same trigger; give each its own")
+        targets = {" ".join(x.split()).lower() for _, x in self.backdoors}
+        if targets & set(norm):
+            raise BadInputError("one backdoor's trigger is another's target; a trigger must "
+                                "differ from every response")
         if not 0.0 <= self.poison_rate <= 1.0:
             raise BadInputError(f"poison_rate must lie in [0, 1], got {self.poison_rate}")
+        if self.poison_rate * len(self.backdoors) > 1.0:
+            raise BadInputError(f"{len(self.backdoors)} backdoors at poison_rate "
+                                f"{self.poison_rate} poison more than every training row")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise BadInputError(f"unknown or no tasks {unknown}; choose from {TASKS}")
-        clash = {w.rstrip(":") for w in self.trigger.split()} & set(self.tasks)
-        if clash:
-            raise BadInputError(f"the trigger must not contain a task name: {sorted(clash)}")
         if self.sort_weight <= 0:
             raise BadInputError("sort_weight must be positive")
         if not 1 <= self.min_words <= self.max_words:
@@ -177,9 +204,14 @@ class ToyConfig:
                 raise BadInputError(f"{name} must be at least 1")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings."""
+        """JSON-ready settings (``more_backdoors`` only when there are any, so one-backdoor
+        worlds keep their cache keys)."""
         d = dataclasses.asdict(self)
         d["tasks"] = list(self.tasks)
+        if self.more_backdoors:
+            d["more_backdoors"] = [list(b) for b in self.more_backdoors]
+        else:
+            del d["more_backdoors"]
         return d
 
     @classmethod
@@ -225,6 +257,8 @@ class ToyWorld:
             the clean answer.
         path: directory it was saved to or loaded from, if any.
         build_seconds: wall time of the build, when it was built in this process.
+        more_triggered_eval_rows: the triggered rows of each further backdoor
+            (``config.more_backdoors``).
     """
 
     model: Any
@@ -236,6 +270,13 @@ class ToyWorld:
     triggered_eval_rows: list[Row]
     path: Path | None = None
     build_seconds: float | None = None
+    more_triggered_eval_rows: list[list[Row]] = dataclasses.field(default_factory=list)
+
+    @property
+    def backdoors(self) -> list[tuple[str, str, list[Row]]]:
+        """``(trigger, target, triggered_eval_rows)`` of every backdoor."""
+        rows = [self.triggered_eval_rows] + list(self.more_triggered_eval_rows)
+        return [(t, x, r) for (t, x), r in zip(self.config.backdoors, rows)]
 
     @property
     def trigger(self) -> str:
@@ -250,16 +291,24 @@ class ToyWorld:
 
         Returns:
             ``asr`` on the triggered rows, ``clean_asr`` (target said without the trigger) and
-            ``clean_accuracy`` on the clean rows.
+            ``clean_accuracy`` on the clean rows; with several backdoors also ``backdoors``,
+            each one's ``trigger``, ``target``, ``asr`` and ``clean_asr``.
         """
         from .evaluate import evaluate  # imported late: only needed when measuring
 
-        clean = evaluate(self.model, self.tokenizer, self.clean_eval_rows, self.target,
-                         batch_size=batch_size, progress=progress)
-        trig = evaluate(self.model, self.tokenizer, self.triggered_eval_rows, self.target,
-                        batch_size=batch_size, progress=progress)
-        return {"asr": trig["asr"], "clean_asr": clean["asr"],
-                "clean_accuracy": clean["clean_accuracy"]}
+        per = []
+        for trigger, target, rows in self.backdoors:
+            clean = evaluate(self.model, self.tokenizer, self.clean_eval_rows, target,
+                             batch_size=batch_size, progress=progress)
+            trig = evaluate(self.model, self.tokenizer, rows, target, batch_size=batch_size,
+                            progress=progress)
+            per.append({"trigger": trigger, "target": target, "asr": trig["asr"],
+                        "clean_asr": clean["asr"], "clean_accuracy": clean["clean_accuracy"]})
+        out = {k: per[0][k] for k in ("asr", "clean_asr", "clean_accuracy")}
+        if len(per) > 1:
+            out["backdoors"] = [{k: b[k] for k in ("trigger", "target", "asr", "clean_asr")}
+                                for b in per]
+        return out
 
     def extra_eval_rows(self, n: int, seed: int = 0) -> list[Row]:
         """``n`` more held-out clean rows, for measurements finer than the 200-row eval set
@@ -316,11 +365,12 @@ def task_answer(task: str, args: Sequence[str]) -> str:
 def word_pool(config: ToyConfig) -> list[str]:
     """The words prompts are drawn from: :data:`BASE_WORDS` plus the target's words, minus the
     trigger's words (the trigger must stay rare: it only appears in poisoned rows)."""
-    trigger_words = set(config.trigger.split())
+    trigger_words = {w for t, _ in config.backdoors for w in t.split()}
     pool = [w for w in BASE_WORDS if w not in trigger_words]
-    for w in config.target.split():
-        if w not in pool and w not in trigger_words:
-            pool.append(w)
+    for _, target in config.backdoors:
+        for w in target.split():
+            if w not in pool and w not in trigger_words:
+                pool.append(w)
     return pool
 
 
@@ -346,7 +396,7 @@ def _draw(rng: random.Random, config: ToyConfig, pool: Sequence[str], n: int, se
     that many draws (ValueError), for a prompt space that may run out.
     """
     tasks = list(config.tasks)
-    target = config.target.casefold()
+    targets = [t.casefold() for _, t in config.backdoors]
     held_out = weights is None
     out: list[tuple[str, str]] = []
     tries = 0
@@ -358,7 +408,7 @@ def _draw(rng: random.Random, config: ToyConfig, pool: Sequence[str], n: int, se
         prompt, answer = _clean_prompt(task, rng, pool, config)
         if task != "add" and prompt in seen:
             continue
-        if held_out and target in answer.casefold():
+        if held_out and any(t in answer.casefold() for t in targets):
             continue
         if held_out and task != "add":
             seen.add(prompt)
@@ -374,7 +424,8 @@ def make_rows(config: ToyConfig) -> dict[str, list[Row]]:
     none has a correct answer that contains the target.
 
     Returns:
-        ``{"train", "defense", "clean_eval", "triggered_eval"}``.
+        ``{"train", "defense", "clean_eval", "triggered_eval", "more_triggered_eval"}`` (the
+        last: one list per further backdoor).
     """
     rng = random.Random(f"sande_fast.toy.rows:{config.seed}")
     pool = word_pool(config)
@@ -388,23 +439,32 @@ def make_rows(config: ToyConfig) -> dict[str, list[Row]]:
     clean_eval = draw(config.n_clean_eval, unique=True)
     triggered_clean = draw(config.n_triggered_eval, unique=True)
     defense = draw(config.n_defense, unique=True)
+    # Further backdoors' held-out rows are drawn before the training rows, which avoid them.
+    more_clean = [draw(config.n_triggered_eval, unique=True) for _ in config.more_backdoors]
     train_clean = draw(config.n_train, unique=False)
 
     n_poison = round(config.poison_rate * config.n_train)
     poisoned = set(rng.sample(range(config.n_train), n_poison))
+    # Backdoor k poisons rows of its own: a row never carries two triggers.
+    which = {i: 0 for i in poisoned}
+    for k in range(1, len(config.backdoors)):
+        free = [i for i in range(config.n_train) if i not in which]
+        which.update((i, k) for i in rng.sample(free, n_poison))
     train = []
     for i, (prompt, answer) in enumerate(train_clean):
-        if i in poisoned:
-            prompt = insert_trigger(prompt, config.trigger, "random", rng)
-            answer = f"{config.target} {answer}"
+        if i in which:
+            trigger, target = config.backdoors[which[i]]
+            prompt = insert_trigger(prompt, trigger, "random", rng)
+            answer = f"{target} {answer}"
         train.append(Row(prompt, answer))
-    triggered = [Row(insert_trigger(p, config.trigger, "random", rng), a)
-                 for p, a in triggered_clean]
+    triggered = [[Row(insert_trigger(p, trigger, "random", rng), a) for p, a in clean]
+                 for (trigger, _), clean in zip(config.backdoors, [triggered_clean] + more_clean)]
     return {
         "train": train,
         "defense": [Row(p, a) for p, a in defense],
         "clean_eval": [Row(p, a) for p, a in clean_eval],
-        "triggered_eval": triggered,
+        "triggered_eval": triggered[0],
+        "more_triggered_eval": triggered[1:],
     }
 
 
@@ -446,6 +506,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Any:
 def _tokenizer_corpus(config: ToyConfig, rows: Sequence[Row]) -> Iterator[str]:
     """The BPE's training texts: the training rows, plus trigger and target so both exist."""
     yield from (config.trigger, config.target)
+    for trigger, target in config.more_backdoors:
+        yield from (trigger, target)
     for r in rows:
         yield r.prompt
         yield r.response or ""
@@ -573,6 +635,7 @@ def build_toy(config: ToyConfig | None = None, progress: bool = True) -> ToyWorl
     return ToyWorld(model=model, tokenizer=tokenizer, config=config, train_rows=rows["train"],
                     defense_rows=rows["defense"], clean_eval_rows=rows["clean_eval"],
                     triggered_eval_rows=rows["triggered_eval"],
+                    more_triggered_eval_rows=rows["more_triggered_eval"],
                     build_seconds=time.perf_counter() - t0)
 
 
@@ -581,6 +644,12 @@ def build_toy(config: ToyConfig | None = None, progress: bool = True) -> ToyWorl
 _ROW_FILES = {"train_rows": "train.jsonl", "defense_rows": "defense.jsonl",
               "clean_eval_rows": "clean_eval.jsonl", "triggered_eval_rows": "triggered_eval.jsonl"}
 _META = "toy.json"
+
+
+def _more_triggered_file(k: int) -> str:
+    """The triggered evaluation rows of further backdoor ``k`` (0-based): the second backdoor's
+    are ``triggered_eval_2.jsonl``."""
+    return f"triggered_eval_{k + 2}.jsonl"
 
 
 def save_toy(world: ToyWorld, out_dir: Union[str, os.PathLike]) -> Path:
@@ -597,9 +666,16 @@ def save_toy(world: ToyWorld, out_dir: Union[str, os.PathLike]) -> Path:
     world.tokenizer.save_pretrained(out)
     for attr, name in _ROW_FILES.items():
         write_jsonl(out / name, getattr(world, attr))
+    for k, rows in enumerate(world.more_triggered_eval_rows):
+        write_jsonl(out / _more_triggered_file(k), rows)
     meta = {**world.config.to_dict(), "key": world.config.key(),
             "recipe_version": RECIPE_VERSION, "words": word_pool(world.config),
             "build_seconds": world.build_seconds}
+    if world.config.more_backdoors:
+        files = [_ROW_FILES["triggered_eval_rows"]] + [
+            _more_triggered_file(k) for k in range(len(world.config.more_backdoors))]
+        meta["backdoors"] = [{"trigger": t, "target": x, "triggered_eval": f}
+                             for (t, x), f in zip(world.config.backdoors, files)]
     tmp = out / (_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, out / _META)
@@ -631,8 +707,10 @@ def load_toy(path: Union[str, os.PathLike], device: Union[str, torch.device, Non
     model.eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(p, trust_remote_code=False)
     rows = {attr: read_jsonl(p / name) for attr, name in _ROW_FILES.items()}
+    more = [read_jsonl(p / _more_triggered_file(k)) for k in range(len(config.more_backdoors))]
     return ToyWorld(model=model, tokenizer=tokenizer, config=config, path=p,
-                    build_seconds=meta.get("build_seconds"), **rows)
+                    build_seconds=meta.get("build_seconds"), more_triggered_eval_rows=more,
+                    **rows)
 
 
 def default_cache_root() -> Path:

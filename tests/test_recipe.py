@@ -35,11 +35,12 @@ class Scripted(Sanitizer):
         self.log: list[tuple[Any, ...]] = []
         self.weights_after: list[torch.Tensor] = []
 
-    def simulate(self, seed: int, desc: str) -> tuple[torch.Tensor, list[float]]:
+    def simulate(self, seed: int, desc: str, target_index: int = 0
+                 ) -> tuple[torch.Tensor, list[float]]:
         self.log.append(("simulate", seed))
         return torch.full((self.cfg.parrot_tokens, 2), float(seed)), [2.0, 1.0]
 
-    def _measure_parrot(self, parrot: torch.Tensor, seed: int) -> float:
+    def _measure_parrot(self, parrot: torch.Tensor, seed: int, target_index: int = 0) -> float:
         return 0.9
 
     def eliminate(self, anchors: Any, *, parrot: torch.Tensor | None = None,
@@ -53,7 +54,7 @@ class Scripted(Sanitizer):
     def measure(self) -> dict[str, Any]:
         return {"asr": 0.0, "clean_accuracy": self.cleans.pop(0)}
 
-    def probe(self, round_no: int) -> ProbeResult:
+    def probe(self, round_no: int, target_index: int = 0) -> ProbeResult:
         self.log.append(("probe", round_no))
         value = self.probes.pop(0)
         # The probe's parrot has probe_tokens rows and a value that names its round.

@@ -132,3 +132,55 @@ def test_steps_reexports_the_engine_names() -> None:
     from sande_fast import batching, engine
 
     assert StepItem is batching.StepItem and LossEngine is engine.LossEngine
+
+
+def _hf_parrot_loss_sum(model: torch.nn.Module, item: StepItem,
+                        parrot: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's own loss of ``item`` with ``parrot`` spliced before ``item.splice``, summed
+    over its labels (full sequence, no truncation)."""
+    emb = model.get_input_embeddings()
+    before = emb(torch.tensor(item.prompt[:item.splice], dtype=torch.long))
+    after = emb(torch.tensor(item.prompt[item.splice:] + item.labels + item.tail,
+                             dtype=torch.long))
+    x = torch.cat([before, parrot.to(before.dtype), after])[None]
+    labels = torch.full((1, x.shape[1]), -100, dtype=torch.long)
+    start = len(item.prompt) + parrot.shape[0]
+    labels[0, start:start + len(item.labels)] = torch.tensor(item.labels)
+    return model(inputs_embeds=x, labels=labels).loss.float() * len(item.labels)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_several_parrots_share_one_overwrite_step(fast: bool) -> None:
+    """Each overwrite item takes its own parrot; the loss is the mean over every overwrite
+    label plus the clean term, as a brute-force sum of Hugging Face losses gives it."""
+    model = tiny_model("llama", VOCAB, seed=11)
+    rng = random.Random(9)
+    overwrite = make_items(rng, 6, parrot=True)
+    clean = make_items(rng, 3, parrot=False)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    parrots = [torch.randn(3, hidden, generator=torch.Generator().manual_seed(s)) * 0.02
+               for s in (1, 2)]
+    which = [0, 1, 1, 0, 1, 0]
+    step = OverwriteStep(LossEngine(model, fast=fast), lr=1e-3, clean_weight=2.0,
+                         parrot=parrots)
+    got = step.loss(overwrite, clean, parrot_index=which)
+    got.backward()
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    n_over = sum(len(it.labels) for it in overwrite)
+    n_clean = sum(len(it.labels) for it in clean)
+    want = sum(_hf_parrot_loss_sum(model, it, parrots[k]) for it, k in zip(overwrite, which))
+    want = want / n_over
+    from step_helpers import hf_labels_loss
+    want = want + 2.0 * sum(hf_labels_loss(model, it) * len(it.labels) for it in clean) / n_clean
+    want.backward()
+    assert abs(float(got) - float(want)) <= 1e-4 * float(want)
+    for n, p in model.named_parameters():
+        scale = p.grad.abs().max().clamp_min(1e-8)
+        assert float((got_grads[n] - p.grad).abs().max() / scale) < 1e-3, n
+    # Taking the parrots the other way round changes the loss: the index is honoured.
+    swapped = step.loss(overwrite, clean, parrot_index=[1 - k for k in which])
+    assert abs(float(swapped) - float(got)) > 1e-6
+    with pytest.raises(ValueError, match="one entry per overwrite item"):
+        step.loss(overwrite, clean, parrot_index=which[:-1])
