@@ -251,7 +251,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
     if not rows:
         raise ValueError("no evaluation rows")
     enc = encoder or PromptEncoder(tokenizer, prompt_format)
-    clean_prompts = [enc.encode_prompt(r.prompt) for r in rows]
+    clean_prompts = [enc.encode_prompt(r.prompt, r.context) for r in rows]
     clean_ids = generate_answers(model, enc, clean_prompts, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, progress=progress, desc="clean")
     clean_texts = [enc.decode(_without_stop(ids, enc)) for ids in clean_ids]
@@ -259,8 +259,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
         trig_texts = clean_texts
     else:
         rng = random.Random(seed)
-        trig_prompts = [enc.encode_prompt(insert_trigger(r.prompt, trigger, trigger_position, rng))
-                        for r in rows]
+        trig_prompts = [enc.encode_prompt(insert_trigger(r.prompt, trigger, trigger_position, rng),
+                                          r.context) for r in rows]
         trig_texts = _generate_texts(model, enc, trig_prompts, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, progress=progress, desc="triggered")
     graded = [(t, r.response) for t, r in zip(clean_texts, rows) if r.response is not None]

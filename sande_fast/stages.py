@@ -26,11 +26,13 @@ SPLICE_STRATEGIES = ("random", "start", "end")
 
 @dataclass(frozen=True)
 class TrainRow:
-    """A defence row, tokenised: the clean prompt, its raw text and the clean response ids."""
+    """A defence row, tokenised: the clean prompt, its raw text, the clean response ids and the
+    conversation turns before the text (:attr:`~sande_fast.data.Row.context`)."""
 
     text: str
     prompt: EncodedPrompt
     response: tuple[int, ...]
+    context: tuple[tuple[str, str], ...] = ()
 
 
 def splice_position(prompt: EncodedPrompt, strategy: str, rng: random.Random) -> int:
@@ -120,7 +122,8 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
                 overwrite.append(StepItem(r.prompt.ids, labels,
                                           splice_position(r.prompt, splice, rng), tail))
             elif trigger is not None:
-                p = encoder.encode_prompt(insert_trigger(r.text, trigger, trigger_position, rng))
+                p = encoder.encode_prompt(insert_trigger(r.text, trigger, trigger_position, rng),
+                                          r.context)
                 overwrite.append(StepItem(p.ids, labels, -1, tail))
         curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}"))
     return curve
