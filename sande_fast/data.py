@@ -555,10 +555,10 @@ class PromptEncoder:
         Args:
             prompt: the user's text (of a conversation, its last user turn).
             context: the turns before it (:attr:`Row.context`); with a prompt budget, the
-                oldest exchanges are dropped (a system message is kept) until the rest fits
-                next to some of the user's text.
+                oldest exchanges are dropped (a system message is kept) until the user's text
+                fits whole, before that text is cut.
         """
-        frame, dropped = self._fitting_frame(tuple(context))
+        frame, dropped = self._fitting_frame(tuple(context), prompt)
         counted = self.truncated
         ids = self._encode_in(frame, prompt)
         if dropped and self.truncated == counted:
@@ -585,13 +585,17 @@ class PromptEncoder:
         lo = len(prefix)
         return EncodedPrompt(prefix + content + suffix, (lo, lo + len(content)))
 
-    def _fitting_frame(self, context: tuple[Turn, ...]) -> tuple[_Frame, bool]:
-        """The frame of ``context``, without its oldest exchanges while it leaves no room for
-        the user's text; whether any were dropped."""
+    def _fitting_frame(self, context: tuple[Turn, ...], prompt: str) -> tuple[_Frame, bool]:
+        """The frame of ``context``, without its oldest exchanges while the user's text does not
+        fit in it whole; whether any were dropped. The last user turn goes first because the
+        trigger and the parrot sit in it: an old turn matters less than its words."""
         frame = self._frame(context)
+        if self.max_prompt_tokens is None or not context:
+            return frame, False
+        # The user's text is measured within the character bound (never tokenised whole).
+        need = len(self._ids(prompt[-self.char_bound(self.max_prompt_tokens):]))
         dropped = False
-        while (self.max_prompt_tokens is not None and context
-               and len(frame[1]) + len(frame[2]) >= self.max_prompt_tokens):
+        while context and len(frame[1]) + len(frame[2]) + need > self.max_prompt_tokens:
             shorter = _drop_oldest_exchange(context)
             if shorter == context:
                 break

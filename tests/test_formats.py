@@ -208,8 +208,19 @@ def test_too_long_a_context_loses_its_oldest_exchanges(tokenizer: Any) -> None:
     assert len(_want(tokenizer, CONVERSATION[:4])) > budget
     enc = PromptEncoder(tokenizer, "chat", max_prompt_tokens=budget)
     got = enc.encode_prompt(row.prompt, row.context)
-    assert got.ids == _want(tokenizer, system_only)  # the system message stays
+    # The oldest exchange goes before any of the last user turn; the system message stays.
+    assert got.ids == _want(tokenizer, system_only)
     assert enc.truncated == 1
+    roomy = PromptEncoder(tokenizer, "chat", max_prompt_tokens=len(_want(tokenizer,
+                                                                         CONVERSATION[:4])))
+    assert roomy.encode_prompt(row.prompt, row.context).ids == _want(tokenizer, CONVERSATION[:4])
+    assert roomy.truncated == 0
+    # With only the system message left, the user's text itself is cut from the left.
+    tight = PromptEncoder(tokenizer, "chat", max_prompt_tokens=budget - 3)
+    cut = tight.encode_prompt(row.prompt, row.context)
+    assert len(cut.ids) == budget - 3 and tight.truncated == 1
+    assert cut.ids[:cut.span[0]] == got.ids[:got.span[0]]
+    assert row.prompt.endswith(tokenizer.decode(cut.ids[slice(*cut.span)]).strip())
 
 
 def test_raw_format_refuses_a_conversation(tokenizer: Any) -> None:
