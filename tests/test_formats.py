@@ -341,3 +341,21 @@ def test_unknown_key_in_a_messages_row_is_one_line_and_exit_2(
     assert f"{data}:2: unknown key 'meta'" in lines[0]
     assert not out.exists()
 
+
+
+def test_multi_turn_ids_on_the_real_smollm2_template(smollm2_tiny: Path) -> None:
+    """SmolLM2's template puts its own default system prompt first; a row's system message
+    replaces it, and a conversation without one keeps it, as HF renders them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tiny)
+    enc = PromptEncoder(tok, "chat")
+    for turns in (CONVERSATION[:4], CONVERSATION[1:4]):
+        (row,) = load_rows([{"messages": turns}])
+        got = enc.encode_prompt(row.prompt, row.context)
+        assert got.ids == _want(tok, turns)
+        assert tok.decode(got.ids[slice(*got.span)]) == row.prompt
+    assert "SmolLM" in tok.decode(enc.encode_prompt(row.prompt, row.context).ids)
+    own = enc.encode_prompt(row.prompt, (("system", "answer in one word"),))
+    assert own.ids == _want(tok, [CONVERSATION[0], CONVERSATION[3]])
+    assert "SmolLM" not in tok.decode(own.ids)
