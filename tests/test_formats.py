@@ -53,7 +53,8 @@ def test_messages_rows_split_into_context_prompt_and_response() -> None:
     (open_row,) = load_rows([{"messages": CONVERSATION[:4]}])
     assert open_row == Row("copy: sun red blue", None, row.context)
     # One user turn and one assistant turn is exactly a prompt/response row.
-    assert load_rows([{"messages": _msgs(("user", "a b"), ("assistant", "c"))}]) == [Row("a b", "c")]
+    pair = _msgs(("user", "a b"), ("assistant", "c"))
+    assert load_rows([{"messages": pair}]) == [Row("a b", "c")]
 
 
 def test_trl_conversational_prompt_completion_rows() -> None:
