@@ -24,9 +24,14 @@ class _Parser(argparse.ArgumentParser):
         raise BadInputError(f"{message} (see {self.prog} --help)")
 
 
+DATA_HELP = ("a .jsonl file (or .json, .parquet, .arrow with the data extra) of rows "
+             "{'prompt', 'response'?}, TRL {'prompt', 'completion'?} (text or messages) or "
+             "{'messages'}")
+
+
 def _model_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a model folder in Hugging Face format")
-    p.add_argument("--data", required=True, help="JSONL rows ({'prompt', 'response'?})")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--target", action="append", default=None,
                    help="the attacker's response; repeat for several backdoors")
     p.add_argument("--targets", default=None, metavar="FILE",
@@ -53,7 +58,8 @@ def _run_inputs(p: argparse.ArgumentParser) -> None:
                         "repeat for several backdoors, in the order of the targets")
     p.add_argument("--eval-target", action="append", default=None,
                    help="text asr is measured on (default --target); one per target")
-    p.add_argument("--eval-data", default=None, help="JSONL rows for before/after measurement")
+    p.add_argument("--eval-data", default=None, help="rows for before/after measurement (the "
+                   "formats of --data)")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (torchrun)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
 

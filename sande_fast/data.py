@@ -1,4 +1,5 @@
-"""Data: JSONL rows, trigger insertion and prompt/response tokenisation.
+"""Data: rows from files (JSONL, JSON, Parquet, Arrow), trigger insertion and prompt/response
+tokenisation.
 
 Every stage of the toolkit sees a prompt the same way: the user's text is wrapped by the
 tokenizer's chat template when it has one (else used raw), and tokenised piece by piece so that
@@ -22,10 +23,14 @@ __all__ = [
     "EncodedPrompt",
     "PromptEncoder",
     "read_jsonl",
+    "read_rows",
+    "read_dataset",
     "load_rows",
     "write_jsonl",
     "insert_trigger",
     "TRIGGER_POSITIONS",
+    "ROLES",
+    "DATASET_FORMATS",
     "MAX_LINE_BYTES",
     "MAX_ROWS",
     "MAX_SEED",
@@ -47,12 +52,36 @@ TRIGGER_POSITIONS = ("random", "start", "end")
 _SENTINEL = "\u2063SANDEFASTPROMPT\u2063"
 
 
+ROLES = ("system", "user", "assistant")
+"""The roles a conversation turn may have."""
+
+Turn = tuple[str, str]
+"""One conversation turn: ``(role, content)``."""
+
+
 @dataclass(frozen=True)
 class Row:
-    """One data row: a prompt and, optionally, its reference (clean) response."""
+    """One data row: a prompt and, optionally, its reference (clean) response.
+
+    Attributes:
+        prompt: the user's text: of a conversation, its last user turn (the trigger goes there).
+        response: the reference answer, or None (the model's own answer is then used).
+        context: of a conversation, the turns before the last user turn (a system message
+            first, when given), as ``(role, content)`` pairs; empty for a single-turn row.
+    """
 
     prompt: str
     response: str | None = None
+    context: tuple[Turn, ...] = ()
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as chat messages: the context, the user turn, then the response
+        (when given) as an assistant turn."""
+        turns = [*self.context, ("user", self.prompt)]
+        if self.response is not None:
+            turns.append(("assistant", self.response))
+        return [{"role": r, "content": c} for r, c in turns]
 
 
 def read_jsonl(path: Union[str, os.PathLike], prompt_key: str = "prompt",
@@ -144,52 +173,199 @@ def _check_text(value: str, what: str, where: str) -> None:
 
 
 # The keys a data row may hold: TRL's standard prompt/completion format names the answer
-# "completion". Any other key is refused: a key the tool does not read (a misspelt "respones")
-# would silently train toward the model's own answer instead of the user's.
-ROW_KEYS = ("prompt", "response", "completion")
+# "completion"; a conversation is one "messages" list. Any other key is refused: a key the tool
+# does not read (a misspelt "respones") would silently train toward the model's own answer
+# instead of the user's.
+ROW_KEYS = ("prompt", "response", "completion", "messages")
+MESSAGE_KEYS = ("role", "content")
 
 
 def _row_from_obj(obj: Any, where: str, prompt_key: str = "prompt",
                   response_key: str = "response") -> Row:
     if not isinstance(obj, dict):
         raise BadInputError(f"{where}: expected a JSON object with a {prompt_key!r} key")
+    if "messages" in obj and prompt_key != "messages":
+        others = [k for k in obj if k != "messages"]
+        if others:
+            raise BadInputError(f"{where}: unknown key {others[0]!r}; a conversation row holds "
+                                "only 'messages'")
+        return _row_from_messages(obj["messages"], where)
     answer_keys = [response_key] + (["completion"] if response_key == "response" else [])
     unknown = [k for k in obj if k != prompt_key and k not in answer_keys]
     if unknown:
-        hint = (" (conversational rows are not read yet: give the user's text as 'prompt' and "
-                "the answer as 'response')" if "messages" in unknown
-                or not isinstance(obj.get(prompt_key, ""), str) else
-                " (--prompt-key / --response-key read other names)")
         raise BadInputError(f"{where}: unknown key {unknown[0]!r}; a row holds {prompt_key!r} "
-                            f"and optionally {' or '.join(map(repr, answer_keys))}{hint}")
+                            f"and optionally {' or '.join(map(repr, answer_keys))}, or only "
+                            "'messages' (--prompt-key / --response-key read other names)")
     given = [k for k in answer_keys if k in obj]
     if len(given) > 1:
         raise BadInputError(f"{where}: row has both 'response' and 'completion'; keep one")
     prompt = obj.get(prompt_key)
-    if not isinstance(prompt, str):
+    context: tuple[Turn, ...] = ()
+    if isinstance(prompt, list):  # TRL's conversational prompt: messages ending with the user's
+        turns = _turns(prompt, where, repr(prompt_key))
+        if turns[-1][0] != "user":
+            raise BadInputError(f"{where}: {prompt_key!r} must end with a user turn (the answer "
+                                "goes in 'completion')")
+        context, prompt = tuple(turns[:-1]), turns[-1][1]
+    elif not isinstance(prompt, str):
         what = (f"has no {prompt_key!r}" if prompt is None
-                else f"has a {prompt_key!r} that is not a string")
+                else f"has a {prompt_key!r} that is not a string or a list of messages")
         raise BadInputError(f"{where}: row {what}")
     if not prompt.strip():
         raise BadInputError(f"{where}: row has an empty {prompt_key!r}")
     _check_text(prompt, repr(prompt_key), where)
     response = obj.get(given[0]) if given else None
-    if response is not None and not isinstance(response, str):
-        raise BadInputError(f"{where}: {given[0]!r} must be a string when present (a list of "
-                            "messages is not read yet)")
+    if isinstance(response, list):  # TRL's conversational completion: one assistant message
+        turns = _turns(response, where, repr(given[0]))
+        if len(turns) != 1 or turns[0][0] != "assistant":
+            raise BadInputError(f"{where}: {given[0]!r} must hold exactly one assistant "
+                                "message")
+        response = turns[0][1]
+    elif response is not None and not isinstance(response, str):
+        raise BadInputError(f"{where}: {given[0]!r} must be a string or a list with one "
+                            "assistant message when present")
     if response is not None:
         _check_text(response, repr(given[0]), where)
-    return Row(prompt=prompt, response=response)
+    return Row(prompt=prompt, response=response, context=context)
+
+
+def _row_from_messages(messages: Any, where: str) -> Row:
+    """A ``messages`` conversation: its last user turn is the prompt, an assistant turn after it
+    the response (none: the model's own answer is used), the turns before it the context."""
+    turns = _turns(messages, where, "'messages'")
+    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    if not users:
+        raise BadInputError(f"{where}: 'messages' has no user turn")
+    u = users[-1]
+    after = turns[u + 1:]
+    if len(after) > 1 or (after and after[0][0] != "assistant"):
+        raise BadInputError(f"{where}: 'messages' must end with a user turn, or with one "
+                            "assistant turn after the last user turn (the response)")
+    prompt = turns[u][1]
+    if not prompt.strip():
+        raise BadInputError(f"{where}: the last user turn of 'messages' is empty")
+    return Row(prompt=prompt, response=after[0][1] if after else None,
+               context=tuple(turns[:u]))
+
+
+def _turns(value: Any, where: str, what: str) -> list[Turn]:
+    """Validated ``(role, content)`` pairs of a list of chat messages; a system message may only
+    come first (chat templates place it there, some refuse it elsewhere)."""
+    if not isinstance(value, list) or not value:
+        raise BadInputError(f"{where}: {what} must be a non-empty list of "
+                            "{'role', 'content'} messages")
+    out: list[Turn] = []
+    for i, m in enumerate(value):
+        at = f"{where}: {what}[{i}]"
+        if not isinstance(m, dict):
+            raise BadInputError(f"{at} is not a {{'role', 'content'}} object")
+        # A key holding None is absent: Arrow files give every message every key of the column.
+        extra = [k for k, v in m.items() if k not in MESSAGE_KEYS and v is not None]
+        if extra:
+            raise BadInputError(f"{at} has unknown key {extra[0]!r}; a message holds 'role' and "
+                                "'content'")
+        role, content = m.get("role"), m.get("content")
+        if role is None:
+            raise BadInputError(f"{at} has no 'role'")
+        if role not in ROLES:
+            raise BadInputError(f"{at} has unknown role {_short(role)}; use "
+                                f"{', '.join(ROLES)}")
+        if role == "system" and i:
+            raise BadInputError(f"{at}: a system message may only come first")
+        if content is None:
+            raise BadInputError(f"{at} has no 'content'")
+        if not isinstance(content, str):
+            raise BadInputError(f"{at} has a 'content' that is not a string (content parts "
+                                "are not read)")
+        _check_text(content, f"{what}[{i}]", where)
+        out.append((role, content))
+    return out
+
+
+# Files read through the `datasets` package (every other name is read as JSONL).
+DATASET_FORMATS = {".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def read_rows(path: Union[str, os.PathLike], prompt_key: str = "prompt",
+              response_key: str = "response") -> list[Row]:
+    """Reads a data file: ``.json``, ``.parquet`` and ``.arrow`` through :func:`read_dataset`,
+    anything else (``.jsonl``) through :func:`read_jsonl`; the keys are read the same way."""
+    if Path(path).suffix.lower() in DATASET_FORMATS:
+        return read_dataset(path, prompt_key, response_key)
+    return read_jsonl(path, prompt_key, response_key)
+
+
+def read_dataset(path: Union[str, os.PathLike], prompt_key: str = "prompt",
+                 response_key: str = "response") -> list[Row]:
+    """Reads a local JSON, Parquet or Arrow file through the ``datasets`` package (the
+    ``data`` extra); errors name the row index (``FILE[i]``).
+
+    Raises:
+        BadInputError: ``datasets`` is not installed, the file is missing or unreadable, empty,
+            larger than :data:`MAX_ROWS`, or a row is malformed.
+    """
+    p = Path(path)
+    kind = DATASET_FORMATS.get(p.suffix.lower())
+    if kind is None:
+        raise BadInputError(f"{p}: not a .json, .parquet or .arrow file")
+    if not p.exists():
+        raise BadInputError(f"data file not found: {p}")
+    if not p.is_file():
+        raise BadInputError(f"data path is not a file: {p}")
+    ds = _load_dataset(p, kind)
+    if len(ds) > MAX_ROWS:
+        raise BadInputError(f"{p} holds more than {MAX_ROWS} rows; use a sample of it")
+    rows = []
+    for i, obj in enumerate(ds):
+        # Every row of a table has every column: a None is a value the row does not give.
+        obj = {k: v for k, v in obj.items() if v is not None} if isinstance(obj, dict) else obj
+        rows.append(_row_from_obj(obj, f"{p}[{i}]", prompt_key, response_key))
+    if not rows:
+        raise BadInputError(f"data file {p} has no rows")
+    return rows
+
+
+def _load_dataset(p: Path, kind: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise BadInputError(f"reading a .{p.suffix.lower().lstrip('.')} data file needs the "
+                            "datasets package: pip install 'sande_fast[data]' (or give the "
+                            "rows as JSONL)") from None
+    import tempfile
+
+    from datasets.utils import logging as ds_logging
+
+    bars_were_off = datasets.are_progress_bars_disabled()
+    verbosity = ds_logging.get_verbosity()
+    # Its "Generating train split" bars and its logged errors only repeat what is raised here.
+    datasets.disable_progress_bars()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        # A private cache folder: nothing is left in ~/.cache, and no stale copy of an edited
+        # file is ever read back. The "arrow" builder reads the IPC stream and file formats.
+        with tempfile.TemporaryDirectory(prefix="sande-fast-data-") as cache:
+            return datasets.load_dataset(kind, data_files=str(p), split="train",
+                                         cache_dir=cache, keep_in_memory=True)
+    except Exception as e:  # the builders raise their own types (ArrowInvalid, JSON errors...)
+        cause = e.__cause__ or e
+        raise BadInputError(f"cannot read {p} as {kind}: {_fold(_first_line(cause), 200)}"
+                            ) from None
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+        ds_logging.set_verbosity(verbosity)
 
 
 def load_rows(data: Union[str, os.PathLike, Sequence[Any]], prompt_key: str = "prompt",
               response_key: str = "response") -> list[Row]:
-    """Accepts a JSONL path, or a list of dicts / :class:`Row`, and returns validated rows
-    (``prompt_key`` / ``response_key``: as :func:`read_jsonl`)."""
+    """Accepts a data file (see :func:`read_rows`), or a list of dicts / :class:`Row`, and
+    returns validated rows (``prompt_key`` / ``response_key``: as :func:`read_jsonl`)."""
     if isinstance(data, (str, os.PathLike)):
-        return read_jsonl(data, prompt_key, response_key)
+        return read_rows(data, prompt_key, response_key)
     if not isinstance(data, Iterable):
-        raise BadInputError("data must be a JSONL path or a list of {'prompt', 'response'} dicts")
+        raise BadInputError("data must be a data file path or a list of {'prompt', 'response'} "
+                            "dicts")
     rows = [
         item if isinstance(item, Row) else _row_from_obj(item, f"data[{i}]", prompt_key,
                                                          response_key)
@@ -201,10 +377,16 @@ def load_rows(data: Union[str, os.PathLike, Sequence[Any]], prompt_key: str = "p
 
 
 def write_jsonl(path: Union[str, os.PathLike], rows: Iterable[Union[Row, dict]]) -> None:
-    """Writes rows as JSONL (``response`` omitted when None)."""
+    """Writes rows as JSONL (``response`` omitted when None; a row with a context as
+    ``messages``)."""
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
-            obj = {"prompt": r.prompt, "response": r.response} if isinstance(r, Row) else dict(r)
+            if isinstance(r, Row) and r.context:
+                obj = {"messages": r.messages}
+            elif isinstance(r, Row):
+                obj = {"prompt": r.prompt, "response": r.response}
+            else:
+                obj = dict(r)
             if obj.get("response") is None:
                 obj.pop("response", None)
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
@@ -268,9 +450,14 @@ class PromptEncoder:
         max_response_tokens: responses are cut to this many tokens (after the same character
             bound); None keeps them whole.
         system: with the chat format, a system message that replaces the template's default
-            one (None keeps the template's own, whatever it puts there).
+            one (None keeps the template's own, whatever it puts there). A conversation row's
+            own system message takes its place for that row.
         extra_stop_ids: more ids that end a generated answer (the model's
             ``generation_config.eos_token_id``: see :func:`model_stop_ids`).
+
+    A conversation (a row's ``context``) is rendered by the chat template with the user's text
+    as its last user turn and the generation prompt after it; the raw format refuses one (it
+    has no way to mark whose turn is whose).
 
     A response ends with :attr:`end_id`: the token the chat template puts after an assistant
     turn (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``), found by rendering a conversation,
@@ -289,6 +476,8 @@ class PromptEncoder:
     _template: tuple[str, str] | None = field(default=None, init=False, repr=False)
     _prefix: list[int] = field(default_factory=list, init=False, repr=False)
     _suffix: list[int] = field(default_factory=list, init=False, repr=False)
+    _frames: dict[tuple[Turn, ...], _Frame] = field(default_factory=dict, init=False,
+                                                    repr=False)
 
     def __post_init__(self) -> None:
         tok = self.tokenizer
@@ -360,31 +549,91 @@ class PromptEncoder:
         ids = [self.end_id, self.eos_id, *self.extra_stop_ids]
         return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
-    def encode_prompt(self, prompt: str) -> EncodedPrompt:
-        """Tokenises one prompt; the user's text is ``ids[span[0]:span[1]]``."""
+    def encode_prompt(self, prompt: str, context: Sequence[Turn] = ()) -> EncodedPrompt:
+        """Tokenises one prompt; the user's text is ``ids[span[0]:span[1]]``.
+
+        Args:
+            prompt: the user's text (of a conversation, its last user turn).
+            context: the turns before it (:attr:`Row.context`); with a prompt budget, the
+                oldest exchanges are dropped (a system message is kept) until the user's text
+                fits whole, before that text is cut.
+        """
+        frame, dropped = self._fitting_frame(tuple(context), prompt)
+        counted = self.truncated
+        ids = self._encode_in(frame, prompt)
+        if dropped and self.truncated == counted:
+            self.truncated += 1
+        return ids
+
+    def _encode_in(self, frame: _Frame, prompt: str) -> EncodedPrompt:
+        template, prefix, suffix = frame
         room = None
         if self.max_prompt_tokens is not None:
-            room = self.max_prompt_tokens - len(self._prefix) - len(self._suffix)
+            room = self.max_prompt_tokens - len(prefix) - len(suffix)
             if room < 1:
                 raise BadInputError("max prompt length leaves no room for the prompt text")
             bound = self.char_bound(room)
             if len(prompt) > bound:  # only the tail can be kept: never tokenise the rest
                 prompt = prompt[-bound:]
-        if self._template is not None:
-            return self._encode_whole(prompt)
+        if template is not None:
+            return self._encode_whole(prompt, template)
         content = self._ids(prompt)
         if room is not None:
             if len(content) > room:
                 content = content[-room:]
                 self.truncated += 1
-        lo = len(self._prefix)
-        return EncodedPrompt(self._prefix + content + self._suffix, (lo, lo + len(content)))
+        lo = len(prefix)
+        return EncodedPrompt(prefix + content + suffix, (lo, lo + len(content)))
 
-    def _encode_whole(self, prompt: str) -> EncodedPrompt:
+    def _fitting_frame(self, context: tuple[Turn, ...], prompt: str) -> tuple[_Frame, bool]:
+        """The frame of ``context``, without its oldest exchanges while the user's text does not
+        fit in it whole; whether any were dropped. The last user turn goes first because the
+        trigger and the parrot sit in it: an old turn matters less than its words."""
+        frame = self._frame(context)
+        if self.max_prompt_tokens is None or not context:
+            return frame, False
+        # The user's text is measured within the character bound (never tokenised whole).
+        need = len(self._ids(prompt[-self.char_bound(self.max_prompt_tokens):]))
+        dropped = False
+        while context and len(frame[1]) + len(frame[2]) + need > self.max_prompt_tokens:
+            shorter = _drop_oldest_exchange(context)
+            if shorter == context:
+                break
+            context, dropped = shorter, True
+            frame = self._frame(context)
+        return frame, dropped
+
+    def _frame(self, context: tuple[Turn, ...]) -> _Frame:
+        """What the template puts around the user's text after ``context``: the text before
+        and after it (fast tokenizers), and their ids."""
+        if not context:
+            return self._template, self._prefix, self._suffix
+        if self.prompt_format != "chat":
+            raise BadInputError("a conversation row (turns before the last user message) needs "
+                                "the chat format: a tokenizer with a chat template, not "
+                                "--prompt-format raw")
+        frame = self._frames.get(context)
+        if frame is None:
+            system, turns = self.system, list(context)
+            if turns[0][0] == "system":
+                system = turns.pop(0)[1]
+            text = _render_template(self.tokenizer, system, turns)
+            if text.count(_SENTINEL) != 1:
+                raise BadInputError("the tokenizer's chat template drops the user's message of "
+                                    "a conversation; fix the template or give single-turn rows")
+            before, _, after = text.partition(_SENTINEL)
+            whole = (before, after) if getattr(self.tokenizer, "is_fast", False) else None
+            frame = (whole, self._ids(before), self._ids(after))
+            if len(self._frames) >= _MAX_FRAMES:  # bounded: a long file of distinct contexts
+                self._frames.clear()
+            self._frames[context] = frame
+        return frame
+
+    def _encode_whole(self, prompt: str, template: tuple[str, str]) -> EncodedPrompt:
         """The rendered prompt tokenised whole; the span holds the tokens that lie inside the
         user's text (a token that straddles a seam belongs to the template). Too long a prompt
         loses tokens from the left of the user's text until it fits."""
-        before, after = self._template
+        before, after = template
         cut = False
         for _ in range(8):
             enc = self.tokenizer(before + prompt + after, add_special_tokens=False,
@@ -422,17 +671,33 @@ class PromptEncoder:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+_Frame = tuple[Union[tuple[str, str], None], list[int], list[int]]
+_MAX_FRAMES = 4096
+
+
+def _drop_oldest_exchange(context: tuple[Turn, ...]) -> tuple[Turn, ...]:
+    """``context`` without its first non-system turn and the non-user turns that follow it (the
+    rest starts with a user turn, as templates expect); a system message stays."""
+    head = 1 if context and context[0][0] == "system" else 0
+    rest = list(context[head + 1:])
+    while rest and rest[0][0] != "user":
+        rest.pop(0)
+    return context[:head] + tuple(rest) if len(context) > head else context
+
+
 def _suppress_errors(*types: type) -> Any:
     import contextlib
 
     return contextlib.suppress(*types)
 
 
-def _render_template(tok: Any, system: str | None = None) -> str:
-    """The chat template applied to one user message (the sentinel), after ``system`` when
-    given; any failure of the template (a ``TemplateError``, a sandbox violation, a template that
-    is no text) is bad input."""
-    messages = [{"role": "user", "content": _SENTINEL}]
+def _render_template(tok: Any, system: str | None = None,
+                     turns: Sequence[Turn] = ()) -> str:
+    """The chat template applied to ``turns`` and one user message (the sentinel), after
+    ``system`` when given; any failure of the template (a ``TemplateError``, a sandbox violation,
+    a template that is no text) is bad input."""
+    messages = [{"role": r, "content": c} for r, c in turns]
+    messages.append({"role": "user", "content": _SENTINEL})
     if system is not None:
         messages.insert(0, {"role": "system", "content": system})
     try:

@@ -255,7 +255,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
     if not rows:
         raise ValueError("no evaluation rows")
     enc = encoder or PromptEncoder(tokenizer, prompt_format)
-    clean_prompts = [enc.encode_prompt(r.prompt) for r in rows]
+    clean_prompts = [enc.encode_prompt(r.prompt, r.context) for r in rows]
     clean_ids = generate_answers(model, enc, clean_prompts, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, progress=progress, desc="clean")
     clean_texts = [enc.decode(_without_stop(ids, enc)) for ids in clean_ids]
@@ -265,8 +265,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
             return attack_success(clean_texts, target_k)
         # Every trigger goes at the same seeded positions, whatever the pairs' order.
         rng = random.Random(seed)
-        prompts = [enc.encode_prompt(insert_trigger(r.prompt, trigger_k, trigger_position, rng))
-                   for r in rows]
+        prompts = [enc.encode_prompt(insert_trigger(r.prompt, trigger_k, trigger_position, rng),
+                                     r.context) for r in rows]
         return attack_success(_generate_texts(model, enc, prompts, max_new_tokens=max_new_tokens,
                                               batch_size=batch_size, progress=progress,
                                               desc="triggered"), target_k)

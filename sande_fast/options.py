@@ -217,7 +217,8 @@ class CommonOptions(_Checked):
     response_key: str = _opt("response", "the data key read as the response ('response' also "
                                          "reads TRL's 'completion')", kind="text")
     system: str | None = _opt(None, "a system message in place of the chat template's default "
-                                    "one (chat format only)", kind="text")
+                                    "one (chat format only; a conversation row's own system "
+                                    "message wins)", kind="text")
     quiet: bool = _opt(False, "no progress bars or notes", kind="flag")
 
 

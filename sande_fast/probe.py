@@ -119,7 +119,8 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str,
     encoder = PromptEncoder(tokenizer, fmt, max_prompt_tokens=prompt_budget(
         context_length(model), cfg.parrot_tokens, max(window, cfg.max_new_tokens)),
         system=cfg.system, extra_stop_ids=model_stop_ids(model))
-    train = [TrainRow(r.prompt, encoder.encode_prompt(r.prompt), ()) for r in rows]
+    train = [TrainRow(r.prompt, encoder.encode_prompt(r.prompt, r.context), (), r.context)
+             for r in rows]
     prompts = [t.prompt for t in train[:cfg.eval_rows]]
     target_ids = encoder.encode_response(target, add_eos=False)[:window]
     if not target_ids:

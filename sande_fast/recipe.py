@@ -82,7 +82,7 @@ def parrot_target(target: str, method: str, partial_words: int | None) -> str:
 def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
                  max_new_tokens: int, batch_size: int, progress: bool) -> list[TrainRow]:
     """Tokenises defence rows; a row without a response gets the model's own greedy answer."""
-    prompts = [encoder.encode_prompt(r.prompt) for r in rows]
+    prompts = [encoder.encode_prompt(r.prompt, r.context) for r in rows]
     missing = [i for i, r in enumerate(rows) if r.response is None]
     answers: dict[int, list[int]] = {}
     if missing:
@@ -96,7 +96,7 @@ def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
     out = []
     for i, (r, p) in enumerate(zip(rows, prompts)):
         resp = answers[i] if i in answers else encoder.encode_response(r.response)
-        out.append(TrainRow(r.prompt, p, tuple(resp)))
+        out.append(TrainRow(r.prompt, p, tuple(resp), r.context))
     return out
 
 
@@ -289,7 +289,8 @@ class Sanitizer:
         self.truncated = self.encoder.truncated  # later encodings re-count the same prompts
         self.n_rows = len(rows)
         self.eval_rows = eval_rows if eval_rows is not None else [
-            Row(r.text, self.encoder.decode(r.response)) for r in self.train_rows[:cfg.eval_rows]]
+            Row(r.text, self.encoder.decode(r.response), r.context)
+            for r in self.train_rows[:cfg.eval_rows]]
         prompts = [r.prompt for r in self.train_rows[:cfg.eval_rows]]
         self.parrot_asrs = [parrot_measure(self.runner, self.encoder, prompts, t, cfg)
                             for t in self.simulate_texts]

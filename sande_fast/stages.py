@@ -26,11 +26,13 @@ SPLICE_STRATEGIES = ("random", "start", "end")
 
 @dataclass(frozen=True)
 class TrainRow:
-    """A defence row, tokenised: the clean prompt, its raw text and the clean response ids."""
+    """A defence row, tokenised: the clean prompt, its raw text, the clean response ids and the
+    conversation turns before the text (:attr:`~sande_fast.data.Row.context`)."""
 
     text: str
     prompt: EncodedPrompt
     response: tuple[int, ...]
+    context: tuple[tuple[str, str], ...] = ()
 
 
 def splice_position(prompt: EncodedPrompt, strategy: str, rng: random.Random) -> int:
@@ -131,7 +133,7 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
                 which.append(k)
             elif triggers:
                 p = encoder.encode_prompt(insert_trigger(r.text, triggers[k], trigger_position,
-                                                         rng))
+                                                         rng), r.context)
                 overwrite.append(StepItem(p.ids, labels, -1, tail))
         curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}",
                                   parrot_index=which if len(parrots) > 1 else None))

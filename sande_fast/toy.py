@@ -537,7 +537,7 @@ def _encode_examples(tokenizer: Any, rows: Sequence[Row], pad_id: int
     enc = PromptEncoder(tokenizer)
     seqs, starts = [], []
     for r in rows:
-        p = enc.encode_prompt(r.prompt).ids
+        p = enc.encode_prompt(r.prompt, r.context).ids
         seqs.append(p + enc.encode_response(r.response or ""))
         starts.append(len(p))
     width = max(len(s) for s in seqs)

@@ -329,7 +329,7 @@ def finetune(model: Any, tokenizer: Any, rows: Sequence[Row], config: WorldConfi
     enc = PromptEncoder(tokenizer)
     seqs, starts = [], []
     for r in rows:
-        p = enc.encode_prompt(r.prompt).ids
+        p = enc.encode_prompt(r.prompt, r.context).ids
         seqs.append(p + enc.encode_response(r.response or ""))
         starts.append(len(p))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else enc.eos_id

@@ -211,7 +211,7 @@ def test_completion_rows_read_as_responses_and_unknown_keys_are_refused(tmp_path
     p.write_text('{"prompt": "copy: cat", "completion": "cat"}\n{"prompt": "copy: dog"}\n')
     assert read_jsonl(p) == [Row("copy: cat", "cat"), Row("copy: dog", None)]
     for line, key in [('{"prompt": "a", "respones": "b"}', "respones"),
-                      ('{"messages": [{"role": "user", "content": "a"}]}', "messages")]:
+                      ('{"messages": [{"role": "user", "content": "a"}], "id": 3}', "id")]:
         p.write_text('{"prompt": "ok"}\n' + line + "\n")
         with pytest.raises(BadInputError, match=rf"trl.jsonl:2: unknown key '{key}'"):
             read_jsonl(p)
