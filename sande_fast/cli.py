@@ -33,7 +33,10 @@ def _model_inputs(p: argparse.ArgumentParser) -> None:
 def _loading(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model folder's own Python code to run (off by default)")
-    p.add_argument("--dtype", default=None, help="load the model as float32, bfloat16 or float16")
+    p.add_argument("--dtype", default="auto",
+                   help="load the model as float32, bfloat16 or float16; auto (default): the "
+                        "checkpoint's own dtype, so a bf16 model is trained with fp32 master "
+                        "weights and saved as bf16")
 
 
 def _json_output(p: argparse.ArgumentParser) -> None:
@@ -145,7 +148,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
 
     cfg = from_namespace(args, SanitizeConfig)
     check_inputs(cfg, args.method, args.target, args.trigger, args.eval_target)
-    check_dtype_for_training(args.dtype, resolve_device(cfg.device))
+    check_dtype_for_training(args.dtype, resolve_device(cfg.device), args.model)
 
     def load(world: Any) -> Loaded:
         keys = (cfg.prompt_key, cfg.response_key)
@@ -155,7 +158,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
             check_parrot_file(cfg.parrot, model_hidden_size(
                 args.model, trust_remote_code=args.trust_remote_code))
         model, tok = load_model(args.model, world.load_device or resolve_device(cfg.device),
-                                dtype=None if world.mixed_precision else args.dtype,
+                                dtype="float32" if world.mixed_precision else args.dtype,
                                 trust_remote_code=args.trust_remote_code,
                                 progress=world.writer and not cfg.quiet)
         return Loaded(model, tok, rows, eval_rows)
@@ -166,8 +169,12 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     if args.fsdp:
         from .distributed import run_sharded
 
-        return run_sharded(lambda world: run_job(job, world), resolve_device(cfg.device),
-                           args.dtype)
+        from .io import resolve_dtype
+
+        # FSDP keeps its own rules: a bf16 model on CUDA (named or found by auto) trains with
+        # fp32 master shards under its mixed precision and is saved as bf16.
+        dtype = str(resolve_dtype(args.model, args.dtype)).removeprefix("torch.")
+        return run_sharded(lambda world: run_job(job, world), resolve_device(cfg.device), dtype)
     return run_job(job)
 
 
