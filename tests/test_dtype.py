@@ -32,7 +32,7 @@ def bf16_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(folder.glob("model*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             out.update({k: st.get_tensor(k) for k in st.keys()})
     return out
