@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import BadInputError, Terminated
 
-__all__ = ["check_out_dir", "claim_out_dir", "release_claims", "atomic_dir",
+__all__ = ["check_out_dir", "claim_out_dir", "release_claims", "atomic_dir", "atomic_file",
            "claim_out_file", "write_output_json", "is_tool_json", "interrupt_handlers",
            "Terminated", "resume_dir", "resume_parrot_path", "discard_resume", "disk_error_line",
            "route_warnings", "check_shard_index", "check_weights_finite",
@@ -800,6 +800,10 @@ def _atomic_file(path: str | os.PathLike, claim: FileClaim | None = None) -> Ite
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+atomic_file = _atomic_file
+"""Public name of :func:`_atomic_file` (the patch writer uses it)."""
 
 
 def write_json(path: str | os.PathLike, obj: Any, claim: FileClaim | None = None) -> None:

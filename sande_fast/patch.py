@@ -493,11 +493,11 @@ def write_patch(model_dir: str | os.PathLike, saved_dir: str | os.PathLike,
         The report's ``patch`` block: the file, its format, both hashes, its size and the
         statistics of :func:`patch_stats`.
     """
-    from .io import _atomic_file
+    from .io import atomic_file
 
     target = Path(claim.path if claim is not None else path)
     patch = make_patch(model_dir, saved_dir)
-    with _atomic_file(target, claim) as tmp:
+    with atomic_file(target, claim) as tmp:
         patch.save(tmp)
         size = os.path.getsize(tmp)
     return {"file": str(target), "format_version": PATCH_VERSION,
