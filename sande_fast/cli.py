@@ -42,7 +42,10 @@ def _model_inputs(p: argparse.ArgumentParser) -> None:
 def _loading(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model folder's own Python code to run (off by default)")
-    p.add_argument("--dtype", default=None, help="load the model as float32, bfloat16 or float16")
+    p.add_argument("--dtype", default="auto",
+                   help="load the model as float32, bfloat16 or float16; auto (default): the "
+                        "checkpoint's own dtype, so a bf16 model is trained with fp32 master "
+                        "weights and saved as bf16")
 
 
 def _json_output(p: argparse.ArgumentParser) -> None:
@@ -135,8 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sanitize", help="sanitize a model saved in Hugging Face format")
     _model_inputs(p)
     p.add_argument("--out", required=True)
+    p.add_argument("--save-patch", default=None, metavar="FILE",
+                   help="also write the change as a patch (safetensors: the new values of the "
+                        "tensors that moved, and the original's hash) that apply-patch applies "
+                        "bit for bit; its per-tensor statistics go into the report")
     _run_inputs(p)
     add_options(p, SanitizeConfig)
+
+    p = sub.add_parser("apply-patch", help="apply a sanitize --save-patch file to the original "
+                                           "model, giving the sanitized weights bit for bit")
+    p.add_argument("--model", required=True, help="the original model folder (safetensors)")
+    p.add_argument("--patch", required=True, help="the file sanitize --save-patch wrote")
+    p.add_argument("--out", required=True, help="the folder for the patched model")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="apply it even when the model's tensors are not the ones the patch was "
+                        "made from (their shapes must still fit)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
     p = sub.add_parser("probe", help="train fresh parrots on a frozen model (detection)")
     _model_inputs(p)
@@ -198,7 +215,7 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """The input paths of a command, as ``(option, path)`` pairs, for the output checks."""
     return [(f"--{k.replace('_', '-')}", getattr(args, k, None))
             for k in ("model", "data", "eval_data", "parrot", "cache_dir", "reference",
-                      "targets")]
+                      "targets", "patch")]
 
 
 def _claim_json(args: argparse.Namespace) -> Any:
@@ -228,7 +245,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     target, trigger = read_targets(args), _one_or_list(args.trigger)
     eval_target = _one_or_list(args.eval_target)
     check_inputs(cfg, args.method, target, trigger, eval_target)
-    check_dtype_for_training(args.dtype, resolve_device(cfg.device))
+    check_dtype_for_training(args.dtype, resolve_device(cfg.device), args.model)
 
     def load(world: Any) -> Loaded:
         keys = (cfg.prompt_key, cfg.response_key)
@@ -238,20 +255,59 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
             check_parrot_file(cfg.parrot, model_hidden_size(
                 args.model, trust_remote_code=args.trust_remote_code))
         model, tok = load_model(args.model, world.load_device or resolve_device(cfg.device),
-                                dtype=None if world.mixed_precision else args.dtype,
+                                dtype="float32" if world.mixed_precision else args.dtype,
                                 trust_remote_code=args.trust_remote_code,
                                 progress=world.writer and not cfg.quiet)
         return Loaded(model, tok, rows, eval_rows)
 
     job = SanitizeJob(out=args.out, force=args.force, method=args.method, target=target,
                       config=cfg, load=load, trigger=trigger, eval_target=eval_target,
-                      inputs=tuple(_inputs(args)))
+                      inputs=tuple(_inputs(args)), after_save=_patch_writer(args))
     if args.fsdp:
         from .distributed import run_sharded
 
-        return run_sharded(lambda world: run_job(job, world), resolve_device(cfg.device),
-                           args.dtype)
+        from .io import resolve_dtype
+
+        # FSDP keeps its own rules: a bf16 model on CUDA (named or found by auto) trains with
+        # fp32 master shards under its mixed precision and is saved as bf16.
+        dtype = str(resolve_dtype(args.model, args.dtype)).removeprefix("torch.")
+        return run_sharded(lambda world: run_job(job, world), resolve_device(cfg.device), dtype)
     return run_job(job)
+
+
+def _patch_writer(args: argparse.Namespace) -> Any:
+    """With ``--save-patch``: claims the file now (before any work) and returns the hook that
+    writes the patch once the model is saved, adding its statistics to the report."""
+    if not args.save_patch:
+        return None
+    from .io import claim_out_file
+    from .patch import check_patch_base
+
+    check_patch_base(args.model)
+    claim = claim_out_file(args.save_patch, args.force, _inputs(args), "--save-patch")
+
+    def write(saved: Any, report: dict[str, Any]) -> None:
+        from .patch import write_patch
+
+        report["patch"] = write_patch(args.model, saved, claim)
+
+    return write
+
+
+def cmd_apply_patch(args: argparse.Namespace) -> int:
+    from .io import atomic_dir, claim_out_dir
+    from .patch import apply_patch_to_folder, load_patch
+
+    inputs = _inputs(args)
+    claim_out_dir(args.out, args.force, inputs)
+    patch = load_patch(args.patch)
+    with atomic_dir(args.out, args.force, inputs) as tmp:
+        done = apply_patch_to_folder(args.model, patch, tmp,
+                                     allow_other_base=args.allow_other_base)
+    check = ("verified against the patch's result hash" if done["base_matched"]
+             else "another base: not verified")
+    print(f"wrote {args.out}: {done['changed']} tensors patched ({check})")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -410,7 +466,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "make-toy": cmd_make_toy, "make-world": cmd_make_world,
-            "sanitize": cmd_sanitize,
+            "sanitize": cmd_sanitize, "apply-patch": cmd_apply_patch,
             "probe": cmd_probe, "eval": cmd_eval}
 
 

@@ -29,11 +29,11 @@ from safetensors.torch import load_file, save_file
 
 from .errors import BadInputError, Terminated
 
-__all__ = ["check_out_dir", "claim_out_dir", "release_claims", "atomic_dir",
+__all__ = ["check_out_dir", "claim_out_dir", "release_claims", "atomic_dir", "atomic_file",
            "claim_out_file", "write_output_json", "is_tool_json", "interrupt_handlers",
            "Terminated", "resume_dir", "resume_parrot_path", "discard_resume", "disk_error_line",
            "route_warnings", "check_shard_index", "check_weights_finite",
-           "check_dtype_for_training", "load_model", "save_model", "save_parrot",
+           "check_dtype_for_training", "checkpoint_dtype", "resolve_dtype", "load_model", "save_model", "save_parrot",
            "check_parrot_file", "load_parrot", "write_json", "resolve_device",
            "model_hidden_size", "hf_quiet", "OUTPUT_MARKER"]
 
@@ -583,13 +583,74 @@ def model_hidden_size(path: str | os.PathLike, trust_remote_code: bool = False) 
     return hidden
 
 
-def load_model(path: str | os.PathLike, device: torch.device, *, dtype: str | None = None,
+# The names --dtype takes ("auto": the checkpoint's own dtype, see :func:`checkpoint_dtype`).
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "F64": torch.float64}
+
+
+def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The floating-point dtype the weights in a model folder are stored in, or None if unknown.
+
+    The safetensors headers are read first (they say what the files hold; the dtype holding the
+    most elements wins, so a bf16 model with a few fp32 norms is bf16), then ``dtype`` /
+    ``torch_dtype`` in ``config.json`` (the only hint for a legacy ``.bin``). Nothing is loaded
+    and nothing raises: an unreadable folder gives None and the load itself reports why.
+    """
+    p = Path(path)
+    counts: dict[torch.dtype, int] = {}
+    with contextlib.suppress(Exception):
+        for f in sorted(p.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    sl = st.get_slice(name)
+                    dt = _SAFETENSORS_DTYPES.get(str(sl.get_dtype()))
+                    if dt is not None:
+                        n = 1
+                        for d in sl.get_shape():
+                            n *= int(d)
+                        counts[dt] = counts.get(dt, 0) + n
+    if counts:
+        best = max(counts, key=lambda d: counts[d])
+        return torch.float32 if best == torch.float64 else best
+    with contextlib.suppress(Exception):
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        for key in ("dtype", "torch_dtype"):
+            value = str(cfg.get(key) or "").removeprefix("torch.")
+            if value in DTYPES:
+                return DTYPES[value]
+    return None
+
+
+def resolve_dtype(path: str | os.PathLike, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype a model is loaded in: ``dtype`` when named, else (``auto`` or None) the
+    checkpoint's own (:func:`checkpoint_dtype`), float32 when that is unknown.
+
+    Raises:
+        BadInputError: an unknown dtype name.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or str(dtype).lower() == "auto":
+        return checkpoint_dtype(path) or torch.float32
+    if str(dtype).lower() not in DTYPES:
+        raise BadInputError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
+    return DTYPES[str(dtype).lower()]
+
+
+def load_model(path: str | os.PathLike, device: torch.device, *, dtype: str | None = "auto",
                trust_remote_code: bool = False, progress: bool = True) -> tuple[Any, Any]:
     """Loads a Hugging Face causal LM and its tokenizer from a local folder.
 
     Weights come from safetensors, or from a legacy ``.bin`` through PyTorch's weights-only
     unpickler (a pickle holding anything but tensors is refused, never executed). The folder's
     own Python code runs only with ``trust_remote_code``.
+
+    Args:
+        dtype: ``float32``, ``bfloat16``, ``float16``, or ``auto`` / None (the checkpoint's own
+            dtype, so a bf16 model stays bf16 and is saved back at its size; see
+            :func:`resolve_dtype`).
 
     Raises:
         BadInputError: the folder is missing, has no ``config.json`` or no weights, the weights do
@@ -600,11 +661,7 @@ def load_model(path: str | os.PathLike, device: torch.device, *, dtype: str | No
     p = Path(path)
     files = _model_folder(p)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
-    torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-                   None: None, "auto": "auto"}
-    if dtype not in torch_dtype:
-        raise BadInputError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
+    load_dtype = resolve_dtype(p, dtype)
     try:
         # Warnings are held back until the load succeeds: one printed before a refusal (torch's
         # pickle warning before "refused to load") would only mislead.
@@ -614,7 +671,7 @@ def load_model(path: str | os.PathLike, device: torch.device, *, dtype: str | No
             model, info = AutoModelForCausalLM.from_pretrained(
                 p, trust_remote_code=trust_remote_code, use_safetensors=has_safetensors or None,
                 weights_only=True, output_loading_info=True,
-                dtype=torch_dtype[dtype] or torch.float32)
+                dtype=load_dtype)
     except pickle.UnpicklingError:
         raise BadInputError(f"refused to load the weights in {p}: the pickle file holds objects "
                             "other than tensors (convert it to safetensors)") from None
@@ -743,6 +800,10 @@ def _atomic_file(path: str | os.PathLike, claim: FileClaim | None = None) -> Ite
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+atomic_file = _atomic_file
+"""Public name of :func:`_atomic_file` (the patch writer uses it)."""
 
 
 def write_json(path: str | os.PathLike, obj: Any, claim: FileClaim | None = None) -> None:
@@ -1006,10 +1067,25 @@ def check_weights_finite(model: Any, where: str) -> None:
                                     "the model file is damaged")
 
 
-def check_dtype_for_training(dtype: str | None, device: Any) -> None:
-    """Refuses float16 training on the CPU, where it overflows (use float32 or bfloat16)."""
+def check_dtype_for_training(dtype: str | None, device: Any,
+                             model: str | os.PathLike | None = None) -> None:
+    """Refuses float16 training on the CPU, where it overflows (use float32 or bfloat16).
+
+    Args:
+        dtype: ``--dtype`` as given; ``auto`` / None is the checkpoint's dtype, read from
+            ``model`` when that is given.
+        device: the training device.
+        model: the model folder (for ``auto``).
+    """
     dev = torch.device(device) if not isinstance(device, torch.device) else device
-    if str(dtype).lower() in ("float16", "fp16", "half") and dev.type == "cpu":
+    auto = dtype is None or str(dtype).lower() == "auto"
+    if auto and model is not None and checkpoint_dtype(model) == torch.float16:
+        if dev.type == "cpu":
+            raise BadInputError(f"the model in {model} is stored in float16, which cannot be "
+                                "trained on the CPU (it overflows); pass --dtype float32 or "
+                                "bfloat16 (the model is then saved in that dtype), or use a "
+                                "CUDA device")
+    elif str(dtype).lower() in ("float16", "fp16", "half") and dev.type == "cpu":
         raise BadInputError("--dtype float16 cannot be trained on the CPU (it overflows); use "
                             "float32 or bfloat16, or a CUDA device")
 

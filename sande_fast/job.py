@@ -54,6 +54,8 @@ class SanitizeJob:
             device). Raises :class:`BadInputError` for bad input.
         inputs: the run's input paths as ``(flag, path)``: ``out`` may not hold or replace
             any of them.
+        after_save: called on the writer with the temporary output folder and the report once
+            the model is saved there, before the reports are written (``--save-patch``).
     """
 
     out: str
@@ -66,6 +68,7 @@ class SanitizeJob:
     eval_target: str | None = None
     eval_trigger: str | None = None
     inputs: tuple[tuple[str, Any], ...] = ()
+    after_save: Callable[[Path, dict[str, Any]], None] | None = None
 
 
 class Local:
@@ -97,9 +100,12 @@ def say(quiet: bool, msg: str) -> None:
 
 
 def write_output(world: Any, result: SanitizeResult, tokenizer: Any, tmp: Path, state: Any,
-                 progress: bool) -> None:
+                 progress: bool,
+                 after_save: Callable[[Path, dict[str, Any]], None] | None = None) -> None:
     """The model, the parrot (sande / sande-p) and the reports, into ``tmp``."""
     world.save_model(result.model, tokenizer, tmp, state, progress)
+    if after_save is not None:
+        after_save(tmp, result.report)
     if result.parrot is not None:
         save_parrot(result.parrot, tmp / "parrot.safetensors",
                     target=result.report.get("parrot_target"), rounds=len(result.report["rounds"]))
@@ -143,7 +149,8 @@ def run_job(job: SanitizeJob, world: Any = None) -> int:
                 raise
         failure: BaseException | None = None
         try:
-            write_output(world, result, loaded.tokenizer, tmp, state, not quiet)
+            write_output(world, result, loaded.tokenizer, tmp, state, not quiet,
+                         after_save=job.after_save)
         except Exception as e:  # tell the other ranks before leaving
             failure = e
         if not world.confirm(failure is None):

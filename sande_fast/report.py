@@ -73,6 +73,7 @@ def _markdown(report: dict[str, Any]) -> str:
                        f"| {fmt(r.get('clean_accuracy'))} | {fmt(r.get('agreement'))} "
                        f"| {fmt(r.get('answer_nll_delta'))} | {fmt(r.get('probe_asr_after'))} "
                        f"| {kept} |")
+    out += _patch_markdown(report.get("patch"))
     cfg = report.get("config") or {}
     if cfg:
         out += ["", "## Settings", "", "| setting | value |", "| --- | --- |"]
@@ -84,6 +85,26 @@ def _markdown(report: dict[str, Any]) -> str:
     for k, v in report["timing"]["stages"].items():
         out.append(f"| {k} | {v:.2f} |")
     return "\n".join(out) + "\n"
+
+
+def _patch_markdown(patch: dict[str, Any] | None) -> list[str]:
+    """The weight-change section (runs with ``--save-patch``): totals and the most changed
+    tensors by relative change ‖Δ‖/‖W‖."""
+    if not patch:
+        return []
+    g = lambda v: "n/a" if v is None else format(v, ".3g")  # noqa: E731
+    out = ["", "## Weight change", "",
+           f"Patch: `{patch['file']}` ({patch['bytes']} bytes, format {patch['format_version']}); "
+           f"{patch['n_changed']} of {patch['n_tensors']} tensors changed "
+           f"({patch['changed_elements']} of {patch['n_params']} weights moved).  ",
+           f"Base sha256 `{patch['base_sha256']}`, result sha256 `{patch['result_sha256']}`.  ",
+           f"‖Δ‖ {g(patch['norm_delta'])}, ‖W‖ {g(patch['norm_before'])}, relative "
+           f"{g(patch['relative'])}, largest change {g(patch['max_abs'])}.", ""]
+    if patch.get("top"):
+        out += ["| tensor | relative change | ‖Δ‖ | largest change |", "| --- | --- | --- | --- |"]
+        out += [f"| `{t['name']}` | {g(t['relative'])} | {g(t['norm_delta'])} "
+                f"| {g(t['max_abs'])} |" for t in patch["top"]]
+    return out
 
 
 def _rate_error(rate: float, n: int | None) -> float:

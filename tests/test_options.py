@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # What each command declares itself (the run's inputs); everything else is an option.
 RUN_INPUTS = {
     "sanitize": {"model", "data", "target", "out", "method", "trigger", "eval_target",
-                 "eval_data", "fsdp", "force", "dtype", "trust_remote_code"},
+                 "eval_data", "fsdp", "force", "dtype", "trust_remote_code",
+                 "save_patch"},
     "demo": {"out", "cache_dir", "method", "trigger", "eval_target", "eval_data", "fsdp",
              "force", "dtype", "trust_remote_code"},
     "probe": {"model", "data", "target", "json", "force", "dtype", "trust_remote_code"},
