@@ -109,6 +109,16 @@ def write_output(world: Any, result: SanitizeResult, tokenizer: Any, tmp: Path, 
     if result.parrot is not None:
         save_parrot(result.parrot, tmp / "parrot.safetensors",
                     target=result.report.get("parrot_target"), rounds=len(result.report["rounds"]))
+    # Several targets: target k's last parrot in parrot_k.safetensors (k >= 2; the first
+    # target's is parrot.safetensors), named in the report's per-target entries.
+    for k, entry in enumerate(result.report.get("targets") or []):
+        parrot = result.target_parrots[k] if k < len(result.target_parrots) else None
+        if k and parrot is not None:
+            entry["parrot_file"] = f"parrot_{k + 1}.safetensors"
+            save_parrot(parrot, tmp / entry["parrot_file"], target=entry.get("parrot_target"),
+                        rounds=len(result.report["rounds"]))
+        elif parrot is not None:
+            entry["parrot_file"] = "parrot.safetensors"
     write_reports(result.report, tmp)
 
 

