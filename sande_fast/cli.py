@@ -27,6 +27,8 @@ def _model_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a model folder in Hugging Face format")
     p.add_argument("--data", required=True, help="JSONL rows ({'prompt', 'response'?})")
     p.add_argument("--target", required=True, help="the attacker's response")
+    p.add_argument("--base-model", default=None, help="with --model a PEFT adapter folder: its "
+                   "base model folder (default: the adapter's base_model_name_or_path)")
     _loading(p)
 
 
@@ -117,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """The input paths of a command, as ``(option, path)`` pairs, for the output checks."""
     return [(f"--{k.replace('_', '-')}", getattr(args, k, None))
-            for k in ("model", "data", "eval_data", "parrot", "cache_dir", "reference")]
+            for k in ("model", "data", "eval_data", "parrot", "cache_dir", "reference",
+                      "base_model")]
 
 
 def _claim_json(args: argparse.Namespace) -> Any:
@@ -153,11 +156,12 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
         eval_rows = load_rows(args.eval_data, *keys) if args.eval_data else None
         if cfg.parrot:
             check_parrot_file(cfg.parrot, model_hidden_size(
-                args.model, trust_remote_code=args.trust_remote_code))
+                args.base_model or args.model, trust_remote_code=args.trust_remote_code))
         model, tok = load_model(args.model, world.load_device or resolve_device(cfg.device),
                                 dtype=None if world.mixed_precision else args.dtype,
                                 trust_remote_code=args.trust_remote_code,
-                                progress=world.writer and not cfg.quiet)
+                                progress=world.writer and not cfg.quiet,
+                                base_model=args.base_model)
         return Loaded(model, tok, rows, eval_rows)
 
     job = SanitizeJob(out=args.out, force=args.force, method=args.method, target=args.target,
@@ -267,7 +271,8 @@ def _load_inputs(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any
     device = resolve_device(cfg.device)
     rows = load_rows(args.data, cfg.prompt_key, cfg.response_key)
     model, tok = load_model(args.model, device, dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code, progress=not cfg.quiet)
+                            trust_remote_code=args.trust_remote_code, progress=not cfg.quiet,
+                            base_model=args.base_model)
     check_work(model, tok, rows, [args.target], batch_size=cfg.batch_size,
                max_new_tokens=cfg.max_new_tokens,
                parrot_tokens=getattr(cfg, "parrot_tokens", None),

@@ -98,8 +98,14 @@ def say(quiet: bool, msg: str) -> None:
 
 def write_output(world: Any, result: SanitizeResult, tokenizer: Any, tmp: Path, state: Any,
                  progress: bool) -> None:
-    """The model, the parrot (sande / sande-p) and the reports, into ``tmp``."""
-    world.save_model(result.model, tokenizer, tmp, state, progress)
+    """The model (under ``--train lora``: the PEFT adapter), the parrot (sande / sande-p) and
+    the reports, into ``tmp``."""
+    from .lora import lora_layers, save_adapter
+
+    if lora_layers(result.model):
+        save_adapter(result.model, tmp, tokenizer)  # one process only (recipe refuses --fsdp)
+    else:
+        world.save_model(result.model, tokenizer, tmp, state, progress)
     if result.parrot is not None:
         save_parrot(result.parrot, tmp / "parrot.safetensors",
                     target=result.report.get("parrot_target"), rounds=len(result.report["rounds"]))
