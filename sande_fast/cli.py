@@ -36,6 +36,8 @@ def _model_inputs(p: argparse.ArgumentParser) -> None:
                    help="the attacker's response; repeat for several backdoors")
     p.add_argument("--targets", default=None, metavar="FILE",
                    help="a text file of targets, one per line (instead of --target)")
+    p.add_argument("--base-model", default=None, help="with --model a PEFT adapter folder: its "
+                   "base model folder (default: the adapter's base_model_name_or_path)")
     _loading(p)
 
 
@@ -215,7 +217,7 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """The input paths of a command, as ``(option, path)`` pairs, for the output checks."""
     return [(f"--{k.replace('_', '-')}", getattr(args, k, None))
             for k in ("model", "data", "eval_data", "parrot", "cache_dir", "reference",
-                      "targets", "patch")]
+                      "targets", "patch", "base_model")]
 
 
 def _claim_json(args: argparse.Namespace) -> Any:
@@ -253,11 +255,12 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
         eval_rows = load_rows(args.eval_data, *keys) if args.eval_data else None
         if cfg.parrot:
             check_parrot_file(cfg.parrot, model_hidden_size(
-                args.model, trust_remote_code=args.trust_remote_code))
+                args.base_model or args.model, trust_remote_code=args.trust_remote_code))
         model, tok = load_model(args.model, world.load_device or resolve_device(cfg.device),
                                 dtype="float32" if world.mixed_precision else args.dtype,
                                 trust_remote_code=args.trust_remote_code,
-                                progress=world.writer and not cfg.quiet)
+                                progress=world.writer and not cfg.quiet,
+                                base_model=args.base_model)
         return Loaded(model, tok, rows, eval_rows)
 
     job = SanitizeJob(out=args.out, force=args.force, method=args.method, target=target,
@@ -280,6 +283,9 @@ def _patch_writer(args: argparse.Namespace) -> Any:
     writes the patch once the model is saved, adding its statistics to the report."""
     if not args.save_patch:
         return None
+    if getattr(args, "train", "full") == "lora":
+        raise BadInputError("--save-patch writes a full-weight delta; under --train lora the "
+                            "adapter in --out is the change (drop --save-patch)")
     from .io import claim_out_file
     from .patch import check_patch_base
 
@@ -414,7 +420,8 @@ def _load_inputs(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any
     device = resolve_device(cfg.device)
     rows = load_rows(args.data, cfg.prompt_key, cfg.response_key)
     model, tok = load_model(args.model, device, dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code, progress=not cfg.quiet)
+                            trust_remote_code=args.trust_remote_code, progress=not cfg.quiet,
+                            base_model=args.base_model)
     check_work(model, tok, rows, args.target, batch_size=cfg.batch_size,
                max_new_tokens=cfg.max_new_tokens,
                parrot_tokens=getattr(cfg, "parrot_tokens", None),

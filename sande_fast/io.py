@@ -568,7 +568,11 @@ def model_hidden_size(path: str | os.PathLike, trust_remote_code: bool = False) 
     """The embedding width of the model in ``path``, read from its config (no weights loaded)."""
     from transformers import AutoConfig
 
+    from .lora import adapter_base, is_adapter_folder
+
     p = Path(path)
+    if p.is_dir() and is_adapter_folder(p) and not (p / "config.json").is_file():
+        p = adapter_base(p)
     _model_folder(p)
     try:
         with hf_quiet():
@@ -640,8 +644,12 @@ def resolve_dtype(path: str | os.PathLike, dtype: str | torch.dtype | None) -> t
 
 
 def load_model(path: str | os.PathLike, device: torch.device, *, dtype: str | None = "auto",
-               trust_remote_code: bool = False, progress: bool = True) -> tuple[Any, Any]:
+               trust_remote_code: bool = False, progress: bool = True,
+               base_model: str | os.PathLike | None = None) -> tuple[Any, Any]:
     """Loads a Hugging Face causal LM and its tokenizer from a local folder.
+
+    A PEFT LoRA adapter folder loads as its base model (``base_model``, else the one its
+    config names) with the adapter attached (:func:`sande_fast.lora.load_adapter_model`).
 
     Weights come from safetensors, or from a legacy ``.bin`` through PyTorch's weights-only
     unpickler (a pickle holding anything but tensors is refused, never executed). The folder's
@@ -658,7 +666,15 @@ def load_model(path: str | os.PathLike, device: torch.device, *, dtype: str | No
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .lora import is_adapter_folder, load_adapter_model
+
     p = Path(path)
+    if p.is_dir() and is_adapter_folder(p) and not (p / "config.json").is_file():
+        return load_adapter_model(p, device, base_model=base_model, dtype=dtype,
+                                  trust_remote_code=trust_remote_code, progress=progress)
+    if base_model is not None:
+        raise BadInputError(f"--base-model is for a PEFT adapter folder as --model; {p} holds "
+                            "no adapter_config.json")
     files = _model_folder(p)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     load_dtype = resolve_dtype(p, dtype)

@@ -102,8 +102,14 @@ def say(quiet: bool, msg: str) -> None:
 def write_output(world: Any, result: SanitizeResult, tokenizer: Any, tmp: Path, state: Any,
                  progress: bool,
                  after_save: Callable[[Path, dict[str, Any]], None] | None = None) -> None:
-    """The model, the parrot (sande / sande-p) and the reports, into ``tmp``."""
-    world.save_model(result.model, tokenizer, tmp, state, progress)
+    """The model (under ``--train lora``: the PEFT adapter), the parrot (sande / sande-p) and
+    the reports, into ``tmp``."""
+    from .lora import lora_layers, save_adapter
+
+    if lora_layers(result.model):
+        save_adapter(result.model, tmp, tokenizer)  # one process only (recipe refuses --fsdp)
+    else:
+        world.save_model(result.model, tokenizer, tmp, state, progress)
     if after_save is not None:
         after_save(tmp, result.report)
     if result.parrot is not None:

@@ -27,6 +27,7 @@ __all__ = ["Option", "CommonOptions", "SanitizeConfig", "ProbeConfig", "EvalConf
 
 METHODS = ("osft", "sande", "sande-p", "sft")
 OPTIMIZERS = ("adamw", "sgd")
+TRAIN = ("full", "lora")
 POSITIONS = ("random", "start", "end")
 
 # Adam's own arithmetic overflows near 1e30; no useful rate is close.
@@ -51,6 +52,10 @@ AUTO_MAX_CLEAN_DROP = {"sande": 0.02, "sande-p": 0.03}
 
 # Models below this size (the toy world) take AdamW's larger default rate.
 SMALL_MODEL_PARAMS = 50_000_000
+
+# --train lora: the auto stage-2 rate is this multiple of full training's (a rank-r update
+# moves far fewer weights per step; measured on the toy, see README "LoRA").
+LORA_LR_RATIO = 10.0
 
 
 # -- value kinds -----------------------------------------------------------------------------------
@@ -237,7 +242,8 @@ class SanitizeConfig(CommonOptions):
     overwrite_lr: float | None = _opt(
         None, "stage-2 learning rate (sgd: the RMS size of an update from the largest gradient "
               "so far)", optional=True,
-        auto="adamw: 1e-4 below 50M parameters, else 2e-5; sgd: 1/16 of those", **RATE)
+        auto="adamw: 1e-4 below 50M parameters, else 2e-5; sgd: 1/16 of those; "
+             "10x those with --train lora", **RATE)
     optimizer: str = _opt("auto", "stage-2 optimizer", kind="choice",
                           choices=("auto",) + OPTIMIZERS,
                           auto="sgd for osft and sft, adamw for sande and sande-p")
@@ -296,6 +302,19 @@ class SanitizeConfig(CommonOptions):
                                auto="on CUDA when the model keeps packed sequences apart")
     token_budget: int = _opt(8192, "most (padded) tokens per micro-batch", kind="int", low=1,
                              high=MAX_TOKEN_BUDGET)
+    train: str = _opt("full", "what stage 2 trains: every weight, or LoRA adapters on "
+                              "--lora-modules (saved in PEFT's adapter format)", kind="choice",
+                      choices=TRAIN)
+    lora_rank: int = _opt(16, "--train lora: rank of each adapter", kind="int", low=1,
+                          high=4096)
+    lora_alpha: float | None = _opt(None, "--train lora: the update is scaled by alpha / rank",
+                                    kind="float", low=0.0, low_open=True, high=1e6,
+                                    optional=True, auto="2 x --lora-rank")
+    lora_modules: str = _opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                             "--train lora: comma-separated names of the linear layers to adapt "
+                             "(PEFT's target_modules; the LM head is not allowed)", kind="text")
+    lora_dropout: float = _opt(0.0, "--train lora: dropout on the adapters' input in stage 2",
+                               kind="float", low=0.0, high=0.9)
 
     def check_method(self, method: str) -> None:
         """Raises :class:`BadInputError` for a method no run knows, or options it cannot use."""
@@ -367,13 +386,15 @@ def auto_optimizer(method: str) -> str:
     return "sgd" if method in ("osft", "sft") else "adamw"
 
 
-def auto_overwrite_lr(n_params: int, optimizer: str) -> float:
+def auto_overwrite_lr(n_params: int, optimizer: str, train: str = "full") -> float:
     """``--overwrite-lr`` auto. Small models (the toy world) take a larger step than
     billion-parameter ones, where 2e-5 is the usual fine-tuning rate (measured on the toy: 1e-3
     costs 0.3 clean accuracy). CalibratedSGD's rate is the RMS size of an update from its peak
-    gradient; 1/16 of AdamW's was measured on the toy."""
+    gradient; 1/16 of AdamW's was measured on the toy. LoRA adapters take
+    :data:`LORA_LR_RATIO` times the rate, as LoRA fine-tuning usually does."""
     lr = 1e-4 if n_params < SMALL_MODEL_PARAMS else 2e-5
-    return lr / SGD_LR_RATIO if optimizer == "sgd" else lr
+    lr = lr / SGD_LR_RATIO if optimizer == "sgd" else lr
+    return lr * LORA_LR_RATIO if train == "lora" else lr
 
 
 def resolve_prompt_format(prompt_format: str, chat_template: bool) -> str:
@@ -405,7 +426,8 @@ def resolve(cfg: SanitizeConfig, method: str, *, n_params: int, context: int | N
     return replace(
         cfg, optimizer=optimizer,
         overwrite_steps=cfg.overwrite_steps or AUTO_OVERWRITE_STEPS[optimizer],
-        overwrite_lr=cfg.overwrite_lr or auto_overwrite_lr(n_params, optimizer),
+        overwrite_lr=cfg.overwrite_lr or auto_overwrite_lr(n_params, optimizer, cfg.train),
+        lora_alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank,
         max_clean_drop=(cfg.max_clean_drop if cfg.max_clean_drop is not None
                         else AUTO_MAX_CLEAN_DROP.get(method, 0.02)),
         probe_steps=cfg.probe_steps or cfg.simulate_steps,

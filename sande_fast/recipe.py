@@ -37,6 +37,7 @@ from .engines import build_engine
 from .errors import BadInputError
 from .evaluate import evaluate, greedy_generate, pad_token_id
 from .io import check_work, load_parrot, resolve_device
+from .lora import base_param_count, prepare_training
 from .options import SanitizeConfig, config_block, from_keywords, resolve
 from .probe import ProbeResult, parrot_measure, probe_parrots
 from .stages import TrainRow, clean_anchors, eliminate, simulate
@@ -229,6 +230,7 @@ class Sanitizer:
         self.parrots: list[torch.Tensor] = []
         self.cfg: SanitizeConfig = self.config  # resolved in setup()
         self.reference: CleanReference | None = None  # taken at the first measure()
+        self.lora = None  # set in setup() under --train lora
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, data: Any, eval_data: Any = None, parrot: torch.Tensor | None = None) -> None:
@@ -262,11 +264,16 @@ class Sanitizer:
                    batch_size=self.config.batch_size, max_new_tokens=self.config.max_new_tokens,
                    parrot_tokens=self.config.parrot_tokens,
                    prompt_format=self.config.prompt_format)
+        if self.fsdp and self.config.train == "lora":
+            raise BadInputError("--train lora runs in one process (drop --fsdp)")
         self.cfg = cfg = resolve(
-            self.config, self.method, n_params=sum(p.numel() for p in self.model.parameters()),
+            self.config, self.method, n_params=base_param_count(self.model),
             context=context_length(self.model),
             chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
             parrot_rows=0 if parrot is None else parrot.shape[0])
+        # LoRA layers go in before the engine and the clean answers: they start at zero, so
+        # every measurement before training sees the model as given.
+        self.lora = prepare_training(self.model, cfg)
         self.encoder = PromptEncoder(self.tokenizer, cfg.prompt_format,
                                      max_prompt_tokens=cfg.max_prompt_tokens,
                                      max_response_tokens=context_length(self.model),
@@ -612,6 +619,7 @@ class Sanitizer:
                        "stages": {k: v for k, v in self.timing.items() if k != "total_s"}},
             "curves": self.curves,
             "config": config_block(self.cfg, self.method),
+            "lora": None if self.lora is None else self.lora.to_dict(),
             "data": {"trigger_known": self.method == "osft", "n_rows": self.n_rows,
                      "n_eval_rows": len(self.eval_rows), "prompts_truncated": self.truncated,
                      "guard_metric": self.guard_metric},

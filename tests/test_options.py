@@ -20,12 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_INPUTS = {
     "sanitize": {"model", "data", "target", "out", "method", "trigger", "eval_target",
                  "eval_data", "fsdp", "force", "dtype", "trust_remote_code",
-                 "save_patch"},
+                 "save_patch", "base_model"},
     "demo": {"out", "cache_dir", "method", "trigger", "eval_target", "eval_data", "fsdp",
              "force", "dtype", "trust_remote_code"},
-    "probe": {"model", "data", "target", "json", "force", "dtype", "trust_remote_code"},
+    "probe": {"model", "data", "target", "json", "force", "dtype", "trust_remote_code",
+              "base_model"},
     "eval": {"model", "data", "target", "trigger", "json", "force", "dtype", "trust_remote_code",
-             "reference"},
+             "reference", "base_model"},
 }
 CONFIGS = {"sanitize": SanitizeConfig, "demo": SanitizeConfig, "probe": ProbeConfig,
            "eval": EvalConfig}
