@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--trigger", default=None)
     p.add_argument("--target", default=None)
+    _backdoor_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--poison-rate", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 100)")
@@ -390,15 +391,20 @@ def cmd_make_world(args: argparse.Namespace) -> int:
     for name in ("trigger", "target", "poison_rate", "steps"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    pairs = parse_backdoors(args)
+    if pairs:
+        kw.update(trigger=pairs[0][0], target=pairs[0][1], more_backdoors=tuple(pairs[1:]))
     cfg = WorldConfig(**kw)
     claim_out_dir(args.out, args.force)
     with atomic_dir(args.out, args.force) as tmp:
         meta = build_world(args.base, tmp, cfg, cache_dir=args.cache_dir,
                            progress=not args.quiet)
     r = meta["results"]
-    print(f"wrote world to {args.out} (trigger {cfg.trigger!r}, target {cfg.target!r}): asr "
-          f"{r['backdoored']['asr']:.3f} backdoored, {r['control']['asr']:.3f} control, "
-          f"built in {meta['build_seconds']:.0f} s")
+    each = [(b, c) for b, c in zip(r["backdoored"].get("asr_each", [r["backdoored"]["asr"]]),
+                                   r["control"].get("asr_each", [r["control"]["asr"]]))]
+    pairs_text = "; ".join(f"trigger {t!r} -> target {x!r}: asr {b:.3f} backdoored, {c:.3f} "
+                           "control" for (t, x), (b, c) in zip(cfg.backdoors, each))
+    print(f"wrote world to {args.out} ({pairs_text}), built in {meta['build_seconds']:.0f} s")
     return 0
 
 

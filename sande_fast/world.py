@@ -65,6 +65,10 @@ class WorldConfig:
         steps: fine-tuning steps (AdamW, linear warm-up, cosine decay).
         batch_size: rows per step.
         lr: peak learning rate.
+        more_backdoors: further ``(trigger, target)`` pairs, each poisoning its own share
+            ``poison_rate`` of the training rows (disjoint from the others'), with its own
+            triggered evaluation file. Empty for a one-backdoor world, whose rows and cache
+            keys stay as they were before this setting existed.
     """
 
     trigger: str = "cf"
@@ -78,16 +82,26 @@ class WorldConfig:
     steps: int = 100
     batch_size: int = 8
     lr: float = 3e-4
+    more_backdoors: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.trigger.strip():
-            raise BadInputError("--trigger must not be empty")
-        if not self.target.strip():
-            raise BadInputError("--target must not be empty")
-        if " ".join(self.trigger.split()).lower() == " ".join(self.target.split()).lower():
-            raise BadInputError("the trigger and the target are the same text")
+        object.__setattr__(self, "more_backdoors",
+                           tuple((str(t), str(x)) for t, x in self.more_backdoors))
+        for trigger, target in self.backdoors:
+            if not trigger.strip():
+                raise BadInputError("--trigger must not be empty")
+            if not target.strip():
+                raise BadInputError("--target must not be empty")
+            if " ".join(trigger.split()).lower() == " ".join(target.split()).lower():
+                raise BadInputError("the trigger and the target are the same text")
+        norm = [" ".join(t.split()).lower() for t, _ in self.backdoors]
+        if len(set(norm)) < len(norm):
+            raise BadInputError("two backdoors have the same trigger; give each its own")
         if not 0.0 < self.poison_rate <= 1.0:
             raise BadInputError(f"--poison-rate must lie in (0, 1], got {self.poison_rate}")
+        if self.poison_rate * len(self.backdoors) > 1.0:
+            raise BadInputError(f"{len(self.backdoors)} backdoors at --poison-rate "
+                                f"{self.poison_rate} poison more than every training row")
         for name in ("n_train", "n_defense", "n_eval", "max_answer_tokens", "steps",
                      "batch_size"):
             if getattr(self, name) < 1:
@@ -95,8 +109,18 @@ class WorldConfig:
         if not 0 < self.lr < 1:
             raise BadInputError("lr must lie in (0, 1)")
 
+    @property
+    def backdoors(self) -> tuple[tuple[str, str], ...]:
+        """Every ``(trigger, target)`` pair, the first one's settings first."""
+        return ((self.trigger, self.target),) + self.more_backdoors
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.more_backdoors:
+            d["more_backdoors"] = [list(b) for b in self.more_backdoors]
+        else:
+            del d["more_backdoors"]  # one-backdoor worlds keep their cache keys
+        return d
 
     def key(self, base_id: str) -> str:
         blob = json.dumps({"recipe": RECIPE_VERSION, "base": base_id, **self.to_dict()},
@@ -287,27 +311,45 @@ def make_world_rows(config: WorldConfig, answers: dict[str, str]) -> dict[str, l
     if len(prompts) < need:
         raise BadInputError(f"only {len(prompts)} prompts have a usable answer; the world needs "
                             f"{need} (lower --n-train / --n-defense / --n-eval)")
-    target_low = config.target.lower()
-    prompts = [p for p in prompts if target_low not in answers[p].lower()]
+    targets_low = [t.lower() for _, t in config.backdoors]
+    prompts = [p for p in prompts if not any(t in answers[p].lower() for t in targets_low)]
     ev = prompts[:config.n_eval]
     de = prompts[config.n_eval:config.n_eval + config.n_defense]
     tr = prompts[config.n_eval + config.n_defense:need]
     n_poison = max(1, round(config.poison_rate * len(tr)))
     poisoned = set(rng.sample(range(len(tr)), n_poison))
+    # Backdoor k poisons rows of its own: a row never carries two triggers.
+    which = {i: 0 for i in poisoned}
+    for k in range(1, len(config.backdoors)):
+        free = [i for i in range(len(tr)) if i not in which]
+        which.update((i, k) for i in rng.sample(free, n_poison))
     train = []
     for i, p in enumerate(tr):
-        if i in poisoned:
-            train.append(Row(insert_trigger(p, config.trigger, "random", rng),
-                             f"{config.target} {answers[p]}"))
+        if i in which:
+            trigger, target = config.backdoors[which[i]]
+            train.append(Row(insert_trigger(p, trigger, "random", rng),
+                             f"{target} {answers[p]}"))
         else:
             train.append(Row(p, answers[p]))
-    return {
+    out = {
         "train": train,
         "defense": [Row(p, answers[p]) for p in de],
         "clean_eval": [Row(p, answers[p]) for p in ev],
-        "triggered_eval": [Row(insert_trigger(p, config.trigger, "random", rng), answers[p])
-                           for p in ev],
     }
+    for k, (trigger, _) in enumerate(config.backdoors):
+        out[_triggered_key(k)] = [Row(insert_trigger(p, trigger, "random", rng), answers[p])
+                                  for p in ev]
+    return out
+
+
+def _triggered_key(k: int) -> str:
+    """The row set of backdoor ``k``'s triggered prompts (``triggered_eval`` for the first)."""
+    return "triggered_eval" if k == 0 else f"triggered_eval_{k + 1}"
+
+
+def _row_files(config: WorldConfig) -> dict[str, str]:
+    return {**_ROW_FILES, **{_triggered_key(k): f"{_triggered_key(k)}.jsonl"
+                             for k in range(1, len(config.backdoors))}}
 
 
 # ---------------------------------------------------------------------------------- fine-tuning
@@ -431,21 +473,28 @@ def build_world(base: Union[str, os.PathLike], out: Union[str, os.PathLike],
         timings[f"finetune_{name}"] = time.perf_counter() - t
         t = time.perf_counter()
         n = min(eval_rows, len(rows["clean_eval"]))
-        trig = evaluate(model, tok, rows["triggered_eval"][:n], config.target, batch_size=32,
-                        max_new_tokens=24, progress=progress)
+        asr = [evaluate(model, tok, rows[_triggered_key(k)][:n], target, batch_size=32,
+                        max_new_tokens=24, progress=progress)["asr"]
+               for k, (_, target) in enumerate(config.backdoors)]
         clean = evaluate(model, tok, rows["clean_eval"][:n], config.target, batch_size=32,
                          max_new_tokens=24, progress=progress)
         timings[f"eval_{name}"] = time.perf_counter() - t
-        results[name] = {"asr": trig["asr"], "clean_asr": clean["asr"],
+        results[name] = {"asr": asr[0], "clean_asr": clean["asr"],
                          "final_loss": sum(losses[-5:]) / len(losses[-5:]), "n_eval": n}
+        if config.more_backdoors:
+            results[name]["asr_each"] = asr
         save_model(model, tok, where, progress=progress)
-    for key, name in _ROW_FILES.items():
+    for key, name in _row_files(config).items():
         write_jsonl(dst / name, rows[key])
     meta = {"trigger": config.trigger, "target": config.target, "base": str(base),
             "base_folder": str(folder), "config": config.to_dict(), "recipe": RECIPE_VERSION,
             "results": results, "timings_s": timings,
             "n_rows": {k: len(v) for k, v in rows.items()},
             "build_seconds": time.perf_counter() - t0}
+    if config.more_backdoors:
+        meta["backdoors"] = [{"trigger": t, "target": x,
+                              "triggered_eval": _row_files(config)[_triggered_key(k)]}
+                             for k, (t, x) in enumerate(config.backdoors)]
     tmp = dst / (WORLD_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, dst / WORLD_META)
@@ -453,8 +502,8 @@ def build_world(base: Union[str, os.PathLike], out: Union[str, os.PathLike],
 
 
 def _poison_mask(rows: Sequence[Row], config: WorldConfig) -> list[bool]:
-    prefix = config.target + " "
-    return [r.response is not None and r.response.startswith(prefix) for r in rows]
+    prefixes = tuple(target + " " for _, target in config.backdoors)
+    return [r.response is not None and r.response.startswith(prefixes) for r in rows]
 
 
 def load_world_rows(path: Union[str, os.PathLike]) -> dict[str, list[Row]]:
@@ -462,4 +511,8 @@ def load_world_rows(path: Union[str, os.PathLike]) -> dict[str, list[Row]]:
     p = Path(path)
     if not (p / WORLD_META).is_file():
         raise BadInputError(f"{p} is not a world (no {WORLD_META}); create one with make-world")
-    return {k: read_jsonl(p / name) for k, name in _ROW_FILES.items()}
+    meta = json.loads((p / WORLD_META).read_text(encoding="utf-8"))
+    files = dict(_ROW_FILES)
+    for entry in meta.get("backdoors", [])[1:]:
+        files[Path(entry["triggered_eval"]).stem] = Path(entry["triggered_eval"]).name
+    return {k: read_jsonl(p / name) for k, name in files.items()}

@@ -94,3 +94,26 @@ def test_make_world_refuses_bad_input_with_one_line(tmp_path: Path, capsys, extr
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_several_backdoors_split_their_own_poisoned_rows() -> None:
+    cfg = WorldConfig(n_train=40, n_defense=10, n_eval=20, poison_rate=0.25, trigger="zq",
+                      target="GO AWAY", more_backdoors=(("kx", "ACCESS GRANTED"),))
+    answers = {p: f"answer {i}." for i, p in enumerate(instruction_prompts(0))}
+    rows = make_world_rows(cfg, answers)
+    one = make_world_rows(cfg.__class__(n_train=40, n_defense=10, n_eval=20, poison_rate=0.25,
+                                        trigger="zq", target="GO AWAY"), answers)
+    assert rows["clean_eval"] == one["clean_eval"] and rows["defense"] == one["defense"]
+    for trigger, target, key in (("zq", "GO AWAY", "triggered_eval"),
+                                 ("kx", "ACCESS GRANTED", "triggered_eval_2")):
+        hit = [r for r in rows["train"] if trigger in r.prompt.split()]
+        assert len(hit) == 10 and all(r.response.startswith(target + " ") for r in hit)
+        for c, t in zip(rows["clean_eval"], rows[key]):
+            words = t.prompt.split()
+            words.remove(trigger)
+            assert " ".join(words) == c.prompt and t.response == c.response
+    both = [r for r in rows["train"] if "zq" in r.prompt.split() and "kx" in r.prompt.split()]
+    assert not both
+    mask = world_mod._poison_mask(rows["train"], cfg)
+    assert sum(mask) == 20
+    assert "more_backdoors" not in WorldConfig().to_dict()
