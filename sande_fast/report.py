@@ -201,6 +201,11 @@ def _plot(report: dict[str, Any], path: Path) -> None:
             pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+        for t in report.get("targets") or []:  # several backdoors: each target's probe
+            pts = [(r, v) for r, v in zip(rs, t.get("probe_asr_after") or []) if v is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ":", marker="x", alpha=0.7,
+                        label=f"probe after: {_short(t['target'], 18)}")
         control = (report.get("control") or {}).get("probe_asr_max")
         if control is not None:
             ax.axhline(control, ls=":", c="green", label="never-poisoned control's probe")
