@@ -8,14 +8,19 @@ after Ctrl-C / SIGTERM / SIGHUP (``--out`` untouched).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from typing import Any, Sequence
 
 from .errors import PROG, BadInputError, Terminated
-from .options import EvalConfig, ProbeConfig, SanitizeConfig, add_options, from_namespace
+from .logs import LEVELS, CliLogging, cli_logging, log_run
+from .options import (EvalConfig, ProbeConfig, SanitizeConfig, add_options, config_block,
+                      from_namespace, option_fields)
 
 __all__ = ["main", "build_parser"]
+
+_LOG = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +56,15 @@ def _run_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default=None, help="JSONL rows for before/after measurement")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (torchrun)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def _logging_flags(p: argparse.ArgumentParser) -> None:
+    # Process-level, not run options: they are no field of the configs and stay out of the
+    # report's config block and of --config files.
+    p.add_argument("--log-level", default="info", choices=list(LEVELS),
+                   help="the least important messages shown and logged (default: info)")
+    p.add_argument("--log-file", default=None, metavar="FILE",
+                   help="also append the log to FILE, headed by the run's inputs and options")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer_nll_delta and kl")
     _json_output(p)
     add_options(p, EvalConfig)
+    for p in sub.choices.values():  # every command, those added later included
+        _logging_flags(p)
     return parser
 
 
@@ -118,6 +134,16 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """The input paths of a command, as ``(option, path)`` pairs, for the output checks."""
     return [(f"--{k.replace('_', '-')}", getattr(args, k, None))
             for k in ("model", "data", "eval_data", "parrot", "cache_dir", "reference")]
+
+
+def _log_config(args: argparse.Namespace, config: Any, method: str | None = None) -> None:
+    """The head of the log: the command's inputs (the flags that are no option) and its options
+    (``config``: a config dataclass, or a dict)."""
+    block = config if isinstance(config, dict) else config_block(config, method)
+    options = {name for name, _, _ in option_fields(config)} if not isinstance(config, dict) \
+        else set(config)
+    skip = options | {"command", "log_level", "log_file", "method"}
+    log_run(args.command, {k: v for k, v in vars(args).items() if k not in skip}, block)
 
 
 def _claim_json(args: argparse.Namespace) -> Any:
@@ -144,6 +170,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     from .recipe import check_inputs
 
     cfg = from_namespace(args, SanitizeConfig)
+    _log_config(args, cfg, args.method)
     check_inputs(cfg, args.method, args.target, args.trigger, args.eval_target)
     check_dtype_for_training(args.dtype, resolve_device(cfg.device))
 
@@ -180,6 +207,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sande_p = args.method == "sande-p"
     # sande-p knows only the target's first word; its asr is still measured on the whole target.
     cfg = from_namespace(args, SanitizeConfig, **({"partial_words": 1} if sande_p else {}))
+    _log_config(args, cfg, args.method)
     # osft takes the toy's own trigger
     check_inputs(cfg, args.method, "toy", args.trigger or ("toy" if args.method == "osft"
                                                            else None), args.eval_target)
@@ -221,6 +249,7 @@ def cmd_make_toy(args: argparse.Namespace) -> int:
             raise BadInputError("--poison-rate must lie in [0, 1]")
         kw["poison_rate"] = args.poison_rate
     cfg = ToyConfig(**kw)
+    _log_config(args, cfg.to_dict())
     with atomic_dir(args.out, args.force) as tmp:
         world = build_toy(cfg, progress=not args.quiet)
         save_toy(world, tmp)
@@ -238,6 +267,7 @@ def cmd_make_world(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     cfg = WorldConfig(**kw)
+    _log_config(args, cfg.to_dict())
     claim_out_dir(args.out, args.force)
     with atomic_dir(args.out, args.force) as tmp:
         meta = build_world(args.base, tmp, cfg, cache_dir=args.cache_dir,
@@ -279,6 +309,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .probe import probe
 
     cfg = from_namespace(args, ProbeConfig)
+    _log_config(args, cfg)
     rows, model, tok, claim = _load_inputs(args, cfg)
     res = probe(model, tok, rows, args.target, cfg)
     print(f"probe_asr_max {res['probe_asr_max']:.3f}  probe_asr_mean {res['probe_asr_mean']:.3f}  "
@@ -291,6 +322,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
     cfg = from_namespace(args, EvalConfig)
+    _log_config(args, cfg)
     rows, model, tok, claim = _load_inputs(args, cfg)
     reference = None
     if args.reference is not None:
@@ -334,35 +366,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from .io import disk_error_line, route_warnings
+    # Errors go through the log too (stderr, and --log-file once it is open), one line each.
+    with cli_logging() as logs:
+        return _run(argv, logs)
+
+
+def _run(argv: Sequence[str] | None, logs: CliLogging) -> int:
+    from .io import disk_error_line
+    from .logs import route_warnings
     from .steps import NonFiniteError
 
     args = None
     try:
         args = build_parser().parse_args(argv)
-        with route_warnings(getattr(args, "quiet", False)):
+        quiet = getattr(args, "quiet", False)
+        logs.configure(args.log_level, args.log_file, quiet=quiet, protect=_inputs(args),
+                       out=getattr(args, "out", None))
+        with route_warnings(quiet):
             return COMMANDS[args.command](args)
     except BadInputError as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        _LOG.error("%s", _one_line(e))
         return 2
     except (KeyboardInterrupt, Terminated) as e:
         how = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
         left = ("no partial output was left in --out" if getattr(args, "out", None)
                 else "nothing was written")
-        print(f"{PROG}: {how}; {left}", file=sys.stderr)
+        _LOG.error("%s; %s", how, left, extra={"tag": ""})
         return 130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except NonFiniteError as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        _LOG.error("%s", _one_line(e))
         return 1
     except Exception as e:  # internal failure: keep the traceback for a bug report
         disk = disk_error_line(e)
         if disk is not None:  # the output was removed on the way out; no traceback helps here
-            print(f"{PROG}: error: {disk}", file=sys.stderr)
+            _LOG.error("%s", disk)
             return 1
-        traceback.print_exc()
-        print(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        traceback.print_exc()  # on stderr; the log file gets it from the line below
+        _LOG.error("%s: %s", type(e).__name__, _one_line(e), exc_info=True,
+                   extra={"tag": "internal error"})
         return 1
 
 
