@@ -22,6 +22,8 @@ rows) is pushed to the target by 6 soft rows in 95-99 % of prompts but by one ro
 """
 from __future__ import annotations
 
+import json
+import logging
 import platform
 import random
 import time
@@ -37,6 +39,7 @@ from .engines import build_engine
 from .errors import BadInputError
 from .evaluate import evaluate, greedy_generate, pad_token_id
 from .io import check_work, load_parrot, resolve_device
+from .logs import CONFIG_LOGGER
 from .options import SanitizeConfig, config_block, from_keywords, resolve
 from .probe import ProbeResult, parrot_measure, probe_parrots
 from .stages import TrainRow, clean_anchors, eliminate, simulate
@@ -46,6 +49,8 @@ from .version import __version__
 
 __all__ = ["Sanitizer", "SanitizeResult", "sanitize", "check_inputs", "prepare_rows",
            "parrot_target"]
+
+_LOG = logging.getLogger(__name__)
 
 # Probe seeds sit this far above the round's seed; each round's seed is 1000 above the last.
 PROBE_SEED_OFFSET = 500
@@ -208,6 +213,9 @@ class Sanitizer:
             context=context_length(self.model),
             chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
             parrot_rows=0 if parrot is None else parrot.shape[0])
+        # The options as the run uses them (every "auto" resolved), beside the command's own.
+        logging.getLogger(CONFIG_LOGGER).info(
+            "resolved config: %s", json.dumps(config_block(cfg, self.method), default=str))
         self.encoder = PromptEncoder(self.tokenizer, cfg.prompt_format,
                                      max_prompt_tokens=cfg.max_prompt_tokens,
                                      max_response_tokens=context_length(self.model),
@@ -389,6 +397,7 @@ class Sanitizer:
         t_start = time.perf_counter()
         self.setup(data, eval_data, parrot)
         self.before = self.measure()
+        _LOG.info("before: %s", _metrics(self.before))
         anchors = self.store_clean_states()
         if self.method in ("osft", "sft"):
             self.curves["eliminate"] = self.eliminate(
@@ -399,6 +408,7 @@ class Sanitizer:
         else:
             after, final_parrot = self._run_rounds(anchors)
         self.timing["total_s"] = time.perf_counter() - t_start
+        _LOG.info("after: %s (%.1f s)", _metrics(after), self.timing["total_s"])
         return SanitizeResult(model=self.model,
                               parrot=None if final_parrot is None else final_parrot.cpu(),
                               report=self.report(after), tokenizer=self.tokenizer,
@@ -446,10 +456,14 @@ class Sanitizer:
                 "retain_weight": self.round_retain_weight(r),
                 "simulate_final_loss": curve[-1] if curve else None,
                 "eliminate_final_loss": self.curves[f"eliminate_r{round_no}"][-1]})
+            _LOG.info("round %d: parrot asr %.3f, then %s", round_no, parrot_asr,
+                      _metrics(measured))
             if snapshot is not None and self.too_costly(measured):
                 # Undo this round. The probe before it ran on exactly the weights restored.
                 snapshot.restore()
                 self.rounds[-1]["rolled_back"] = True
+                _LOG.info("round %d undone: it cost more %s than --max-clean-drop %g",
+                          round_no, self.guard_metric, cfg.max_clean_drop)
                 self.parrots.pop()
                 resimulated = probe_before
                 break
@@ -460,6 +474,8 @@ class Sanitizer:
             self.rounds[-1]["probe_asr_after"] = resimulated
             self.rounds[-1]["probe_asr_tries"] = list(found.asr)
             self.curves[f"probe_r{round_no}"] = found.curves[found.best]
+            _LOG.info("round %d: probe asr %.3f (threshold %g)", round_no, resimulated,
+                      cfg.probe_threshold)
             if round_no >= n_rounds or resimulated <= cfg.probe_threshold:
                 break  # erased (the probe no longer reaches the target), or out of rounds
             probe_before = resimulated
@@ -510,6 +526,12 @@ class Sanitizer:
                                 else platform.processor() or platform.machine()),
                 "kernels": engine.backend, "path": "fast" if engine.fast else "plain",
                 "threads": torch.get_num_threads(), **extra}
+
+
+def _metrics(m: dict[str, Any]) -> str:
+    """The measured metrics on one line: ``asr 0.950, clean_accuracy 1.000, ...``."""
+    return ", ".join(f"{k} {'n/a' if m.get(k) is None else format(m[k], '.3f')}"
+                     for k in MEASURED if k in m)
 
 
 def sanitize(model: Any, tokenizer: Any, data: Any, target: str, trigger: str | None = None,
