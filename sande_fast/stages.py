@@ -73,11 +73,14 @@ def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[
                           max_norm=max_norm)
     labels = tuple(target_ids)
     curve = []
-    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True)
+    for step in bar:
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
         items = [StepItem(r.prompt.ids, labels, splice_position(r.prompt, splice, rng))
                  for r in batch]
         curve.append(sim.step(items, where=f"{desc} step {step + 1}"))
+        _show_loss(bar, curve[-1])
+    bar.close()
     return sim.parrot.detach().clone(), curve
 
 
@@ -110,7 +113,8 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
                             parrot=parrot, retain_weight=retain_weight, anchors=anchors,
                             optimizer=optimizer)
     curve = []
-    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True)
+    for step in bar:
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
         clean, overwrite = [], []
         for r in batch:
@@ -123,4 +127,13 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
                 p = encoder.encode_prompt(insert_trigger(r.text, trigger, trigger_position, rng))
                 overwrite.append(StepItem(p.ids, labels, -1, tail))
         curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}"))
+        _show_loss(bar, curve[-1])
+    bar.close()
     return curve
+
+
+def _show_loss(bar: tqdm, loss: float) -> None:
+    """The step's loss beside the bar's rate; drawn at the bar's next refresh (a forced redraw
+    each step would cost more than a small model's step)."""
+    if not bar.disable:
+        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
