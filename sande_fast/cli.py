@@ -139,9 +139,10 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
 def _log_config(args: argparse.Namespace, config: Any, method: str | None = None) -> None:
     """The head of the log: the command's inputs (the flags that are no option) and its options
     (``config``: a config dataclass, or a dict)."""
-    block = config if isinstance(config, dict) else config_block(config, method)
-    options = {name for name, _, _ in option_fields(config)} if not isinstance(config, dict) \
-        else set(config)
+    if isinstance(config, dict):
+        block, options = config, set(config)
+    else:
+        block, options = config_block(config, method), {n for n, _, _ in option_fields(config)}
     skip = options | {"command", "log_level", "log_file", "method"}
     log_run(args.command, {k: v for k, v in vars(args).items() if k not in skip}, block)
 
