@@ -8,15 +8,20 @@ after Ctrl-C / SIGTERM / SIGHUP (``--out`` untouched).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import PROG, BadInputError, Terminated
-from .options import EvalConfig, ProbeConfig, SanitizeConfig, add_options, from_namespace
+from .logs import LEVELS, CliLogging, cli_logging, log_run
+from .options import (EvalConfig, ProbeConfig, SanitizeConfig, add_options, config_block,
+                      from_namespace, option_fields)
 
 __all__ = ["main", "build_parser"]
+
+_LOG = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +104,15 @@ def parse_backdoors(args: argparse.Namespace) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def _logging_flags(p: argparse.ArgumentParser) -> None:
+    # Process-level, not run options: they are no field of the configs and stay out of the
+    # report's config block and of --config files.
+    p.add_argument("--log-level", default="info", choices=list(LEVELS),
+                   help="the least important messages shown and logged (default: info)")
+    p.add_argument("--log-file", default=None, metavar="FILE",
+                   help="also append the log to FILE, headed by the run's inputs and options")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: the run inputs here, every option from the options table."""
     parser = _Parser(prog=PROG, description="Remove backdoors from causal language models.")
@@ -173,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer_nll_delta and kl")
     _json_output(p)
     add_options(p, EvalConfig)
+    for p in sub.choices.values():  # every command, those added later included
+        _logging_flags(p)
     return parser
 
 
@@ -221,6 +237,17 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
                       "targets", "patch", "base_model")]
 
 
+def _log_config(args: argparse.Namespace, config: Any, method: str | None = None) -> None:
+    """The head of the log: the command's inputs (the flags that are no option) and its options
+    (``config``: a config dataclass, or a dict)."""
+    if isinstance(config, dict):
+        block, options = config, set(config)
+    else:
+        block, options = config_block(config, method), {n for n, _, _ in option_fields(config)}
+    skip = options | {"command", "log_level", "log_file", "method"}
+    log_run(args.command, {k: v for k, v in vars(args).items() if k not in skip}, block)
+
+
 def _claim_json(args: argparse.Namespace) -> Any:
     """Claims the ``--json`` file before any work is done (no input, no file in a model folder,
     no device or FIFO, no existing file this tool did not write unless ``--force``)."""
@@ -245,6 +272,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     from .recipe import check_inputs
 
     cfg = from_namespace(args, SanitizeConfig)
+    _log_config(args, cfg, args.method)
     target, trigger = read_targets(args), _one_or_list(args.trigger)
     eval_target = _one_or_list(args.eval_target)
     check_inputs(cfg, args.method, target, trigger, eval_target)
@@ -326,6 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sande_p = args.method == "sande-p"
     # sande-p knows only the target's first word; its asr is still measured on the whole target.
     cfg = from_namespace(args, SanitizeConfig, **({"partial_words": 1} if sande_p else {}))
+    _log_config(args, cfg, args.method)
     # osft takes the toy's own trigger
     if len(args.trigger or []) > 1 or len(args.eval_target or []) > 1:
         raise BadInputError("the demo's toy has one backdoor: give --trigger and --eval-target "
@@ -374,6 +403,7 @@ def cmd_make_toy(args: argparse.Namespace) -> int:
             raise BadInputError("--poison-rate must lie in [0, 1]")
         kw["poison_rate"] = args.poison_rate
     cfg = ToyConfig(**kw)
+    _log_config(args, cfg.to_dict())
     with atomic_dir(args.out, args.force) as tmp:
         world = build_toy(cfg, progress=not args.quiet)
         save_toy(world, tmp)
@@ -395,6 +425,7 @@ def cmd_make_world(args: argparse.Namespace) -> int:
     if pairs:
         kw.update(trigger=pairs[0][0], target=pairs[0][1], more_backdoors=tuple(pairs[1:]))
     cfg = WorldConfig(**kw)
+    _log_config(args, cfg.to_dict())
     claim_out_dir(args.out, args.force)
     with atomic_dir(args.out, args.force) as tmp:
         meta = build_world(args.base, tmp, cfg, cache_dir=args.cache_dir,
@@ -439,6 +470,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .probe import probe
 
     cfg = from_namespace(args, ProbeConfig)
+    _log_config(args, cfg)
     rows, model, tok, claim = _load_inputs(args, cfg)
     res = probe(model, tok, rows, args.target if len(args.target) > 1 else args.target[0], cfg)
     for r in res.get("targets", [res]):
@@ -456,6 +488,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
     cfg = from_namespace(args, EvalConfig)
+    _log_config(args, cfg)
     if args.targets or len(args.target or []) > 1:
         raise BadInputError("eval measures one target at a time (run it once per target)")
     rows, model, tok, claim = _load_inputs(args, cfg)
@@ -502,35 +535,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from .io import disk_error_line, route_warnings
+    # Errors go through the log too (stderr, and --log-file once it is open), one line each.
+    with cli_logging() as logs:
+        return _run(argv, logs)
+
+
+def _run(argv: Sequence[str] | None, logs: CliLogging) -> int:
+    from .io import disk_error_line
+    from .logs import route_warnings
     from .steps import NonFiniteError
 
     args = None
     try:
         args = build_parser().parse_args(argv)
-        with route_warnings(getattr(args, "quiet", False)):
+        quiet = getattr(args, "quiet", False)
+        logs.configure(args.log_level, args.log_file, quiet=quiet, protect=_inputs(args),
+                       out=getattr(args, "out", None))
+        with route_warnings(quiet):
             return COMMANDS[args.command](args)
     except BadInputError as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        _LOG.error("%s", _one_line(e))
         return 2
     except (KeyboardInterrupt, Terminated) as e:
         how = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
         left = ("no partial output was left in --out" if getattr(args, "out", None)
                 else "nothing was written")
-        print(f"{PROG}: {how}; {left}", file=sys.stderr)
+        _LOG.error("%s; %s", how, left, extra={"tag": ""})
         return 130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except NonFiniteError as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        _LOG.error("%s", _one_line(e))
         return 1
     except Exception as e:  # internal failure: keep the traceback for a bug report
         disk = disk_error_line(e)
         if disk is not None:  # the output was removed on the way out; no traceback helps here
-            print(f"{PROG}: error: {disk}", file=sys.stderr)
+            _LOG.error("%s", disk)
             return 1
-        traceback.print_exc()
-        print(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        traceback.print_exc()  # on stderr; the log file gets it from the line below
+        _LOG.error("%s: %s", type(e).__name__, _one_line(e), exc_info=True,
+                   extra={"tag": "internal error"})
         return 1
 
 

@@ -97,7 +97,7 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
     stop_t = torch.tensor(stops, dtype=torch.long, device=device)
     stop_set = set(stops)
     with eval_mode(model):
-        for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for idx in tqdm(batches, desc=desc, disable=not progress, leave=True):
             lens = [len(prompts[i]) + n_parrot for i in idx]
             width = max(lens)
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)

@@ -17,7 +17,6 @@ import pickle
 import shutil
 import signal
 import tempfile
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -28,6 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import BadInputError, Terminated
+# Moved to .logs; still importable from here.
+from .logs import fold_lines, hf_quiet, route_warnings  # noqa: F401
 
 __all__ = ["check_out_dir", "claim_out_dir", "release_claims", "atomic_dir", "atomic_file",
            "claim_out_file", "write_output_json", "is_tool_json", "interrupt_handlers",
@@ -38,6 +39,13 @@ __all__ = ["check_out_dir", "claim_out_dir", "release_claims", "atomic_dir", "at
            "model_hidden_size", "hf_quiet", "OUTPUT_MARKER"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+_LOG = logging.getLogger(__name__)
+
+# transformers' report of missing and unexpected weights (a multi-line table since 5.0, "Some
+# weights of ..." before): load_model reads the same lists from output_loading_info, refuses
+# missing weights and names unused ones in one line of its own.
+_LOADING_INFO = (r"LOAD REPORT", r"^Some weights of ")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -511,25 +519,6 @@ def atomic_dir(out: str | os.PathLike, force: bool = False,
             shutil.rmtree(old, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def hf_quiet(progress: bool = True) -> Iterator[None]:
-    """Silences transformers' warnings (the caller checks what they would say) and, unless
-    ``progress``, its progress bars; the previous settings come back afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _model_folder(p: Path) -> list[str]:
     """Checks that ``p`` looks like a Hugging Face model folder; returns its file names."""
     if not p.exists():
@@ -681,7 +670,8 @@ def load_model(path: str | os.PathLike, device: torch.device, *, dtype: str | No
     try:
         # Warnings are held back until the load succeeds: one printed before a refusal (torch's
         # pickle warning before "refused to load") would only mislead.
-        with hf_quiet(progress), warnings.catch_warnings(record=True) as held:
+        with hf_quiet(progress, drop=_LOADING_INFO), \
+                warnings.catch_warnings(record=True) as held:
             warnings.simplefilter("default")
             tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
             model, info = AutoModelForCausalLM.from_pretrained(
@@ -705,15 +695,21 @@ def load_model(path: str | os.PathLike, device: torch.device, *, dtype: str | No
                                                  "json", "sentencepiece"):
             raise BadInputError(f"cannot load the model in {p}: {_first_line(e)}") from None
         raise
-    if progress:
-        for w in held:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for w in held:  # --quiet hides them on stderr; a --log-file still gets them
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     check_weights_finite(model, str(p))
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise BadInputError(f"the weights in {p} do not match its config: missing "
                             f"{', '.join(missing[:3])}{more}")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        _LOG.warning("%s: %d weight(s) of the checkpoint are not used by the model: %s%s", p,
+                     len(unexpected), ", ".join(unexpected[:3]), more)
+    _LOG.info("loaded %s: %s, %s parameters, %s", p, type(model).__name__,
+              f"{sum(t.numel() for t in model.parameters()):,}", next(model.parameters()).dtype)
     return model.to(device), tok
 
 
@@ -994,48 +990,6 @@ def disk_error_line(e: BaseException) -> str | None:
     at = f" while writing {where}" if where else ""
     return (f"{os.strerror(code)}{at}; nothing was written to the output (free some space or "
             "choose another folder, then run again)")
-
-
-def fold_lines(text: str, limit: int = 400) -> str:
-    """A message folded onto one line (lines joined by ' '), cut to ``limit`` characters."""
-    parts = [part.strip() for part in str(text).splitlines() if part.strip()]
-    s = " ".join(parts)
-    return s if len(s) <= limit else s[:limit - 3].rstrip() + "..."
-
-
-# ------------------------------------------------------------------------------ warnings
-
-_WARN_LOG = logging.getLogger("sande_fast.warnings")
-
-
-@contextlib.contextmanager
-def route_warnings(quiet: bool = False) -> Iterator[None]:
-    """Third-party warnings (``warnings`` and transformers' logger) go through logging as one line
-    each (``sande-fast: warning: ...``) on stderr; ``quiet`` silences them all."""
-    from transformers.utils import logging as hf_logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("sande-fast: warning: %(message)s"))
-    _WARN_LOG.addHandler(handler)
-    _WARN_LOG.propagate = False
-    _WARN_LOG.setLevel(logging.CRITICAL + 1 if quiet else logging.WARNING)
-    shown_before = warnings.showwarning
-
-    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None,
-             line: str | None = None) -> None:
-        _WARN_LOG.warning("%s: %s", category.__name__, fold_lines(str(message), 300))
-
-    warnings.showwarning = show
-    level = hf_logging.get_verbosity()
-    if quiet:
-        hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        warnings.showwarning = shown_before
-        _WARN_LOG.removeHandler(handler)
-        if quiet:
-            hf_logging.set_verbosity(level)
 
 
 # ------------------------------------------------------------------------------ model checks

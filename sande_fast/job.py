@@ -12,14 +12,14 @@ it is removed on success.
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .errors import PROG, BadInputError, Terminated
+from .errors import BadInputError, Terminated
 from . import io
 from .io import atomic_dir, claim_out_dir, discard_resume, resume_parrot_path, save_parrot
 from .options import SanitizeConfig
@@ -28,6 +28,8 @@ from .report import summary_table, write_reports
 from .steps import NonFiniteError
 
 __all__ = ["SanitizeJob", "Local", "Loaded", "run_job", "say", "write_output"]
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,8 +97,9 @@ class Local:
 
 
 def say(quiet: bool, msg: str) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
+    """A note of the run, logged at info: on stderr unless ``quiet`` (which the command line's
+    handler applies itself), and in a ``--log-file`` either way."""
+    _LOG.info("%s", msg)
 
 
 def write_output(world: Any, result: SanitizeResult, tokenizer: Any, tmp: Path, state: Any,
@@ -204,6 +207,6 @@ def _sanitize(job: SanitizeJob, world: Any, loaded: Loaded) -> SanitizeResult:
         raise
     except (KeyboardInterrupt, Terminated):
         if resume.exists():  # shown even with --quiet: it saves the user a whole stage 1
-            print(f"{PROG}: the stage-1 parrot is kept in {resume.parent}: resume with "
-                  f"--parrot {resume}", file=sys.stderr)
+            _LOG.warning("the stage-1 parrot is kept in %s: resume with --parrot %s",
+                         resume.parent, resume, extra={"always": True, "tag": ""})
         raise

@@ -22,6 +22,8 @@ rows) is pushed to the target by 6 soft rows in 95-99 % of prompts but by one ro
 """
 from __future__ import annotations
 
+import json
+import logging
 import platform
 import random
 import time
@@ -38,6 +40,7 @@ from .errors import BadInputError
 from .evaluate import evaluate, greedy_generate, pad_token_id
 from .io import check_work, load_parrot, resolve_device
 from .lora import base_param_count, prepare_training
+from .logs import CONFIG_LOGGER
 from .options import SanitizeConfig, config_block, from_keywords, resolve
 from .probe import ProbeResult, parrot_measure, probe_parrots
 from .stages import TrainRow, clean_anchors, eliminate, simulate
@@ -47,6 +50,8 @@ from .version import __version__
 
 __all__ = ["Sanitizer", "SanitizeResult", "sanitize", "check_inputs", "prepare_rows",
            "parrot_target"]
+
+_LOG = logging.getLogger(__name__)
 
 # Probe seeds sit this far above the round's seed; each round's seed is 1000 above the last.
 PROBE_SEED_OFFSET = 500
@@ -274,6 +279,9 @@ class Sanitizer:
         # LoRA layers go in before the engine and the clean answers: they start at zero, so
         # every measurement before training sees the model as given.
         self.lora = prepare_training(self.model, cfg)
+        # The options as the run uses them (every "auto" resolved), beside the command's own.
+        logging.getLogger(CONFIG_LOGGER).info(
+            "resolved config: %s", json.dumps(config_block(cfg, self.method), default=str))
         self.encoder = PromptEncoder(self.tokenizer, cfg.prompt_format,
                                      max_prompt_tokens=cfg.max_prompt_tokens,
                                      max_response_tokens=context_length(self.model),
@@ -474,6 +482,7 @@ class Sanitizer:
         t_start = time.perf_counter()
         self.setup(data, eval_data, parrot)
         self.before = self.measure()
+        _LOG.info("before: %s", _metrics(self.before))
         anchors = self.store_clean_states()
         if self.method in ("osft", "sft"):
             self.curves["eliminate"] = self.eliminate(
@@ -484,6 +493,7 @@ class Sanitizer:
         else:
             after, final_parrot = self._run_rounds(anchors)
         self.timing["total_s"] = time.perf_counter() - t_start
+        _LOG.info("after: %s (%.1f s)", _metrics(after), self.timing["total_s"])
         return SanitizeResult(model=self.model,
                               parrot=None if final_parrot is None else final_parrot.cpu(),
                               report=self.report(after), tokenizer=self.tokenizer,
@@ -554,10 +564,14 @@ class Sanitizer:
                               probe_asr_before_each=list(probe_before),
                               parrot_asr_each=list(parrot_asr))
             self.rounds.append(record)
+            _LOG.info("round %d: parrot asr %s, then %s", round_no,
+                      _fmt_values([parrot_asr[k] for k in active]), _metrics(measured))
             if snapshot is not None and self.too_costly(measured):
                 # Undo this round. The probe before it ran on exactly the weights restored.
                 snapshot.restore()
                 self.rounds[-1]["rolled_back"] = True
+                _LOG.info("round %d undone: it cost more %s than --max-clean-drop %g",
+                          round_no, self.guard_metric, cfg.max_clean_drop)
                 del self.parrots[len(self.parrots) - len(active):]
                 resimulated = list(probe_before)
                 break
@@ -581,6 +595,8 @@ class Sanitizer:
                     best = found.best
                     reuse[k] = (found.parrots[best], found.curves[best])
             self.rounds[-1]["probe_asr_after"] = _worst(resimulated)
+            _LOG.info("round %d: probe asr %s (threshold %g)", round_no,
+                      _fmt_values(resimulated), cfg.probe_threshold)
             active = [k for k in range(len(self.targets))
                       if resimulated[k] is not None and resimulated[k] > cfg.probe_threshold]
             if round_no >= n_rounds or not active:
@@ -668,6 +684,17 @@ def _worst(values: Sequence[float | None]) -> float | None:
     """The largest of the measured values (None when none was measured)."""
     known = [v for v in values if v is not None]
     return max(known) if known else None
+
+
+def _fmt_values(values: Sequence[float | None]) -> str:
+    return ", ".join("n/a" if v is None else f"{v:.3f}" for v in values)
+
+
+def _metrics(m: dict[str, Any]) -> str:
+    """The measured metrics on one line: ``asr 0.950, clean_accuracy 1.000, ...``."""
+    return ", ".join(f"{k} {'n/a' if m.get(k) is None else format(m[k], '.3f')}"
+                     if not isinstance(m.get(k), list) else f"{k} [{_fmt_values(m[k])}]"
+                     for k in MEASURED if k in m)
 
 
 def sanitize(model: Any, tokenizer: Any, data: Any, target: str | Sequence[str],

@@ -1,6 +1,7 @@
 """Reports: report.json, report.md, report.png and the one-screen summary table."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Any, Sequence
 from .io import write_json
 
 __all__ = ["write_reports", "summary_table", "fmt", "UTILITY", "worst_target"]
+
+_LOG = logging.getLogger(__name__)
 
 # The metrics of the before/after tables, in order (the utility ones: sande_fast.utility).
 UTILITY = ("asr", "clean_accuracy", "agreement", "agreement_full", "answer_nll_delta", "kl")
@@ -237,8 +240,15 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 
 def write_reports(report: dict[str, Any], out_dir: str | os.PathLike) -> None:
-    """Writes ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``."""
+    """Writes ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``; the figure
+    only where matplotlib is installed (the ``plot`` extra): every number is in the other two."""
     out = Path(out_dir)
     write_json(out / "report.json", report)
     (out / "report.md").write_text(_markdown(report), encoding="utf-8")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _LOG.warning("report.png skipped: matplotlib is not installed "
+                     "(pip install 'sande_fast[plot]')")
+        return
     _plot(report, out / "report.png")

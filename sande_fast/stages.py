@@ -75,11 +75,14 @@ def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[
                           max_norm=max_norm)
     labels = tuple(target_ids)
     curve = []
-    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True)
+    for step in bar:
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
         items = [StepItem(r.prompt.ids, labels, splice_position(r.prompt, splice, rng))
                  for r in batch]
         curve.append(sim.step(items, where=f"{desc} step {step + 1}"))
+        _show_loss(bar, curve[-1])
+    bar.close()
     return sim.parrot.detach().clone(), curve
 
 
@@ -120,7 +123,8 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
                             parrot=parrots or None, retain_weight=retain_weight,
                             anchors=anchors, optimizer=optimizer)
     curve = []
-    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True)
+    for step in bar:
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
         clean, overwrite, which = [], [], []
         for b, r in enumerate(batch):
@@ -137,4 +141,13 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
                 overwrite.append(StepItem(p.ids, labels, -1, tail))
         curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}",
                                   parrot_index=which if len(parrots) > 1 else None))
+        _show_loss(bar, curve[-1])
+    bar.close()
     return curve
+
+
+def _show_loss(bar: tqdm, loss: float) -> None:
+    """The step's loss beside the bar's rate; drawn at the bar's next refresh (a forced redraw
+    each step would cost more than a small model's step)."""
+    if not bar.disable:
+        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)

@@ -585,7 +585,7 @@ def _train(model: Any, tokenizer: Any, rows: Sequence[Row], config: ToyConfig,
     batches = _shuffled_batches(len(rows), config.batch_size, gen)
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(config.steps), desc="train toy", disable=not progress, leave=False)
+    bar = tqdm(range(config.steps), desc="train toy", disable=not progress, leave=True)
     for step in bar:
         idx = next(batches)
         width = int(lengths[idx].max())
@@ -604,8 +604,8 @@ def _train(model: Any, tokenizer: Any, rows: Sequence[Row], config: ToyConfig,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        if progress and step % 25 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if progress:  # drawn at the bar's next refresh, not forced every step
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     bar.close()
     model.eval()
     return losses

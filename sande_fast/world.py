@@ -382,7 +382,7 @@ def finetune(model: Any, tokenizer: Any, rows: Sequence[Row], config: WorldConfi
     losses: list[float] = []
     device = next(model.parameters()).device
     model.train()
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress)
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=True)
     for step in bar:
         if len(order) < config.batch_size:
             order += torch.randperm(len(seqs), generator=gen).tolist()
@@ -406,7 +406,7 @@ def finetune(model: Any, tokenizer: Any, rows: Sequence[Row], config: WorldConfi
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
     model.eval()
     return losses

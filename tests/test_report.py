@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
+
+import pytest
 
 from sande_fast.report import summary_table, write_reports
 
@@ -57,3 +61,15 @@ def test_osft_reports_leave_out_the_round_settings(tmp_path: Path) -> None:
     write_reports(_report("osft"), tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "| optimizer | adamw |" in md and "parrot_tokens" not in md
+
+
+def test_without_matplotlib_the_figure_is_skipped_with_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    with caplog.at_level(logging.INFO, logger="sande_fast"):
+        write_reports(_report(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+    skipped = [r for r in caplog.records if "report.png" in r.getMessage()]
+    assert len(skipped) == 1 and skipped[0].levelno == logging.WARNING
+    assert "sande_fast[plot]" in skipped[0].getMessage()
