@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -109,10 +110,12 @@ def write_output(world: Any, result: SanitizeResult, tokenizer: Any, tmp: Path, 
     the reports, into ``tmp``."""
     from .lora import lora_layers, save_adapter
 
+    t = time.perf_counter()
     if lora_layers(result.model):
         save_adapter(result.model, tmp, tokenizer)  # one process only (recipe refuses --fsdp)
     else:
         world.save_model(result.model, tokenizer, tmp, state, progress)
+    result.report["timing"]["stages"]["save_s"] = time.perf_counter() - t
     if after_save is not None:
         after_save(tmp, result.report)
     if result.parrot is not None:
@@ -142,16 +145,22 @@ def run_job(job: SanitizeJob, world: Any = None) -> int:
     with contextlib.ExitStack() as output:
         error = None
         tmp = None
+        load_s = 0.0
         try:
             if world.writer:  # --out lives on the writer's machine; claimed until the result is in
                 claim_out_dir(job.out, job.force, job.inputs)
                 if not world.fsdp:
                     tmp = output.enter_context(atomic_dir(job.out, job.force, job.inputs))
+            t_load = time.perf_counter()
             loaded = job.load(world)
+            load_s = time.perf_counter() - t_load
         except BadInputError as e:
             error = str(e)
         world.agree(error)
         result = _sanitize(job, world, loaded)
+        # Loading happens before the recipe starts its clock: the report's phases add it.
+        result.report["timing"]["stages"] = {"load_s": load_s,
+                                             **result.report["timing"]["stages"]}
         state = world.gather(result.model)
         if not world.writer:
             # The writer renames the output only when this says every rank got here.

@@ -229,7 +229,7 @@ class Sanitizer:
         self.fsdp, self.mixed_precision = fsdp, mixed_precision
         self.on_parrot = on_parrot
         self.timing = {"simulate_s": 0.0, "eliminate_s": 0.0, "eval_s": 0.0, "probe_s": 0.0,
-                       "prepare_s": 0.0}
+                       "prepare_s": 0.0, "answers_s": 0.0}
         self.curves: dict[str, list[float]] = {}
         self.rounds: list[dict[str, Any]] = []
         self.parrots: list[torch.Tensor] = []
@@ -298,9 +298,13 @@ class Sanitizer:
         if not all(self.simulate_id_lists):
             raise BadInputError("--target tokenises to nothing")
         self.simulate_text, self.simulate_ids = self.simulate_texts[0], self.simulate_id_lists[0]
+        t = time.perf_counter()
         self.train_rows = prepare_rows(self.runner, self.encoder, rows,
                                        max_new_tokens=cfg.max_new_tokens,
                                        batch_size=cfg.batch_size, progress=self.show)
+        # The model's own answers to rows without a response: a phase of its own in the report.
+        self.timing["answers_s"] += time.perf_counter() - t
+        t0 += time.perf_counter() - t
         self.truncated = self.encoder.truncated  # later encodings re-count the same prompts
         self.n_rows = len(rows)
         self.eval_rows = eval_rows if eval_rows is not None else [

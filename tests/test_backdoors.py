@@ -45,6 +45,11 @@ def test_two_targets_write_a_report_entry_and_a_parrot_each(
     p2 = load_file(str(out / "parrot_2.safetensors"))["parrot"]
     assert p1.shape == p2.shape and not (p1 == p2).all()
     assert "worst target" in cap.out and "## Backdoors" in (out / "report.md").read_text()
+    # The report times every phase of the run, loading and saving included.
+    stages = report["timing"]["stages"]
+    assert {"load_s", "answers_s", "prepare_s", "eval_s", "simulate_s", "eliminate_s",
+            "probe_s", "save_s"} <= set(stages)
+    assert all(v >= 0 for v in stages.values()) and stages["load_s"] > 0
 
 
 def test_targets_file_gives_the_same_run_as_repeated_target(
