@@ -448,7 +448,7 @@ def _load_inputs(args: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any
     """
     from .data import load_rows
     from .io import check_work, load_model, resolve_device
-    from .recipe import text_list
+    from .data import text_list
 
     args.target = text_list(read_targets(args), "--target")
     if getattr(args, "trigger", None) is not None and not args.trigger.strip():

@@ -35,6 +35,8 @@ __all__ = [
     "MAX_ROWS",
     "MAX_SEED",
     "check_seed",
+    "text_list",
+    "MAX_TEXT_CHARS",
     "model_stop_ids",
     "check_model_and_tokenizer",
     "check_target_fits",
@@ -763,6 +765,35 @@ def _longest_token(tok: Any) -> int:
     except Exception:
         longest = 0
     return max(16, min(longest, 4096)) if longest else 64
+
+
+# A target or trigger longer than this is refused (a backdoor's text, not a document).
+MAX_TEXT_CHARS = 1000
+
+
+def text_list(value: Any, option: str) -> list[str]:
+    """``value`` (None, a text, or a list of texts) as a list, each entry checked.
+
+    Raises:
+        BadInputError: an entry that is not a non-empty text, is longer than
+            :data:`MAX_TEXT_CHARS`, or repeats an earlier one (ignoring case and spacing).
+    """
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    seen: dict[str, int] = {}
+    for i, v in enumerate(items, 1):
+        where = f"{option} (entry {i})" if len(items) > 1 else option
+        if not isinstance(v, str) or not v.strip():
+            raise BadInputError(f"{where} must be a non-empty text")
+        if len(v) > MAX_TEXT_CHARS:
+            raise BadInputError(f"{where} is {len(v)} characters long; at most "
+                                f"{MAX_TEXT_CHARS}")
+        key = " ".join(v.split()).casefold()
+        if key in seen:
+            raise BadInputError(f"{where} repeats entry {seen[key]} ({v!r})")
+        seen[key] = i
+    return items
 
 
 def check_seed(seed: Any, option: str = "--seed") -> int:

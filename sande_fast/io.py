@@ -660,7 +660,8 @@ def load_model(path: str | os.PathLike, device: torch.device, *, dtype: str | No
     p = Path(path)
     if p.is_dir() and is_adapter_folder(p) and not (p / "config.json").is_file():
         return load_adapter_model(p, device, base_model=base_model, dtype=dtype,
-                                  trust_remote_code=trust_remote_code, progress=progress)
+                                  trust_remote_code=trust_remote_code, progress=progress,
+                                  load_base=load_model)
     if base_model is not None:
         raise BadInputError(f"--base-model is for a PEFT adapter folder as --model; {p} holds "
                             "no adapter_config.json")

@@ -384,10 +384,13 @@ def adapter_base(folder: str | os.PathLike, base_model: str | os.PathLike | None
 
 def load_adapter_model(folder: str | os.PathLike, device: torch.device, *,
                        base_model: str | os.PathLike | None = None, dtype: str | None = None,
-                       trust_remote_code: bool = False,
-                       progress: bool = True) -> tuple[Any, Any]:
+                       trust_remote_code: bool = False, progress: bool = True,
+                       load_base: Any) -> tuple[Any, Any]:
     """The base model with the PEFT LoRA adapter in ``folder`` attached (as
     :class:`LoraLinear` layers, frozen) and the base model's tokenizer.
+
+    ``load_base`` loads the base folder (:func:`sande_fast.io.load_model`, passed in by it, so
+    this module does not import the loader that dispatches to it).
 
     Only ``adapter_model.safetensors`` is read (a pickled ``adapter_model.bin`` is refused), and
     the base model never runs its own code: the adapter's config chooses which folder is loaded.
@@ -398,8 +401,6 @@ def load_adapter_model(folder: str | os.PathLike, device: torch.device, *,
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .io import load_model
 
     folder = Path(folder)
     if trust_remote_code:
@@ -416,8 +417,8 @@ def load_adapter_model(folder: str | os.PathLike, device: torch.device, *,
     except (SafetensorError, OSError) as e:
         raise BadInputError(f"cannot read {weights}: {e}") from None
     base = adapter_base(folder, base_model)
-    model, tok = load_model(base, device, dtype=dtype, trust_remote_code=False,
-                            progress=progress)
+    model, tok = load_base(base, device, dtype=dtype, trust_remote_code=False,
+                           progress=progress)
     targets = cfg["target_modules"]
     layers = attach_lora(model, targets, cfg["r"], float(cfg.get("lora_alpha", 8)),
                          float(cfg.get("lora_dropout") or 0.0))

@@ -139,7 +139,7 @@ def _probe_each(model: Any, tokenizer: Any, data: Any, targets: Sequence[str],
                 cfg: ProbeConfig, progress: bool | None) -> dict[str, Any]:
     """:func:`probe` for every target of a list, each with the same seeds: ``targets`` holds
     each one's result; ``probe_asr_max`` is the worst target's, named by ``worst_target``."""
-    from .recipe import text_list
+    from .data import text_list
 
     targets = text_list(targets, "--target")
     if not targets:

@@ -33,7 +33,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .adapter import ModelAdapter, context_length
-from .data import PromptEncoder, Row, check_model_and_tokenizer, load_rows, model_stop_ids
+from .data import (PromptEncoder, Row, check_model_and_tokenizer, load_rows, model_stop_ids,
+                   text_list)
 from .engine import LossEngine, choose_packing
 from .engines import build_engine
 from .errors import BadInputError
@@ -58,8 +59,6 @@ PROBE_SEED_OFFSET = 500
 ROUND_SEED_STRIDE = 1000
 # With several targets, target k's parrots take seeds this far above target 0's.
 TARGET_SEED_STRIDE = 100
-# A target or trigger longer than this is refused (a backdoor's text, not a document).
-MAX_TEXT_CHARS = 1000
 # What measure() returns after training, and the report's "after" block carries.
 MEASURED = ("asr", "clean_accuracy", "agreement", "agreement_full", "answer_nll_delta", "kl",
             "asr_each")
@@ -104,31 +103,6 @@ def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
         resp = answers[i] if i in answers else encoder.encode_response(r.response)
         out.append(TrainRow(r.prompt, p, tuple(resp), r.context))
     return out
-
-
-def text_list(value: Any, option: str) -> list[str]:
-    """``value`` (None, a text, or a list of texts) as a list, each entry checked.
-
-    Raises:
-        BadInputError: an entry that is not a non-empty text, is longer than
-            :data:`MAX_TEXT_CHARS`, or repeats an earlier one (ignoring case and spacing).
-    """
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else list(value)
-    seen: dict[str, int] = {}
-    for i, v in enumerate(items, 1):
-        where = f"{option} (entry {i})" if len(items) > 1 else option
-        if not isinstance(v, str) or not v.strip():
-            raise BadInputError(f"{where} must be a non-empty text")
-        if len(v) > MAX_TEXT_CHARS:
-            raise BadInputError(f"{where} is {len(v)} characters long; at most "
-                                f"{MAX_TEXT_CHARS}")
-        key = " ".join(v.split()).casefold()
-        if key in seen:
-            raise BadInputError(f"{where} repeats entry {seen[key]} ({v!r})")
-        seen[key] = i
-    return items
 
 
 def check_inputs(config: SanitizeConfig, method: str, target: Any, trigger: Any = None,
