@@ -97,10 +97,11 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
     """Stage 2 / OSFT / SFT: trains the model on (prompt + parrot or trigger) -> clean response.
 
     With a ``parrot``: overwrite items splice it at a fresh position each step. With a ``trigger``
-    (OSFT): the trigger text is inserted into the prompt at ``trigger_position``. A list of
-    parrots or triggers (several backdoors) is taken in turn, row by row across the steps, so
-    every backdoor gets an equal share of one pass and a step costs what it costs with one
-    backdoor. With neither
+    (OSFT): the trigger text is inserted into the prompt at ``trigger_position``. With a list
+    of parrots or triggers (several backdoors), every row of a batch gets one overwrite item
+    per backdoor, each at its own position: every mapping is overwritten as hard as a single
+    one would be, in one pass over the rows (taking the backdoors in turn, a row each, left
+    the toy's three mappings half found by the probe after a round). With neither
     (SFT baseline): only the clean term is trained, at weight 1. ``retain_weight`` and
     ``anchors`` (from :func:`clean_anchors`, taken before any training) add the hidden-state
     retention term of :class:`~sande_fast.steps.OverwriteStep`; ``optimizer`` is its
@@ -127,16 +128,15 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
     for step in bar:
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
         clean, overwrite, which = [], [], []
-        for b, r in enumerate(batch):
+        for r in batch:
             clean.append(_clean_item(r, window))
             labels, tail = clean[-1].labels, clean[-1].tail
-            k = (step * batch_size + b) % max(len(parrots), len(triggers), 1)
-            if parrots:
+            for k in range(len(parrots)):
                 overwrite.append(StepItem(r.prompt.ids, labels,
                                           splice_position(r.prompt, splice, rng), tail))
                 which.append(k)
-            elif triggers:
-                p = encoder.encode_prompt(insert_trigger(r.text, triggers[k], trigger_position,
+            for trigger_k in triggers:
+                p = encoder.encode_prompt(insert_trigger(r.text, trigger_k, trigger_position,
                                                          rng), r.context)
                 overwrite.append(StepItem(p.ids, labels, -1, tail))
         curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}",
