@@ -1,0 +1,184 @@
+"""Frozen-prefix reuse across steps (:meth:`LossEngine.reuse_frozen_prefixes`) against the plain
+path: the same loss and parrot gradient at every step, on every tiny architecture, and a cache
+that never serves a model that trains or whose weights moved."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sande_fast.batching import StepItem
+from sande_fast.engine import LossEngine
+from sande_fast.stages import TrainRow, simulate
+from sande_fast.steps import OverwriteStep, frozen
+
+from step_helpers import VOCAB, close, grads, make_items
+from tiny_models import ARCHS, tiny_model
+
+
+def sliding_model() -> torch.nn.Module:
+    """Mistral with a sliding window longer than the test sequences (so prefixes split)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        sliding_window=40)).float().eval()
+
+
+def model_of(arch: str) -> torch.nn.Module:
+    return sliding_model() if arch == "mistral-window" else tiny_model(arch, VOCAB, seed=1)
+
+
+def draws(rng: random.Random, pool: list[StepItem], steps: int, batch: int) -> list[list[StepItem]]:
+    """``steps`` batches of rows from ``pool``, each with a fresh random splice."""
+    out = []
+    for _ in range(steps):
+        rows = [pool[rng.randrange(len(pool))] for _ in range(batch)]
+        out.append([StepItem(r.prompt, r.labels, rng.randint(0, len(r.prompt)), r.tail)
+                    for r in rows])
+    return out
+
+
+def parrot_step(eng: LossEngine, model: torch.nn.Module, items: list[StepItem],
+                parrot: torch.Tensor) -> tuple[float, torch.Tensor]:
+    parrot.grad = None
+    with frozen(model):
+        val = eng.accumulate(items, parrot, sum(len(it.labels) for it in items))
+    return val, parrot.grad.clone()
+
+
+@pytest.mark.parametrize("arch", ARCHS + ("mistral-window",))
+@pytest.mark.parametrize("small", [False, True])
+def test_reused_prefixes_match_plain_at_every_step(arch: str, small: bool) -> None:
+    # small: the keys and values of about 24 tokens, two prompts or so, so entries are evicted
+    # and recomputed (and a long prompt is used for its step without being kept)
+    model = model_of(arch)
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    per_token = 2 * 2 * kv_heads * (cfg.hidden_size // heads) * 4  # 2 layers, K and V, fp32
+    budget = 24 * per_token if small else 1 << 30
+    pool = make_items(random.Random(4), 5, parrot=False)
+    batches = draws(random.Random(5), pool, 6, 4)
+    parrot = torch.randn(3, model.config.hidden_size, requires_grad=True)
+    plain = LossEngine(model, fast=False, max_batch=3)
+    fast = LossEngine(model, fast=True, packed=False, token_budget=40, max_batch=3,
+                      min_frozen_prefix=0, reuse_budget=budget)
+    with fast.reuse_frozen_prefixes() as cache:
+        assert cache is not None
+        for k, items in enumerate(batches):
+            with torch.no_grad():
+                parrot.add_(0.01)  # a stage-1 step moves the parrot, not the model
+            v0, g0 = parrot_step(plain, model, items, parrot)
+            v1, g1 = parrot_step(fast, model, items, parrot)
+            assert abs(v0 - v1) <= 1e-5 * abs(v0), k
+            close(g1, g0)
+            assert cache.bytes <= budget
+        assert cache.hits > 0  # prompts came back and were served from the cache
+        if not small:
+            # each prompt ran at most twice (its first prefix, then all of it)
+            assert cache.computed <= 2 * len(pool)
+    assert fast._reuse is None
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_reuse_is_off_where_nothing_splits() -> None:
+    model = tiny_model("llama", VOCAB, seed=1)
+    for eng in (LossEngine(model, fast=False), LossEngine(model, packed=True),
+                LossEngine(model, packed=False, frozen_prefix=False),
+                LossEngine(model, packed=False, reuse_budget=0)):
+        with eng.reuse_frozen_prefixes() as cache:
+            assert cache is None
+
+
+def test_scopes_nest_and_the_cache_ends_with_the_outermost() -> None:
+    eng = LossEngine(tiny_model("llama", VOCAB, seed=1), packed=False)
+    with eng.reuse_frozen_prefixes() as outer:
+        with eng.reuse_frozen_prefixes() as inner:
+            assert inner is outer is not None
+        assert eng._reuse is outer
+    assert eng._reuse is None
+
+
+def test_no_reuse_once_the_model_trains() -> None:
+    """Inside the scope a training step is refused; after it the engine computes its prefixes
+    afresh (stage 2 after stage 1 sees the trained weights), matching the plain path."""
+    model = tiny_model("llama", VOCAB, seed=3)
+    pool = make_items(random.Random(6), 4, parrot=False)
+    batches = draws(random.Random(7), pool, 3, 4)
+    parrot = torch.randn(3, 32, requires_grad=True)
+    fast = LossEngine(model, packed=False, token_budget=40, max_batch=3, min_frozen_prefix=0)
+    plain = LossEngine(model, fast=False, max_batch=3)
+    step = OverwriteStep(fast, lr=1e-2, parrot=parrot.detach())
+    with fast.reuse_frozen_prefixes() as cache:
+        parrot_step(fast, model, batches[0], parrot)
+        assert len(cache) > 0
+        with pytest.raises(RuntimeError, match="reuse_frozen_prefixes"):
+            fast.accumulate(batches[1], parrot.detach(), 4.0)  # the model is not frozen here
+    assert fast._reuse is None
+    step.step(batches[1], [])  # trains the model: the kept keys and values would be stale now
+    for items in batches:
+        v0, g0 = parrot_step(plain, model, items, parrot)
+        v1, g1 = parrot_step(fast, model, items, parrot)
+        assert abs(v0 - v1) <= 1e-5 * abs(v0)
+        close(g1, g0)
+
+
+def test_weights_written_in_place_drop_the_cache() -> None:
+    model = tiny_model("qwen2", VOCAB, seed=4)
+    pool = make_items(random.Random(8), 3, parrot=False)
+    batches = draws(random.Random(9), pool, 2, 4)
+    parrot = torch.randn(3, 32, requires_grad=True)
+    fast = LossEngine(model, packed=False, token_budget=40, max_batch=3, min_frozen_prefix=0)
+    plain = LossEngine(model, fast=False, max_batch=3)
+    with fast.reuse_frozen_prefixes() as cache:
+        parrot_step(fast, model, batches[0], parrot)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.05)
+        hits = cache.hits
+        v1, g1 = parrot_step(fast, model, batches[0], parrot)
+        assert cache.hits == hits  # nothing served from before the write
+        v0, g0 = parrot_step(plain, model, batches[0], parrot)
+    assert abs(v0 - v1) <= 1e-5 * abs(v0)
+    close(g1, g0)
+
+
+def test_training_mode_reuses_nothing() -> None:
+    model = tiny_model("llama", VOCAB, seed=1)
+    fast = LossEngine(model, packed=False, min_frozen_prefix=0)
+    items = [StepItem((5, 6, 7, 8), (9,), 2)] * 2
+    parrot = torch.randn(3, 32, requires_grad=True)
+    model.train()
+    try:
+        with fast.reuse_frozen_prefixes() as cache:
+            parrot_step(fast, model, items, parrot)
+            parrot_step(fast, model, items, parrot)
+            assert len(cache) == 0 and cache.hits == 0
+    finally:
+        model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_simulate_curve_is_the_same_with_and_without_reuse(arch: str) -> None:
+    from sande_fast.data import EncodedPrompt
+
+    model = tiny_model(arch, VOCAB, seed=2)
+    rng = random.Random(3)
+    rows = []
+    for _ in range(4):
+        ids = (3, 4, 5, 6, 7, 8) + tuple(rng.randrange(9, VOCAB) for _ in range(rng.randint(4, 12)))
+        rows.append(TrainRow("x", EncodedPrompt(list(ids), (6, len(ids))), ()))
+    out = []
+    for budget in (1 << 30, 0):
+        eng = LossEngine(model, packed=False, min_frozen_prefix=0, reuse_budget=budget)
+        parrot, curve = simulate(eng, rows, (10, 11, 12), steps=8, lr=0.05, n_tokens=2,
+                                 batch_size=4, seed=1)
+        assert eng._reuse is None
+        out.append((parrot, curve))
+    (p0, c0), (p1, c1) = out
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(c0, c1))
+    close(p0, p1)
