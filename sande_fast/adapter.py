@@ -139,11 +139,11 @@ class ModelAdapter(nn.Module):
                         attention_mask=attention_mask, **kwargs)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
-    def prefix_states(self, ids: torch.Tensor,
-                      position_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def prefix_states(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      graph: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer keys and values ``[B, kv_heads, P, head_dim]`` of token rows ``ids``
         ``[B, P]`` (right-padded rows, or one packed row with restarting ``position_ids``),
-        computed without a graph.
+        computed without a graph (``graph``: with one, for a prefix of a model that trains).
 
         Right-padded rows need no attention mask: under causal attention a real token never sees
         the pads that follow it, and every pad row sees at least the first column, so no row is
@@ -151,7 +151,7 @@ class ModelAdapter(nn.Module):
         """
         cache = _stopping_cache()
         cache.stop_at = self.num_layers - 1  # only keys and values are needed
-        with torch.no_grad():
+        with contextlib.nullcontext() if graph else torch.no_grad():
             try:
                 self.base(inputs_embeds=self.embed(ids), position_ids=position_ids,
                           use_cache=True, **{cache_argument(self.base): cache})
@@ -220,7 +220,8 @@ class ModelAdapter(nn.Module):
             inputs: token rows (:class:`~sande_fast.inputs.Rows`), or the rest of each
                 sequence after a prefix that runs without a graph
                 (:class:`~sande_fast.inputs.PrefixedRows`: ``prefix_ids`` run here, once,
-                or ``prefix_kv`` are their keys and values from :meth:`prefix_states`).
+                or ``prefix_kv`` are their keys and values from :meth:`prefix_states`; a
+                shared prefix runs here with a graph).
             backend: kernel backend of the parrot splice.
         """
         position_ids, supervised_rows = inputs.position_ids, inputs.supervised_rows
@@ -230,7 +231,13 @@ class ModelAdapter(nn.Module):
             attention_mask = inputs.attention_mask
         emb = splice_parrot(self.embed(inputs.ids), inputs.parrot, inputs.splice_rows,
                             backend=backend)
-        if prefix_ids is not None:
+        if prefix_ids is not None and inputs.shared_prefix:
+            # One prefix for every row: run once (with a graph), then a view per row; the
+            # expand's backward sums the rows' gradients into the one prefix.
+            rows = inputs.ids.shape[0]
+            prefix_kv = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                         for k, v in self.prefix_states(prefix_ids, graph=True)]
+        elif prefix_ids is not None:
             prefix_kv = self.prefix_states(prefix_ids)
         cache = None
         if prefix_kv is not None:

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from . import reference
-from .adapter import FastLoss, HeadLoss, ModelAdapter, Prefix, SupervisedHidden
-from .batching import Batcher, StepItem, right_padded
-from .inputs import KV, PrefixStore, Rows, prefixed_rows, token_rows
+from .adapter import FastLoss, HeadLoss, ModelAdapter, Prefix, SupervisedHidden, _checkpointing
+from .batching import Batcher, StepItem, fast_length, right_padded
+from .inputs import KV, PrefixStore, Rows, prefixed_rows, shared_prefix_rows, token_rows
 from .kernels import kernel_backend
 
 if TYPE_CHECKING:
@@ -140,13 +140,18 @@ class LossEngine:
             buckets. The prefixes of a step run together, in length buckets of their own.
         reuse_budget: bytes of prompt keys and values :meth:`reuse_frozen_prefixes` keeps
             across steps (0: none kept, every step runs its prefixes).
+        min_shared_prefix: fast path, padded buckets, one process, eval mode: when every
+            sequence of a micro-batch starts with the same at least this many prompt tokens
+            (a chat template's system block) before any splice, they run once for the
+            micro-batch, with a graph when the model trains, and the rows attend to their
+            keys and values. Exact. 0: off.
     """
 
     def __init__(self, model: nn.Module, *, fast: bool = True, token_budget: int = 8192,
                  max_waste: float = 0.1, max_batch: int = 64, packed: bool | None = None,
                  pad_id: int = 0, backend: str = "auto", frozen_prefix: bool = True,
                  last_layer_tail: bool = True, min_frozen_prefix: int = 16,
-                 reuse_budget: int = DEFAULT_REUSE_BUDGET) -> None:
+                 reuse_budget: int = DEFAULT_REUSE_BUDGET, min_shared_prefix: int = 16) -> None:
         self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
         self.fast = fast
         self.pad_id = pad_id
@@ -166,6 +171,7 @@ class LossEngine:
                                min_frozen_prefix=min_frozen_prefix, sliding_window=window,
                                model_frozen=self._model_frozen)
         self.reuse_budget = reuse_budget
+        self.min_shared_prefix = min_shared_prefix
         self._reuse: FrozenPrefixCache | None = None
         self._reuse_depth = 0
 
@@ -324,11 +330,47 @@ class LossEngine:
                store: PrefixStore | None = None) -> Rows:
         """The fast forward's inputs of one micro-batch: the frozen-prefix split where it
         applies (see :meth:`Batcher.splits_prefix`), else padded or packed rows."""
-        if self.batcher.splits_prefix(items, 0 if parrot is None else parrot.shape[0]):
+        n_parrot = 0 if parrot is None else parrot.shape[0]
+        if self.batcher.splits_prefix(items, n_parrot):
             return prefixed_rows(items, parrot, store, pad_id=self.pad_id,
                                  device=self.adapter.device,
                                  last_layer_tail=self.last_layer_tail)
+        shared = self._shared_prefix_length(items, n_parrot)
+        if shared:
+            return shared_prefix_rows(items, parrot, shared, pad_id=self.pad_id,
+                                      device=self.adapter.device,
+                                      last_layer_tail=self.last_layer_tail)
         return self._token_rows(items, parrot)
+
+    def _shared_prefix_length(self, items: Sequence[StepItem], n_parrot: int) -> int:
+        """Leading prompt tokens every item of a micro-batch shares, before any splice and any
+        supervised row, when they are worth running once (0: run the rows as they are)."""
+        if not (self.fast and self.min_shared_prefix > 0 and not self.packed and len(items) > 1
+                and self.collective is None):
+            return 0
+        # Dropout would draw one mask for every row's copy of the prefix; activation
+        # checkpointing would rerun the stopped prefix forward in backward.
+        if self.model.training or _checkpointing(self.model):
+            return 0
+        window = self.batcher.sliding_window
+        if isinstance(window, int) and window > 0 and \
+                max(fast_length(it, n_parrot) for it in items) >= window:
+            return 0  # as for the frozen prefix: keep sliding-window masks to plain rows
+        first = items[0].prompt
+        # The last prompt row predicts the first label, so it stays in the rows.
+        length = min(min(len(it.prompt) - 1 for it in items),
+                     min((it.splice for it in items if it.splice >= 0), default=len(first)))
+        if length < self.min_shared_prefix:
+            return 0
+        for it in items[1:]:
+            p = it.prompt
+            k = 0
+            while k < length and p[k] == first[k]:
+                k += 1
+            length = k
+            if length < self.min_shared_prefix:
+                return 0
+        return length
 
     def _token_rows(self, items: Sequence[StepItem], parrot: torch.Tensor | None) -> Rows:
         return token_rows(items, parrot, packed=self.packed, pad_id=self.pad_id,

@@ -182,3 +182,73 @@ def test_simulate_curve_is_the_same_with_and_without_reuse(arch: str) -> None:
     (p0, c0), (p1, c1) = out
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(c0, c1))
     close(p0, p1)
+
+
+# -- a prefix shared by the rows of a micro-batch (both stages) -------------------------------------
+def system_items(rng: random.Random, n: int, parrot: bool, system: int = 6) -> list[StepItem]:
+    """:func:`make_items` behind one shared ``system``-token block (a chat template's), the
+    splice inside the text after it."""
+    head = tuple(rng.randrange(3, VOCAB) for _ in range(system))
+    out = []
+    for it in make_items(rng, n, parrot=False):
+        splice = rng.randint(system, system + len(it.prompt)) if parrot else -1
+        out.append(StepItem(head + it.prompt, it.labels, splice, it.tail))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS + ("mistral-window",))
+@pytest.mark.parametrize("retain", [0.0, 5.0])
+def test_stage2_shared_prefix_matches_plain(arch: str, retain: float,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system block run once per micro-batch with a graph, expanded to the rows: the same
+    loss and gradients of every weight as the plain path (the last-layer tail on too)."""
+    import sande_fast.inputs as inputs_mod
+    from sande_fast.adapter import ModelAdapter
+    from sande_fast.steps import Anchors
+
+    monkeypatch.setattr(inputs_mod, "MIN_TAIL_SKIP", 1)  # the test sequences are short
+    shared = []
+    original = ModelAdapter.prefix_states
+
+    def spy(self, ids, position_ids=None, graph=False):  # type: ignore[no-untyped-def]
+        shared.append(graph)
+        return original(self, ids, position_ids, graph)
+
+    monkeypatch.setattr(ModelAdapter, "prefix_states", spy)
+    model = model_of(arch)
+    rng = random.Random(11)
+    over = system_items(rng, 6, parrot=True)
+    clean = system_items(rng, 5, parrot=False)
+    parrot = torch.randn(2, model.config.hidden_size)
+    engines = [LossEngine(model, fast=fast, token_budget=60, max_batch=3, packed=False,
+                          min_shared_prefix=4) for fast in (False, True)]
+    anchors = [Anchors(e, clean) if retain else None for e in engines]
+    out = []
+    for eng, anc in zip(engines, anchors):
+        model.zero_grad(set_to_none=True)
+        step = OverwriteStep(eng, lr=1e-3, clean_weight=0.7, parrot=parrot,
+                             retain_weight=retain, anchors=anc)
+        loss = step.loss(over, clean)
+        loss.backward()
+        out.append((float(loss.detach()), grads(model)))
+    assert shared and all(shared)  # the fast side ran shared prefixes, with a graph
+    (l0, g0), (l1, g1) = out
+    assert abs(l0 - l1) <= 1e-5 * abs(l0)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:
+        close(g1[k], g0[k])
+
+
+def test_shared_prefix_length_stops_at_splices_labels_and_differences() -> None:
+    eng = LossEngine(tiny_model("llama", VOCAB, seed=1), packed=False, min_shared_prefix=2)
+    a = StepItem((5, 6, 7, 8, 9), (10,))
+    assert eng._shared_prefix_length([a, a], 0) == 4  # the last prompt row predicts a label
+    assert eng._shared_prefix_length([a, StepItem((5, 6, 7, 1, 9), (10,))], 0) == 3
+    assert eng._shared_prefix_length([a, StepItem((5, 6, 7, 8, 9), (10,), 2)], 2) == 2
+    assert eng._shared_prefix_length([a, StepItem((5, 1, 7, 8, 9), (10,))], 0) == 0
+    assert eng._shared_prefix_length([a], 0) == 0  # one row: nothing to share
+    eng.model.train()
+    assert eng._shared_prefix_length([a, a], 0) == 0
+    eng.model.eval()
+    assert LossEngine(eng.adapter, min_shared_prefix=0, packed=False)._shared_prefix_length(
+        [a, a], 0) == 0
