@@ -37,10 +37,11 @@ class Embed:
 
 @dataclass(frozen=True)
 class Prefix:
-    """Per-layer keys and values of right-padded token rows ``ids`` ``[B, P]``, no graph
-    (:meth:`ModelAdapter.prefix_states`)."""
+    """Per-layer keys and values of right-padded token rows ``ids`` ``[B, P]``, no graph unless
+    ``graph`` (:meth:`ModelAdapter.prefix_states`)."""
 
     ids: torch.Tensor
+    graph: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ class ModelAdapter(nn.Module):
         if isinstance(request, Embed):
             return self.embed(request.ids)
         if isinstance(request, Prefix):
-            return self.prefix_states(request.ids)
+            return self.prefix_states(request.ids, graph=request.graph)
         if isinstance(request, SupervisedHidden):
             return self.supervised_hidden(request.inputs, request.backend)
         if isinstance(request, HeadLoss):
@@ -220,8 +221,8 @@ class ModelAdapter(nn.Module):
             inputs: token rows (:class:`~sande_fast.inputs.Rows`), or the rest of each
                 sequence after a prefix that runs without a graph
                 (:class:`~sande_fast.inputs.PrefixedRows`: ``prefix_ids`` run here, once,
-                or ``prefix_kv`` are their keys and values from :meth:`prefix_states`; a
-                shared prefix runs here with a graph).
+                or ``prefix_kv`` are their keys and values from :meth:`prefix_states`, which
+                may carry a graph).
             backend: kernel backend of the parrot splice.
         """
         position_ids, supervised_rows = inputs.position_ids, inputs.supervised_rows
@@ -231,13 +232,7 @@ class ModelAdapter(nn.Module):
             attention_mask = inputs.attention_mask
         emb = splice_parrot(self.embed(inputs.ids), inputs.parrot, inputs.splice_rows,
                             backend=backend)
-        if prefix_ids is not None and inputs.shared_prefix:
-            # One prefix for every row: run once (with a graph), then a view per row; the
-            # expand's backward sums the rows' gradients into the one prefix.
-            rows = inputs.ids.shape[0]
-            prefix_kv = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-                         for k, v in self.prefix_states(prefix_ids, graph=True)]
-        elif prefix_ids is not None:
+        if prefix_ids is not None:
             prefix_kv = self.prefix_states(prefix_ids)
         cache = None
         if prefix_kv is not None:

@@ -16,7 +16,9 @@ a normaliser.
   need that layer's keys and values. Inside :meth:`LossEngine.reuse_frozen_prefixes` (a whole
   stage-1 run, a probe) those keys and values are also kept across steps
   (:class:`FrozenPrefixCache`): the splice moves every step, but the prompt before it does not
-  change while the model is frozen, so a row's prompt runs at most about twice per run.
+  change while the model is frozen, so a row's prompt runs at most about twice per run. A
+  prompt prefix every sequence of a call shares (a chat template's system block) runs once for
+  all its micro-batches, with a graph when the model trains (:class:`SharedPrefix`).
 
 :func:`sande_fast.engines.build_engine` makes an engine; with a ``collective`` (a model sharded
 by :func:`sande_fast.distributed.shard`) it is the sharded variant of :mod:`sande_fast.sharded`.
@@ -39,7 +41,7 @@ from .kernels import kernel_backend
 if TYPE_CHECKING:
     from .steps import Anchors
 
-__all__ = ["LossEngine", "FrozenPrefixCache", "packing_is_exact", "choose_packing",
+__all__ = ["LossEngine", "FrozenPrefixCache", "SharedPrefix", "packing_is_exact", "choose_packing",
            "DEFAULT_REUSE_BUDGET"]
 
 # Bytes of prompt keys and values a frozen-prefix reuse scope keeps by default: a few hundred
@@ -109,6 +111,40 @@ def _kv_length(kv: KV) -> int:
     return kv[0][0].shape[2]
 
 
+class SharedPrefix:
+    """Keys and values ``[1, kv_heads, P, head_dim]`` of a prompt prefix every sequence of a
+    call shares (a chat template's system block), computed once for all its micro-batches.
+
+    Args:
+        kv: what the rows attend to (expanded to each micro-batch's rows).
+        graph: when ``kv`` are detached copies: the originals, carrying the prefix's graph;
+            :meth:`backward` then runs it once with the copies' accumulated gradients, which
+            is exact because the gradient is linear in the rows' contributions.
+    """
+
+    def __init__(self, kv: KV, graph: KV | None = None) -> None:
+        self.kv = kv
+        self.graph = graph
+
+    @property
+    def length(self) -> int:
+        return _kv_length(self.kv)
+
+    def backward(self) -> None:
+        """The prefix's own backward from what the micro-batches left in the copies' ``grad``."""
+        if self.graph is None:
+            return
+        outs, grads = [], []
+        for pair, leaf in zip(self.graph, self.kv):
+            for t, c in zip(pair, leaf):
+                if c.grad is not None:
+                    outs.append(t)
+                    grads.append(c.grad)
+        if outs:
+            torch.autograd.backward(outs, grads)
+        self.graph = None  # its buffers are freed; a second call would fail
+
+
 
 class LossEngine:
     """Computes the loss of a list of :class:`StepItem` on one model, in one process.
@@ -141,10 +177,10 @@ class LossEngine:
         reuse_budget: bytes of prompt keys and values :meth:`reuse_frozen_prefixes` keeps
             across steps (0: none kept, every step runs its prefixes).
         min_shared_prefix: fast path, padded buckets, one process, eval mode: when every
-            sequence of a micro-batch starts with the same at least this many prompt tokens
-            (a chat template's system block) before any splice, they run once for the
-            micro-batch, with a graph when the model trains, and the rows attend to their
-            keys and values. Exact. 0: off.
+            sequence of a call (:meth:`loss`, :meth:`accumulate`) starts with the same at least
+            this many prompt tokens (a chat template's system block) before any splice, they
+            run once for all its micro-batches, with a graph when the model trains, and the
+            rows attend to their keys and values. Exact. 0: off.
     """
 
     def __init__(self, model: nn.Module, *, fast: bool = True, token_budget: int = 8192,
@@ -249,7 +285,9 @@ class LossEngine:
         n_parrot = 0 if parrot is None else parrot.shape[0]
         batches = self.batcher.micro_batches(items, n_parrot)
         store = self._prefix_store(batches, n_parrot)
-        parts = [self._group_loss(g, parrot, normalizer, store, anchors)
+        # One graph over everything: the shared prefix's graph goes straight into it.
+        shared = self._shared_prefix(batches, n_parrot, deferred=False)
+        parts = [self._group_loss(g, parrot, normalizer, store, anchors, shared)
                  for g in self.batcher.head_groups(batches, n_parrot)]
         return torch.stack(parts).sum()
 
@@ -264,24 +302,28 @@ class LossEngine:
         n_parrot = 0 if parrot is None else parrot.shape[0]
         batches = self.batcher.micro_batches(items, n_parrot)
         store = self._prefix_store(batches, n_parrot)
+        shared = self._shared_prefix(batches, n_parrot, deferred=True)
         total = 0.0
         for group in self.batcher.head_groups(batches, n_parrot):
-            loss = self._group_loss(group, parrot, normalizer / weight, store, anchors)
+            loss = self._group_loss(group, parrot, normalizer / weight, store, anchors, shared)
             if loss.requires_grad:
                 loss.backward()
             total += float(loss.detach())
+        if shared is not None:
+            shared.backward()
         return total
 
     def _micro_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                     normalizer: float, store: PrefixStore | None = None,
-                    anchors: Anchors | None = None) -> torch.Tensor:
+                    anchors: Anchors | None = None,
+                    shared: SharedPrefix | None = None) -> torch.Tensor:
         if not self.fast:
             loss = reference.plain_loss(self.adapter, items, parrot, normalizer, self.pad_id)
             if anchors is not None:
                 hidden = reference.plain_hidden(self.adapter, items, parrot, self.pad_id)
                 loss = loss + anchors.term(hidden, items, normalizer)
             return loss
-        inputs = self.inputs(items, parrot, store)
+        inputs = self.inputs(items, parrot, store, shared)
         if anchors is None:
             return self.adapter(FastLoss(inputs, normalizer, self.backend))
         hidden = self.adapter(SupervisedHidden(inputs, self.backend))
@@ -290,16 +332,17 @@ class LossEngine:
 
     def _group_loss(self, group: Sequence[Sequence[StepItem]], parrot: torch.Tensor | None,
                     normalizer: float, store: PrefixStore | None,
-                    anchors: Anchors | None = None) -> torch.Tensor:
+                    anchors: Anchors | None = None,
+                    shared: SharedPrefix | None = None) -> torch.Tensor:
         """The loss of several micro-batches with one pass through the LM head: each bucket
         runs the model on its own (no padding across buckets), then their supervised rows go
         through the fused cross-entropy together, so the head weight is read once."""
         if len(group) == 1 or not self.fast:
-            return torch.stack([self._micro_loss(mb, parrot, normalizer, store, anchors)
+            return torch.stack([self._micro_loss(mb, parrot, normalizer, store, anchors, shared)
                                 for mb in group]).sum()
         hidden, labels = [], []
         for mb in group:
-            inputs = self.inputs(mb, parrot, store)
+            inputs = self.inputs(mb, parrot, store, shared)
             hidden.append(self.adapter(SupervisedHidden(inputs, self.backend)))
             labels.append(inputs.labels)
         h = torch.cat(hidden)
@@ -327,24 +370,49 @@ class LossEngine:
 
     # -- inputs ---------------------------------------------------------------------------------
     def inputs(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-               store: PrefixStore | None = None) -> Rows:
+               store: PrefixStore | None = None,
+               shared: SharedPrefix | None = None) -> Rows:
         """The fast forward's inputs of one micro-batch: the frozen-prefix split where it
-        applies (see :meth:`Batcher.splits_prefix`), else padded or packed rows."""
+        applies (see :meth:`Batcher.splits_prefix`), else the rows after ``shared`` (a prefix
+        every item starts with, see :meth:`_shared_prefix`), else padded or packed rows."""
         n_parrot = 0 if parrot is None else parrot.shape[0]
         if self.batcher.splits_prefix(items, n_parrot):
             return prefixed_rows(items, parrot, store, pad_id=self.pad_id,
                                  device=self.adapter.device,
                                  last_layer_tail=self.last_layer_tail)
-        shared = self._shared_prefix_length(items, n_parrot)
-        if shared:
-            return shared_prefix_rows(items, parrot, shared, pad_id=self.pad_id,
+        if shared is not None:
+            return shared_prefix_rows(items, parrot, shared.kv, pad_id=self.pad_id,
                                       device=self.adapter.device,
                                       last_layer_tail=self.last_layer_tail)
         return self._token_rows(items, parrot)
 
+    def _shared_prefix(self, batches: Sequence[Sequence[StepItem]], n_parrot: int,
+                       deferred: bool) -> SharedPrefix | None:
+        """The prompt prefix every sequence of the micro-batches that do not split a frozen
+        prefix starts with, its keys and values computed once (:class:`SharedPrefix`), or None
+        when there is none worth it.
+
+        Args:
+            deferred: the micro-batches run their backward one by one (:meth:`accumulate`):
+                they attend to detached copies and the prefix's own backward runs once, after
+                theirs, from the copies' summed gradients.
+        """
+        items = [it for mb in batches if not self.batcher.splits_prefix(mb, n_parrot)
+                 for it in mb]
+        length = self._shared_prefix_length(items, n_parrot)
+        if not length:
+            return None
+        ids = torch.tensor([list(items[0].prompt[:length])], dtype=torch.long,
+                           device=self.adapter.device)
+        kv = self.adapter(Prefix(ids, graph=True))
+        if not (deferred and any(t.requires_grad for pair in kv for t in pair)):
+            return SharedPrefix(kv)
+        leaves = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in kv]
+        return SharedPrefix(leaves, graph=kv)
+
     def _shared_prefix_length(self, items: Sequence[StepItem], n_parrot: int) -> int:
-        """Leading prompt tokens every item of a micro-batch shares, before any splice and any
-        supervised row, when they are worth running once (0: run the rows as they are)."""
+        """Leading prompt tokens all ``items`` share, before any splice and any supervised row,
+        when they are worth running once (0: none)."""
         if not (self.fast and self.min_shared_prefix > 0 and not self.packed and len(items) > 1
                 and self.collective is None):
             return 0

@@ -7,8 +7,8 @@
   prefix) runs without a graph, either here as ``prefix_ids`` or already as ``prefix_kv``; the
   rows carry the rest (parrot first, so every splice is at column 0). Built by
   :func:`prefixed_rows`. Its shared form (:func:`shared_prefix_rows`): one prompt prefix common
-  to every row (a chat template's system block) runs once, with a graph when the model trains,
-  and its keys and values are expanded to the batch.
+  to every row (a chat template's system block), its keys and values computed once (with a
+  graph when the model trains) and expanded to the rows.
 
 The flat index arrays come from the C++ planner (:func:`sande_fast.planner.layout`).
 """
@@ -72,9 +72,6 @@ class PrefixedRows(Rows):
             ``[B, kv_heads, P, head_dim]``, already computed.
         attention_mask: ``[B, P+L]`` int64, 1 for real tokens (prefix, then rows); None when
             no sequence has a prefix, or when every row has the same one.
-        shared_prefix: ``prefix_ids`` is ``[1, P]``, one prefix every row starts with; it runs
-            once with a graph (gradients reach the weights through it) and its keys and values
-            are expanded to the ``B`` rows, so the expand sums the rows' gradients.
 
     ``position_ids`` is ``[B, L]``: each row continues after its own prefix.
     """
@@ -82,7 +79,6 @@ class PrefixedRows(Rows):
     prefix_ids: torch.Tensor | None = None
     prefix_kv: KV | None = None
     attention_mask: torch.Tensor | None = None
-    shared_prefix: bool = False
 
 
 def query_from(sup_start: Sequence[int], enabled: bool) -> int:
@@ -176,30 +172,34 @@ def prefixed_rows(items: Sequence[StepItem], parrot: torch.Tensor, store: Prefix
                         attention_mask=mask.to(device) if p_len else None)
 
 
-def shared_prefix_rows(items: Sequence[StepItem], parrot: torch.Tensor | None, length: int, *,
+def shared_prefix_rows(items: Sequence[StepItem], parrot: torch.Tensor | None, prefix_kv: KV, *,
                        pad_id: int, device: torch.device,
                        last_layer_tail: bool) -> PrefixedRows:
-    """``items`` whose prompts all start with the same ``length`` tokens, none of them
-    supervised and none after a splice: those tokens as one shared prefix (see
-    :attr:`PrefixedRows.shared_prefix`), the rest of each sequence as right-padded rows.
+    """``items`` whose prompts all start with the same tokens, none of them supervised and none
+    after a splice, given those tokens' keys and values ``prefix_kv``
+    ``[1, kv_heads, P, head_dim]`` (computed once, with a graph when the model trains): the
+    rest of each sequence as right-padded rows attending to them.
 
-    Every row's prefix has the same length, so the rows' columns keep their positions and the
-    plain causal mask (offset by the prefix) is exact; no attention mask is needed.
+    The keys and values are expanded to the rows (a view; its backward sums the rows'
+    gradients into the one prefix). Every row's prefix has the same length, so columns keep
+    their positions and the plain causal mask (offset by the prefix) is exact: no attention
+    mask is needed.
     """
+    length = prefix_kv[0][0].shape[2]
     rest = [StepItem(tuple(it.prompt[length:]), it.labels,
                      it.splice - length if it.splice >= 0 else -1, it.tail) for it in items]
     rows = token_rows(rest, parrot, packed=False, pad_id=pad_id, device=device,
                       last_layer_tail=last_layer_tail)
     n = 0 if parrot is None else parrot.shape[0]
-    width = rows.ids.shape[1]
+    b, width = rows.ids.shape
     last = torch.tensor([fast_length(it, n) - 1 for it in rest])[:, None]
     # pads repeat the last real position, so no position passes the context
-    position_ids = length + torch.arange(width)[None].expand(len(rest), -1).minimum(last)
-    prefix_ids = torch.tensor([list(items[0].prompt[:length])], dtype=torch.long, device=device)
+    position_ids = length + torch.arange(width)[None].expand(b, -1).minimum(last)
+    kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_kv]
     return PrefixedRows(ids=rows.ids, supervised_rows=rows.supervised_rows, labels=rows.labels,
                         position_ids=position_ids.to(device), parrot=rows.parrot,
                         splice_rows=rows.splice_rows, query_from=rows.query_from,
-                        prefix_ids=prefix_ids, shared_prefix=True)
+                        prefix_kv=kv)
 
 
 def _stacked_prefix_kv(states: Sequence[KV | None], p_len: int) -> KV:

@@ -198,10 +198,12 @@ def system_items(rng: random.Random, n: int, parrot: bool, system: int = 6) -> l
 
 @pytest.mark.parametrize("arch", ARCHS + ("mistral-window",))
 @pytest.mark.parametrize("retain", [0.0, 5.0])
-def test_stage2_shared_prefix_matches_plain(arch: str, retain: float,
+@pytest.mark.parametrize("call", ["loss", "accumulate"])
+def test_stage2_shared_prefix_matches_plain(arch: str, retain: float, call: str,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """The system block run once per micro-batch with a graph, expanded to the rows: the same
-    loss and gradients of every weight as the plain path (the last-layer tail on too)."""
+    """The system block run once per call with a graph, expanded to every micro-batch's rows
+    (accumulate: its backward once, after the micro-batches'): the same loss and gradients of
+    every weight as the plain path (the last-layer tail on too)."""
     import sande_fast.inputs as inputs_mod
     from sande_fast.adapter import ModelAdapter
     from sande_fast.steps import Anchors
@@ -228,15 +230,35 @@ def test_stage2_shared_prefix_matches_plain(arch: str, retain: float,
         model.zero_grad(set_to_none=True)
         step = OverwriteStep(eng, lr=1e-3, clean_weight=0.7, parrot=parrot,
                              retain_weight=retain, anchors=anc)
-        loss = step.loss(over, clean)
-        loss.backward()
-        out.append((float(loss.detach()), grads(model)))
-    assert shared and all(shared)  # the fast side ran shared prefixes, with a graph
+        if call == "loss":
+            loss = step.loss(over, clean)
+            loss.backward()
+            value = float(loss.detach())
+        else:  # what OverwriteStep.step runs, without the optimizer
+            value = eng.accumulate(over, parrot, sum(len(i.labels) for i in over))
+            value += eng.accumulate(clean, None, sum(len(i.labels) for i in clean),
+                                    weight=0.7, anchors=step.anchors)
+        out.append((value, grads(model)))
+    assert shared == [True, True]  # the fast side ran one shared prefix per call, with a graph
+    assert len(engines[1].batcher.micro_batches(over, 2)) > 1
     (l0, g0), (l1, g1) = out
     assert abs(l0 - l1) <= 1e-5 * abs(l0)
     assert g0.keys() == g1.keys() and len(g0) > 0
     for k in g0:
         close(g1[k], g0[k])
+
+
+def test_shared_prefix_graph_is_run_once_and_freed() -> None:
+    from sande_fast.engine import SharedPrefix
+
+    model = tiny_model("llama", VOCAB, seed=1)
+    eng = LossEngine(model, packed=False, min_shared_prefix=2)
+    items = system_items(random.Random(1), 3, parrot=False)
+    shared = eng._shared_prefix([items], 0, deferred=True)
+    assert isinstance(shared, SharedPrefix) and shared.length == 6 and shared.graph is not None
+    assert all(t.is_leaf and t.requires_grad for pair in shared.kv for t in pair)
+    with frozen(model):  # nothing to train: no copies, no deferred backward
+        assert eng._shared_prefix([items], 0, deferred=True).graph is None
 
 
 def test_shared_prefix_length_stops_at_splices_labels_and_differences() -> None:
