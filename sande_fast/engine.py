@@ -55,9 +55,9 @@ class FrozenPrefixCache:
 
     An entry is a prompt's per-layer keys and values ``[1, kv_heads, n, head_dim]`` of its first
     ``n`` tokens; under causal attention the prefix before any splice ``s <= n`` is their first
-    ``s`` columns. The first time a prompt is needed only its current prefix runs (no more than
-    a step without the cache would run, for rows a run draws once); when it comes back with a
-    longer prefix than stored, the whole prompt runs, and every later splice is a slice.
+    ``s`` columns. A prompt not kept runs only its current prefix (what a step without the
+    cache would run: rows a run draws once, or that were evicted, cost nothing extra); one kept
+    shorter than a later splice runs in full, so every later splice is a slice.
 
     Args:
         budget: bytes of keys and values kept; an entry larger than this is used for its step
@@ -67,7 +67,6 @@ class FrozenPrefixCache:
     def __init__(self, budget: int) -> None:
         self.budget = int(budget)
         self.entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
-        self.seen: set[tuple[int, ...]] = set()
         self.bytes = 0
         self.version: tuple[int, ...] | None = None
         # Counters for tests and benchmarks: prompt forwards run and prefixes served from cache.
@@ -79,7 +78,6 @@ class FrozenPrefixCache:
 
     def clear(self) -> None:
         self.entries.clear()
-        self.seen.clear()
         self.bytes = 0
 
     def get(self, prompt: tuple[int, ...]) -> KV | None:
@@ -89,7 +87,6 @@ class FrozenPrefixCache:
         return kv
 
     def put(self, prompt: tuple[int, ...], kv: KV) -> None:
-        self.seen.add(prompt)
         old = self.entries.pop(prompt, None)
         if old is not None:
             self.bytes -= _kv_bytes(old)
@@ -143,7 +140,6 @@ class SharedPrefix:
         if outs:
             torch.autograd.backward(outs, grads)
         self.graph = None  # its buffers are freed; a second call would fail
-
 
 
 class LossEngine:
@@ -504,9 +500,10 @@ class LossEngine:
                 entries[prompt] = kv
                 cache.hits += 1
             else:
-                # First sight: just this prefix, as a step without reuse would run. Back with a
-                # longer splice: the whole prompt, which covers every later splice.
-                run[prompt] = prompt if prompt in cache.seen else prompt[:s]
+                # Not kept: just this prefix, as a step without reuse would run (so a budget too
+                # small to keep prompts costs nothing extra). Kept but shorter: it came back, so
+                # the whole prompt, which covers every later splice.
+                run[prompt] = prompt if kv is not None else prompt[:s]
         if run:
             prompts = list(run)
             for g in self.batcher.buckets([len(run[p]) for p in prompts]):

@@ -274,3 +274,32 @@ def test_shared_prefix_length_stops_at_splices_labels_and_differences() -> None:
     eng.model.eval()
     assert LossEngine(eng.adapter, min_shared_prefix=0, packed=False)._shared_prefix_length(
         [a, a], 0) == 0
+
+
+def test_a_budget_too_small_to_keep_anything_runs_what_no_reuse_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts that cannot be kept run only their prefix, as without reuse: no extra work (a
+    little less: a prompt drawn twice in a step runs once, to the longer splice)."""
+    model = tiny_model("llama", VOCAB, seed=1)
+    pool = make_items(random.Random(12), 4, parrot=False)
+    batches = draws(random.Random(13), pool, 5, 4)
+    parrot = torch.randn(3, 32, requires_grad=True)
+    run: list[int] = []
+    original = LossEngine._prefix_forward
+
+    def spy(self, seqs, copy):  # type: ignore[no-untyped-def]
+        run.append(sum(len(q) for q in seqs))
+        return original(self, seqs, copy)
+
+    monkeypatch.setattr(LossEngine, "_prefix_forward", spy)
+    totals = []
+    for budget in (0, 1):  # off; on, keeping nothing
+        run.clear()
+        eng = LossEngine(model, packed=False, token_budget=40, max_batch=3, min_frozen_prefix=0,
+                         reuse_budget=budget)
+        with eng.reuse_frozen_prefixes() as cache:
+            for items in batches:
+                parrot_step(eng, model, items, parrot)
+            assert (cache is None) == (budget == 0)
+        totals.append(sum(run))
+    assert 0 < totals[1] <= totals[0]
