@@ -337,6 +337,11 @@ class ModelAdapter(nn.Module):
         return norm(out)
 
     @property
+    def checkpointing(self) -> bool:
+        """Whether the model recomputes activations in backward (activation checkpointing)."""
+        return _checkpointing(self.model)
+
+    @property
     def num_layers(self) -> int:
         """Decoder layers of the model."""
         cfg = self.model.config

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .adapter import FastLoss, HeadLoss, ModelAdapter, Prefix, SupervisedHidden, _checkpointing
+from .adapter import FastLoss, HeadLoss, ModelAdapter, Prefix, SupervisedHidden
 from .batching import Batcher, StepItem, fast_length, right_padded
 from .inputs import KV, PrefixStore, Rows, prefixed_rows, shared_prefix_rows, token_rows
 from .kernels import kernel_backend
@@ -414,7 +414,7 @@ class LossEngine:
             return 0
         # Dropout would draw one mask for every row's copy of the prefix; activation
         # checkpointing would rerun the stopped prefix forward in backward.
-        if self.model.training or _checkpointing(self.model):
+        if self.model.training or self.adapter.checkpointing:
             return 0
         window = self.batcher.sliding_window
         if isinstance(window, int) and window > 0 and \
