@@ -37,10 +37,11 @@ class Embed:
 
 @dataclass(frozen=True)
 class Prefix:
-    """Per-layer keys and values of right-padded token rows ``ids`` ``[B, P]``, no graph
-    (:meth:`ModelAdapter.prefix_states`)."""
+    """Per-layer keys and values of right-padded token rows ``ids`` ``[B, P]``, no graph unless
+    ``graph`` (:meth:`ModelAdapter.prefix_states`)."""
 
     ids: torch.Tensor
+    graph: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,11 @@ class ModelAdapter(nn.Module):
                         attention_mask=attention_mask, **kwargs)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
-    def prefix_states(self, ids: torch.Tensor,
-                      position_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def prefix_states(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      graph: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer keys and values ``[B, kv_heads, P, head_dim]`` of token rows ``ids``
         ``[B, P]`` (right-padded rows, or one packed row with restarting ``position_ids``),
-        computed without a graph.
+        computed without a graph (``graph``: with one, for a prefix of a model that trains).
 
         Right-padded rows need no attention mask: under causal attention a real token never sees
         the pads that follow it, and every pad row sees at least the first column, so no row is
@@ -151,7 +152,7 @@ class ModelAdapter(nn.Module):
         """
         cache = _stopping_cache()
         cache.stop_at = self.num_layers - 1  # only keys and values are needed
-        with torch.no_grad():
+        with contextlib.nullcontext() if graph else torch.no_grad():
             try:
                 self.base(inputs_embeds=self.embed(ids), position_ids=position_ids,
                           use_cache=True, **{cache_argument(self.base): cache})
@@ -188,7 +189,7 @@ class ModelAdapter(nn.Module):
         if isinstance(request, Embed):
             return self.embed(request.ids)
         if isinstance(request, Prefix):
-            return self.prefix_states(request.ids)
+            return self.prefix_states(request.ids, graph=request.graph)
         if isinstance(request, SupervisedHidden):
             return self.supervised_hidden(request.inputs, request.backend)
         if isinstance(request, HeadLoss):
@@ -220,7 +221,8 @@ class ModelAdapter(nn.Module):
             inputs: token rows (:class:`~sande_fast.inputs.Rows`), or the rest of each
                 sequence after a prefix that runs without a graph
                 (:class:`~sande_fast.inputs.PrefixedRows`: ``prefix_ids`` run here, once,
-                or ``prefix_kv`` are their keys and values from :meth:`prefix_states`).
+                or ``prefix_kv`` are their keys and values from :meth:`prefix_states`, which
+                may carry a graph).
             backend: kernel backend of the parrot splice.
         """
         position_ids, supervised_rows = inputs.position_ids, inputs.supervised_rows
@@ -333,6 +335,11 @@ class ModelAdapter(nn.Module):
             cache.replay = None
         out = out[0] if isinstance(out, tuple) else out
         return norm(out)
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the model recomputes activations in backward (activation checkpointing)."""
+        return _checkpointing(self.model)
 
     @property
     def num_layers(self) -> int:

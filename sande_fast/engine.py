@@ -13,28 +13,133 @@ a normaliser.
   anything trained: they run once without a graph and enter as cached keys and values, so the
   backward pass covers only the parrot and what follows it. In the last decoder layer only the
   columns from the first supervised row on run attention and MLP; the columns before them only
-  need that layer's keys and values.
+  need that layer's keys and values. Inside :meth:`LossEngine.reuse_frozen_prefixes` (a whole
+  stage-1 run, a probe) those keys and values are also kept across steps
+  (:class:`FrozenPrefixCache`): the splice moves every step, but the prompt before it does not
+  change while the model is frozen, so a row's prompt runs at most about twice per run. A
+  prompt prefix every sequence of a call shares (a chat template's system block) runs once for
+  all its micro-batches, with a graph when the model trains (:class:`SharedPrefix`).
 
 :func:`sande_fast.engines.build_engine` makes an engine; with a ``collective`` (a model sharded
 by :func:`sande_fast.distributed.shard`) it is the sharded variant of :mod:`sande_fast.sharded`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+import contextlib
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from . import reference
 from .adapter import FastLoss, HeadLoss, ModelAdapter, Prefix, SupervisedHidden
-from .batching import Batcher, StepItem, right_padded
-from .inputs import PrefixStore, Rows, prefixed_rows, token_rows
+from .batching import Batcher, StepItem, fast_length, right_padded
+from .inputs import KV, PrefixStore, Rows, prefixed_rows, shared_prefix_rows, token_rows
 from .kernels import kernel_backend
 
 if TYPE_CHECKING:
     from .steps import Anchors
 
-__all__ = ["LossEngine", "packing_is_exact", "choose_packing"]
+__all__ = ["LossEngine", "FrozenPrefixCache", "SharedPrefix", "packing_is_exact", "choose_packing",
+           "DEFAULT_REUSE_BUDGET"]
+
+# Bytes of prompt keys and values a frozen-prefix reuse scope keeps by default: a few hundred
+# rows of a 1B model's prompts, a few dozen of a 7B model's; the least recently used go first.
+DEFAULT_REUSE_BUDGET = 1 << 30
+
+
+class FrozenPrefixCache:
+    """Keys and values of prompts on a frozen model, kept across steps (least recently used
+    evicted first, within ``budget`` bytes).
+
+    An entry is a prompt's per-layer keys and values ``[1, kv_heads, n, head_dim]`` of its first
+    ``n`` tokens; under causal attention the prefix before any splice ``s <= n`` is their first
+    ``s`` columns. A prompt not kept runs only its current prefix (what a step without the
+    cache would run: rows a run draws once, or that were evicted, cost nothing extra); one kept
+    shorter than a later splice runs in full, so every later splice is a slice.
+
+    Args:
+        budget: bytes of keys and values kept; an entry larger than this is used for its step
+            and not kept.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = int(budget)
+        self.entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+        self.bytes = 0
+        self.version: tuple[int, ...] | None = None
+        # Counters for tests and benchmarks: prompt forwards run and prefixes served from cache.
+        self.computed = 0
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def get(self, prompt: tuple[int, ...]) -> KV | None:
+        kv = self.entries.get(prompt)
+        if kv is not None:
+            self.entries.move_to_end(prompt)
+        return kv
+
+    def put(self, prompt: tuple[int, ...], kv: KV) -> None:
+        old = self.entries.pop(prompt, None)
+        if old is not None:
+            self.bytes -= _kv_bytes(old)
+        size = _kv_bytes(kv)
+        if size > self.budget:
+            return
+        self.entries[prompt] = kv
+        self.bytes += size
+        while self.bytes > self.budget:
+            _, dropped = self.entries.popitem(last=False)
+            self.bytes -= _kv_bytes(dropped)
+
+
+def _kv_bytes(kv: KV) -> int:
+    return sum(t.numel() * t.element_size() for pair in kv for t in pair)
+
+
+def _kv_length(kv: KV) -> int:
+    return kv[0][0].shape[2]
+
+
+class SharedPrefix:
+    """Keys and values ``[1, kv_heads, P, head_dim]`` of a prompt prefix every sequence of a
+    call shares (a chat template's system block), computed once for all its micro-batches.
+
+    Args:
+        kv: what the rows attend to (expanded to each micro-batch's rows).
+        graph: when ``kv`` are detached copies: the originals, carrying the prefix's graph;
+            :meth:`backward` then runs it once with the copies' accumulated gradients, which
+            is exact because the gradient is linear in the rows' contributions.
+    """
+
+    def __init__(self, kv: KV, graph: KV | None = None) -> None:
+        self.kv = kv
+        self.graph = graph
+
+    @property
+    def length(self) -> int:
+        return _kv_length(self.kv)
+
+    def backward(self) -> None:
+        """The prefix's own backward from what the micro-batches left in the copies' ``grad``."""
+        if self.graph is None:
+            return
+        outs, grads = [], []
+        for pair, leaf in zip(self.graph, self.kv):
+            for t, c in zip(pair, leaf):
+                if c.grad is not None:
+                    outs.append(t)
+                    grads.append(c.grad)
+        if outs:
+            torch.autograd.backward(outs, grads)
+        self.graph = None  # its buffers are freed; a second call would fail
 
 
 class LossEngine:
@@ -65,12 +170,20 @@ class LossEngine:
         min_frozen_prefix: only prefixes of at least this many tokens run apart; shorter ones
             save too little backward work to be worth a separate forward and stay in ordinary
             buckets. The prefixes of a step run together, in length buckets of their own.
+        reuse_budget: bytes of prompt keys and values :meth:`reuse_frozen_prefixes` keeps
+            across steps (0: none kept, every step runs its prefixes).
+        min_shared_prefix: fast path, padded buckets, one process, eval mode: when every
+            sequence of a call (:meth:`loss`, :meth:`accumulate`) starts with the same at least
+            this many prompt tokens (a chat template's system block) before any splice, they
+            run once for all its micro-batches, with a graph when the model trains, and the
+            rows attend to their keys and values. Exact. 0: off.
     """
 
     def __init__(self, model: nn.Module, *, fast: bool = True, token_budget: int = 8192,
                  max_waste: float = 0.1, max_batch: int = 64, packed: bool | None = None,
                  pad_id: int = 0, backend: str = "auto", frozen_prefix: bool = True,
-                 last_layer_tail: bool = True, min_frozen_prefix: int = 16) -> None:
+                 last_layer_tail: bool = True, min_frozen_prefix: int = 16,
+                 reuse_budget: int = DEFAULT_REUSE_BUDGET, min_shared_prefix: int = 16) -> None:
         self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
         self.fast = fast
         self.pad_id = pad_id
@@ -89,6 +202,10 @@ class LossEngine:
                                frozen_prefix=frozen_prefix and not self.packed,
                                min_frozen_prefix=min_frozen_prefix, sliding_window=window,
                                model_frozen=self._model_frozen)
+        self.reuse_budget = reuse_budget
+        self.min_shared_prefix = min_shared_prefix
+        self._reuse: FrozenPrefixCache | None = None
+        self._reuse_depth = 0
 
     @property
     def model(self) -> nn.Module:
@@ -108,6 +225,48 @@ class LossEngine:
     def _model_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.model.parameters())
 
+    # -- frozen-prefix reuse ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reuse_frozen_prefixes(self) -> Iterator[FrozenPrefixCache | None]:
+        """Keeps the keys and values of frozen prompt prefixes across the steps run inside.
+
+        For a stage-1 run or a probe: the model is frozen at every step (the steps freeze it)
+        and unchanged between them, so the prompt before each splice has the same keys and
+        values at every step. The cache lives only inside this scope (nested scopes share the
+        outermost one's) and is dropped on leaving it, so it never outlives the frozen phase. A
+        step that would train the model inside the scope is refused, and the cache is also
+        dropped when any parameter is written in place (its version counter moves). In training
+        mode nothing is reused (dropout draws new masks each step). Exact up to float rounding:
+        a prefix's keys and values come from a forward of a longer row.
+
+        Yields:
+            The cache (for inspection), or None when nothing can be reused (the plain path,
+            packed rows, no frozen prefix, a zero ``reuse_budget``).
+        """
+        usable = self.fast and self.batcher.frozen_prefix and self.reuse_budget > 0
+        outer = self._reuse_depth == 0
+        if outer and usable:
+            self._reuse = FrozenPrefixCache(self.reuse_budget)
+        self._reuse_depth += 1
+        try:
+            yield self._reuse
+        finally:
+            self._reuse_depth -= 1
+            if self._reuse_depth == 0:
+                self._reuse = None
+
+    def _check_reuse(self) -> None:
+        """Inside a reuse scope: refuses a step on a model that trains."""
+        if self._reuse_depth and not self._model_frozen():
+            raise RuntimeError("a model weight needs a gradient inside reuse_frozen_prefixes(): "
+                               "the kept prompt keys and values would go stale; train outside "
+                               "the scope")
+
+    def _weights_version(self) -> tuple[int, ...]:
+        # In-place writes (an optimizer step, load_state_dict, copy_ under no_grad) bump a
+        # parameter's version counter; requires_grad_ and reads do not.
+        return tuple(p._version for p in self.model.parameters())
+
     # -- losses ---------------------------------------------------------------------------------
     def loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
              normalizer: float, anchors: Anchors | None = None) -> torch.Tensor:
@@ -118,10 +277,13 @@ class LossEngine:
         :class:`~sande_fast.steps.Anchors`), the retention term of each item's supervised rows
         is added.
         """
+        self._check_reuse()
         n_parrot = 0 if parrot is None else parrot.shape[0]
         batches = self.batcher.micro_batches(items, n_parrot)
         store = self._prefix_store(batches, n_parrot)
-        parts = [self._group_loss(g, parrot, normalizer, store, anchors)
+        # One graph over everything: the shared prefix's graph goes straight into it.
+        shared = self._shared_prefix(batches, n_parrot, deferred=False)
+        parts = [self._group_loss(g, parrot, normalizer, store, anchors, shared)
                  for g in self.batcher.head_groups(batches, n_parrot)]
         return torch.stack(parts).sum()
 
@@ -132,27 +294,32 @@ class LossEngine:
 
         ``weight`` scales the whole loss, the retention term of ``anchors`` included.
         """
+        self._check_reuse()
         n_parrot = 0 if parrot is None else parrot.shape[0]
         batches = self.batcher.micro_batches(items, n_parrot)
         store = self._prefix_store(batches, n_parrot)
+        shared = self._shared_prefix(batches, n_parrot, deferred=True)
         total = 0.0
         for group in self.batcher.head_groups(batches, n_parrot):
-            loss = self._group_loss(group, parrot, normalizer / weight, store, anchors)
+            loss = self._group_loss(group, parrot, normalizer / weight, store, anchors, shared)
             if loss.requires_grad:
                 loss.backward()
             total += float(loss.detach())
+        if shared is not None:
+            shared.backward()
         return total
 
     def _micro_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                     normalizer: float, store: PrefixStore | None = None,
-                    anchors: Anchors | None = None) -> torch.Tensor:
+                    anchors: Anchors | None = None,
+                    shared: SharedPrefix | None = None) -> torch.Tensor:
         if not self.fast:
             loss = reference.plain_loss(self.adapter, items, parrot, normalizer, self.pad_id)
             if anchors is not None:
                 hidden = reference.plain_hidden(self.adapter, items, parrot, self.pad_id)
                 loss = loss + anchors.term(hidden, items, normalizer)
             return loss
-        inputs = self.inputs(items, parrot, store)
+        inputs = self.inputs(items, parrot, store, shared)
         if anchors is None:
             return self.adapter(FastLoss(inputs, normalizer, self.backend))
         hidden = self.adapter(SupervisedHidden(inputs, self.backend))
@@ -161,16 +328,17 @@ class LossEngine:
 
     def _group_loss(self, group: Sequence[Sequence[StepItem]], parrot: torch.Tensor | None,
                     normalizer: float, store: PrefixStore | None,
-                    anchors: Anchors | None = None) -> torch.Tensor:
+                    anchors: Anchors | None = None,
+                    shared: SharedPrefix | None = None) -> torch.Tensor:
         """The loss of several micro-batches with one pass through the LM head: each bucket
         runs the model on its own (no padding across buckets), then their supervised rows go
         through the fused cross-entropy together, so the head weight is read once."""
         if len(group) == 1 or not self.fast:
-            return torch.stack([self._micro_loss(mb, parrot, normalizer, store, anchors)
+            return torch.stack([self._micro_loss(mb, parrot, normalizer, store, anchors, shared)
                                 for mb in group]).sum()
         hidden, labels = [], []
         for mb in group:
-            inputs = self.inputs(mb, parrot, store)
+            inputs = self.inputs(mb, parrot, store, shared)
             hidden.append(self.adapter(SupervisedHidden(inputs, self.backend)))
             labels.append(inputs.labels)
         h = torch.cat(hidden)
@@ -198,14 +366,75 @@ class LossEngine:
 
     # -- inputs ---------------------------------------------------------------------------------
     def inputs(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-               store: PrefixStore | None = None) -> Rows:
+               store: PrefixStore | None = None,
+               shared: SharedPrefix | None = None) -> Rows:
         """The fast forward's inputs of one micro-batch: the frozen-prefix split where it
-        applies (see :meth:`Batcher.splits_prefix`), else padded or packed rows."""
-        if self.batcher.splits_prefix(items, 0 if parrot is None else parrot.shape[0]):
+        applies (see :meth:`Batcher.splits_prefix`), else the rows after ``shared`` (a prefix
+        every item starts with, see :meth:`_shared_prefix`), else padded or packed rows."""
+        n_parrot = 0 if parrot is None else parrot.shape[0]
+        if self.batcher.splits_prefix(items, n_parrot):
             return prefixed_rows(items, parrot, store, pad_id=self.pad_id,
                                  device=self.adapter.device,
                                  last_layer_tail=self.last_layer_tail)
+        if shared is not None:
+            return shared_prefix_rows(items, parrot, shared.kv, pad_id=self.pad_id,
+                                      device=self.adapter.device,
+                                      last_layer_tail=self.last_layer_tail)
         return self._token_rows(items, parrot)
+
+    def _shared_prefix(self, batches: Sequence[Sequence[StepItem]], n_parrot: int,
+                       deferred: bool) -> SharedPrefix | None:
+        """The prompt prefix every sequence of the micro-batches that do not split a frozen
+        prefix starts with, its keys and values computed once (:class:`SharedPrefix`), or None
+        when there is none worth it.
+
+        Args:
+            deferred: the micro-batches run their backward one by one (:meth:`accumulate`):
+                they attend to detached copies and the prefix's own backward runs once, after
+                theirs, from the copies' summed gradients.
+        """
+        items = [it for mb in batches if not self.batcher.splits_prefix(mb, n_parrot)
+                 for it in mb]
+        length = self._shared_prefix_length(items, n_parrot)
+        if not length:
+            return None
+        ids = torch.tensor([list(items[0].prompt[:length])], dtype=torch.long,
+                           device=self.adapter.device)
+        kv = self.adapter(Prefix(ids, graph=True))
+        if not (deferred and any(t.requires_grad for pair in kv for t in pair)):
+            return SharedPrefix(kv)
+        leaves = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in kv]
+        return SharedPrefix(leaves, graph=kv)
+
+    def _shared_prefix_length(self, items: Sequence[StepItem], n_parrot: int) -> int:
+        """Leading prompt tokens all ``items`` share, before any splice and any supervised row,
+        when they are worth running once (0: none)."""
+        if not (self.fast and self.min_shared_prefix > 0 and not self.packed and len(items) > 1
+                and self.collective is None):
+            return 0
+        # Dropout would draw one mask for every row's copy of the prefix; activation
+        # checkpointing would rerun the stopped prefix forward in backward.
+        if self.model.training or self.adapter.checkpointing:
+            return 0
+        window = self.batcher.sliding_window
+        if isinstance(window, int) and window > 0 and \
+                max(fast_length(it, n_parrot) for it in items) >= window:
+            return 0  # as for the frozen prefix: keep sliding-window masks to plain rows
+        first = items[0].prompt
+        # The last prompt row predicts the first label, so it stays in the rows.
+        length = min(min(len(it.prompt) - 1 for it in items),
+                     min((it.splice for it in items if it.splice >= 0), default=len(first)))
+        if length < self.min_shared_prefix:
+            return 0
+        for it in items[1:]:
+            p = it.prompt
+            k = 0
+            while k < length and p[k] == first[k]:
+                k += 1
+            length = k
+            if length < self.min_shared_prefix:
+                return 0
+        return length
 
     def _token_rows(self, items: Sequence[StepItem], parrot: torch.Tensor | None) -> Rows:
         return token_rows(items, parrot, packed=self.packed, pad_id=self.pad_id,
@@ -221,16 +450,77 @@ class LossEngine:
         packed sequences apart when no cache is passed, and the cache is what returns the keys
         and values.
         """
+        if self._reuse is not None and not self.model.training:
+            return self._reused_prefix_store(batches, n_parrot, self._reuse)
         groups = self.batcher.prefix_buckets(batches, n_parrot)
         if not groups:
             return None
-        dev = self.adapter.device
         store: PrefixStore = {}
         for seqs in groups:
-            ids = right_padded(seqs, max(len(q) for q in seqs), self.pad_id, dev)
-            kv = self.adapter(Prefix(ids))
-            for b, q in enumerate(seqs):
-                store[q] = [(k[b:b + 1, :, :len(q)], v[b:b + 1, :, :len(q)]) for k, v in kv]
+            for q, kv in zip(seqs, self._prefix_forward(seqs, copy=False)):
+                store[q] = kv
+        return store
+
+    def _prefix_forward(self, seqs: Sequence[tuple[int, ...]], copy: bool) -> list[KV]:
+        """Keys and values ``[1, kv_heads, len(q), head_dim]`` of each sequence ``q`` of one
+        bucket, from one no-graph forward of the right-padded bucket; ``copy``: each its own
+        tensors (to keep), else views of the bucket's."""
+        ids = right_padded(seqs, max(len(q) for q in seqs), self.pad_id, self.adapter.device)
+        kv = self.adapter(Prefix(ids))
+        out = []
+        for b, q in enumerate(seqs):
+            rows = [(k[b:b + 1, :, :len(q)], v[b:b + 1, :, :len(q)]) for k, v in kv]
+            out.append([(k.clone(), v.clone()) for k, v in rows] if copy else rows)
+        return out
+
+    def _reused_prefix_store(self, batches: Sequence[Sequence[StepItem]], n_parrot: int,
+                             cache: FrozenPrefixCache) -> PrefixStore | None:
+        """:meth:`_prefix_store` from the keys and values kept across steps: only prompts not
+        kept (or kept shorter than this step's splice) run, in length buckets; every prefix is
+        then the first columns of its prompt's entry."""
+        version = self._weights_version()
+        if cache.version != version:  # the weights were written: nothing kept is valid
+            cache.clear()
+            cache.version = version
+        longest: dict[tuple[int, ...], int] = {}
+        for mb in batches:
+            if self.batcher.splits_prefix(mb, n_parrot):
+                for it in mb:
+                    if it.splice:  # prompts may come as lists (EncodedPrompt.ids)
+                        key = tuple(it.prompt)
+                        longest[key] = max(longest.get(key, 0), it.splice)
+        if not longest:
+            return None
+        # Held here for the whole step, so an eviction by a later put cannot drop one in use.
+        entries: dict[tuple[int, ...], KV] = {}
+        run: dict[tuple[int, ...], tuple[int, ...]] = {}
+        for prompt, s in longest.items():
+            kv = cache.get(prompt)
+            if kv is not None and _kv_length(kv) >= s:
+                entries[prompt] = kv
+                cache.hits += 1
+            else:
+                # Not kept: just this prefix, as a step without reuse would run (so a budget too
+                # small to keep prompts costs nothing extra). Kept but shorter: it came back, so
+                # the whole prompt, which covers every later splice.
+                run[prompt] = prompt if kv is not None else prompt[:s]
+        if run:
+            prompts = list(run)
+            for g in self.batcher.buckets([len(run[p]) for p in prompts]):
+                group = [prompts[i] for i in g]
+                for prompt, kv in zip(group, self._prefix_forward([run[p] for p in group],
+                                                                  copy=True)):
+                    entries[prompt] = kv
+                    cache.put(prompt, kv)
+                    cache.computed += 1
+        store: PrefixStore = {}
+        for mb in batches:
+            if self.batcher.splits_prefix(mb, n_parrot):
+                for it in mb:
+                    if it.splice:
+                        s = it.splice
+                        store[tuple(it.prompt[:s])] = [(k[:, :, :s], v[:, :, :s])
+                                                       for k, v in entries[tuple(it.prompt)]]
         return store
 
 

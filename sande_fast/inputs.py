@@ -6,7 +6,9 @@
 * :class:`PrefixedRows`: the frozen-prefix split. Each sequence's prompt before the parrot (its
   prefix) runs without a graph, either here as ``prefix_ids`` or already as ``prefix_kv``; the
   rows carry the rest (parrot first, so every splice is at column 0). Built by
-  :func:`prefixed_rows`.
+  :func:`prefixed_rows`. Its shared form (:func:`shared_prefix_rows`): one prompt prefix common
+  to every row (a chat template's system block), its keys and values computed once (with a
+  graph when the model trains) and expanded to the rows.
 
 The flat index arrays come from the C++ planner (:func:`sande_fast.planner.layout`).
 """
@@ -18,10 +20,10 @@ from typing import Sequence
 import torch
 
 from . import planner
-from .batching import StepItem, right_padded, spliced
+from .batching import StepItem, fast_length, right_padded, spliced
 
 __all__ = ["Rows", "PrefixedRows", "PrefixStore", "KV", "token_rows", "prefixed_rows",
-           "query_from", "MIN_TAIL_SKIP"]
+           "shared_prefix_rows", "query_from", "MIN_TAIL_SKIP"]
 
 # Fewer leading unsupervised columns than this are not worth the second, small pass.
 MIN_TAIL_SKIP = 8
@@ -69,7 +71,7 @@ class PrefixedRows(Rows):
         prefix_kv: instead of ``prefix_ids``, their per-layer keys and values
             ``[B, kv_heads, P, head_dim]``, already computed.
         attention_mask: ``[B, P+L]`` int64, 1 for real tokens (prefix, then rows); None when
-            no sequence has a prefix.
+            no sequence has a prefix, or when every row has the same one.
 
     ``position_ids`` is ``[B, L]``: each row continues after its own prefix.
     """
@@ -168,6 +170,36 @@ def prefixed_rows(items: Sequence[StepItem], parrot: torch.Tensor, store: Prefix
                         query_from=query_from(sup_start, last_layer_tail),
                         prefix_ids=prefix_ids, prefix_kv=prefix_kv,
                         attention_mask=mask.to(device) if p_len else None)
+
+
+def shared_prefix_rows(items: Sequence[StepItem], parrot: torch.Tensor | None, prefix_kv: KV, *,
+                       pad_id: int, device: torch.device,
+                       last_layer_tail: bool) -> PrefixedRows:
+    """``items`` whose prompts all start with the same tokens, none of them supervised and none
+    after a splice, given those tokens' keys and values ``prefix_kv``
+    ``[1, kv_heads, P, head_dim]`` (computed once, with a graph when the model trains): the
+    rest of each sequence as right-padded rows attending to them.
+
+    The keys and values are expanded to the rows (a view; its backward sums the rows'
+    gradients into the one prefix). Every row's prefix has the same length, so columns keep
+    their positions and the plain causal mask (offset by the prefix) is exact: no attention
+    mask is needed.
+    """
+    length = prefix_kv[0][0].shape[2]
+    rest = [StepItem(tuple(it.prompt[length:]), it.labels,
+                     it.splice - length if it.splice >= 0 else -1, it.tail) for it in items]
+    rows = token_rows(rest, parrot, packed=False, pad_id=pad_id, device=device,
+                      last_layer_tail=last_layer_tail)
+    n = 0 if parrot is None else parrot.shape[0]
+    b, width = rows.ids.shape
+    last = torch.tensor([fast_length(it, n) - 1 for it in rest])[:, None]
+    # pads repeat the last real position, so no position passes the context
+    position_ids = length + torch.arange(width)[None].expand(b, -1).minimum(last)
+    kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_kv]
+    return PrefixedRows(ids=rows.ids, supervised_rows=rows.supervised_rows, labels=rows.labels,
+                        position_ids=position_ids.to(device), parrot=rows.parrot,
+                        splice_rows=rows.splice_rows, query_from=rows.query_from,
+                        prefix_kv=kv)
 
 
 def _stacked_prefix_kv(states: Sequence[KV | None], p_len: int) -> KV:

@@ -71,14 +71,18 @@ def probe_parrots(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequ
     ``measure(parrot, seed + k)``. Used by ``sande-fast probe`` and by the probe after every
     round of ``sanitize``."""
     out = ProbeResult([], [], [])
-    for k in range(tries):
-        label = f"{desc} {k + 1}/{tries}" if tries > 1 else desc
-        parrot, curve = simulate(engine, rows, target_ids, steps=steps, lr=lr, n_tokens=n_tokens,
-                                 batch_size=batch_size, seed=seed + k, splice=splice,
-                                 max_norm=max_norm, progress=progress, desc=label)
-        out.asr.append(measure(parrot, seed + k))
-        out.curves.append(curve)
-        out.parrots.append(parrot)
+    # Every try sees the same frozen model (measuring only generates), so the prompt keys and
+    # values one try computed serve the next ones too.
+    with engine.reuse_frozen_prefixes():
+        for k in range(tries):
+            label = f"{desc} {k + 1}/{tries}" if tries > 1 else desc
+            parrot, curve = simulate(engine, rows, target_ids, steps=steps, lr=lr,
+                                     n_tokens=n_tokens, batch_size=batch_size, seed=seed + k,
+                                     splice=splice, max_norm=max_norm, progress=progress,
+                                     desc=label)
+            out.asr.append(measure(parrot, seed + k))
+            out.curves.append(curve)
+            out.parrots.append(parrot)
     return out
 
 

@@ -67,6 +67,9 @@ def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[
              desc: str = "simulate") -> tuple[torch.Tensor, list[float]]:
     """Stage 1: learns a parrot that makes the frozen model emit ``target_ids`` after each prompt.
 
+    The prompts' keys and values before the splices are kept across the run's steps
+    (:meth:`~sande_fast.engine.LossEngine.reuse_frozen_prefixes`).
+
     Returns:
         The parrot ``[n_tokens, hidden]`` (fp32, detached) and the loss of every step.
     """
@@ -76,12 +79,15 @@ def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[
     labels = tuple(target_ids)
     curve = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True)
-    for step in bar:
-        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
-        items = [StepItem(r.prompt.ids, labels, splice_position(r.prompt, splice, rng))
-                 for r in batch]
-        curve.append(sim.step(items, where=f"{desc} step {step + 1}"))
-        _show_loss(bar, curve[-1])
+    # The model stays frozen for the whole run, so the prompt keys and values before each
+    # splice are computed once and kept across steps; the scope drops them at the end.
+    with engine.reuse_frozen_prefixes():
+        for step in bar:
+            batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+            items = [StepItem(r.prompt.ids, labels, splice_position(r.prompt, splice, rng))
+                     for r in batch]
+            curve.append(sim.step(items, where=f"{desc} step {step + 1}"))
+            _show_loss(bar, curve[-1])
     bar.close()
     return sim.parrot.detach().clone(), curve
 
