@@ -18,16 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # What each command declares itself (the run's inputs); everything else is an option.
 RUN_INPUTS = {
-    "sanitize": {"model", "data", "target", "out", "method", "trigger", "eval_target",
+    "sanitize": {"model", "data", "target", "targets", "out", "method", "trigger", "eval_target",
                  "eval_data", "fsdp", "force", "dtype", "trust_remote_code",
                  "save_patch", "base_model"},
     "demo": {"out", "cache_dir", "method", "trigger", "eval_target", "eval_data", "fsdp",
              "force", "dtype", "trust_remote_code"},
-    "probe": {"model", "data", "target", "json", "force", "dtype", "trust_remote_code",
-              "base_model"},
-    "eval": {"model", "data", "target", "trigger", "json", "force", "dtype", "trust_remote_code",
-             "reference", "base_model"},
+    "probe": {"model", "data", "target", "targets", "json", "force", "dtype",
+              "trust_remote_code", "base_model"},
+    "eval": {"model", "data", "target", "targets", "trigger", "json", "force", "dtype",
+             "trust_remote_code", "reference", "base_model"},
 }
+# Every command also takes the process-level logging flags.
+for _inputs in RUN_INPUTS.values():
+    _inputs |= {"log_level", "log_file"}
+
 CONFIGS = {"sanitize": SanitizeConfig, "demo": SanitizeConfig, "probe": ProbeConfig,
            "eval": EvalConfig}
 
