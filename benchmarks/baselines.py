@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Strong", "Published", "HEAD_LOSSES", "head_loss_available", "frozen"]
+__all__ = ["Strong", "Published", "HEAD_LOSSES", "head_loss_available", "frozen",
+           "checkpointing_on", "set_checkpointing"]
 
 # Head-loss implementations of Strong; "liger" and "cce" need CUDA and their package.
 HEAD_LOSSES = ("torch", "liger", "cce")
@@ -87,6 +88,22 @@ def _padded(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     for b, r in enumerate(rows):
         mask[b, :r.shape[0]] = 1
     return emb, mask
+
+
+def checkpointing_on(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on (transformers 5 renamed the gradient flag)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Hugging Face activation checkpointing on or off, under the name the version has."""
+    verb = "enable" if on else "disable"
+    fn = (getattr(model, f"activation_checkpointing_{verb}", None)
+          or getattr(model, f"gradient_checkpointing_{verb}"))
+    fn()
 
 
 class Strong:
@@ -184,14 +201,14 @@ class Published:
         """Activation checkpointing for the step (Hugging Face checkpoints only in train mode;
         Llama has no dropout, so train mode changes nothing else), then the model as it was."""
         was_training = self.model.training
-        was_on = bool(getattr(self.model, "is_gradient_checkpointing", False))
-        self.model.gradient_checkpointing_enable()
+        was_on = checkpointing_on(self.model)
+        set_checkpointing(self.model, True)
         self.model.train()
         try:
             yield
         finally:
             if not was_on:
-                self.model.gradient_checkpointing_disable()
+                set_checkpointing(self.model, False)
             self.model.train(was_training)
 
     def accumulate(self, items: Sequence[Any], parrot: torch.Tensor | None,

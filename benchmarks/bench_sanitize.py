@@ -1047,7 +1047,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.checkpointing:
         # Every side then runs with activation checkpointing (Hugging Face checkpoints only in
         # train mode; Llama has no dropout, so the maths is unchanged).
-        model.gradient_checkpointing_enable()
+        baselines.set_checkpointing(model, True)
         model.train()
     rows = make_rows(p, args.seed)
     peak_flops = None
