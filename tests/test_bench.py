@@ -98,6 +98,7 @@ def test_bench_gpu_path_options_on_cpu(tmp_path: Path) -> None:
     res, _ = run_bench(tmp_path, "--checkpointing", "--optimizer", "sgd", "--rows", "3",
                        "--layers", "1", "--sides", "strong,published")
     assert res["checkpointing"] and res["optimizer"] == "sgd"
+    assert "frozen prefix" in res["notes"]["ours"]  # off under checkpointing (engine limit)
     assert res["config"]["batch"] == 3 and res["config"]["layers"] == 1
     for stage in ("stage1", "stage2"):
         check_stage(res[stage], {"ours", "ours_pub", "strong", "published"})
