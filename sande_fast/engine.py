@@ -201,7 +201,7 @@ class LossEngine:
                                max_waste=self.max_waste,
                                frozen_prefix=frozen_prefix and not self.packed,
                                min_frozen_prefix=min_frozen_prefix, sliding_window=window,
-                               model_frozen=self._model_frozen)
+                               model_frozen=self._prefix_may_stop)
         self.reuse_budget = reuse_budget
         self.min_shared_prefix = min_shared_prefix
         self._reuse: FrozenPrefixCache | None = None
@@ -224,6 +224,12 @@ class LossEngine:
 
     def _model_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.model.parameters())
+
+    def _prefix_may_stop(self) -> bool:
+        """Whether the rows before the parrot may run apart without a graph: the model is
+        frozen, and no activation checkpointing would rerun the layers in backward (the
+        checkpointed layers drop the cached prefix keys and values and fail on the shapes)."""
+        return self._model_frozen() and not self.adapter.checkpointing
 
     # -- frozen-prefix reuse ---------------------------------------------------------------------
     @contextlib.contextmanager

@@ -83,6 +83,33 @@ def test_frozen_prefix_falls_back_within_a_sliding_window() -> None:
     assert abs(values[0] - values[1]) <= 1e-5 * abs(values[0])
 
 
+def test_frozen_prefix_is_off_under_activation_checkpointing() -> None:
+    """Checkpointed layers rerun in backward and drop the stopped prefix's cached keys and
+    values: the engine must run those rows with the rest, and still match the plain path."""
+    model = tiny_model("llama", VOCAB, seed=4)
+    items = make_items(random.Random(7), 6, parrot=True)
+    parrot = torch.randn(3, model.config.hidden_size, requires_grad=True)
+    n = sum(len(it.labels) for it in items)
+    with frozen(model):
+        want = LossEngine(model, fast=False).accumulate(items, parrot, n)
+        want_grad = parrot.grad.clone()
+        parrot.grad = None
+    # transformers 5 renamed the switch; checkpointing acts only in training mode.
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    model.train()
+    try:
+        eng = LossEngine(model, fast=True, packed=False, max_batch=3, min_frozen_prefix=0)
+        with frozen(model):
+            assert not eng.batcher.splits_prefix(items, 3)
+            got = eng.accumulate(items, parrot, n)
+    finally:
+        getattr(model, "activation_checkpointing_disable",
+                model.gradient_checkpointing_disable)()
+        model.eval()
+    assert abs(got - want) <= 1e-5 * abs(want)
+    close(parrot.grad, want_grad, rtol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("budget", [50, 4096])
 @pytest.mark.parametrize("retain", [0.0, 5.0])
