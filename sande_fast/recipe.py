@@ -22,6 +22,7 @@ rows) is pushed to the target by 6 soft rows in 95-99 % of prompts but by one ro
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -502,28 +503,32 @@ class Sanitizer:
             parrots: dict[int, torch.Tensor] = {}
             parrot_asr: list[float | None] = [None] * len(self.targets)
             final_loss: list[float | None] = [None] * len(self.targets)
-            for k in active:
-                tag = f"_t{k + 1}" if multi else ""
-                # Where this round's parrot comes from: the one passed in, the last probe's (it
-                # has the stage-1 shape and already reaches the target), or a fresh simulation.
-                if r == 0 and self.initial_parrot is not None:
-                    parrot, curve = self.initial_parrot.float().to(self.device), []
-                elif k in reuse:
-                    parrot, curve = reuse[k]
-                else:
-                    parrot, curve = self.simulate(seed + TARGET_SEED_STRIDE * k,
-                                                  f"simulate r{round_no}{tag.replace('_', ' ')}",
-                                                  k)
-                if curve:
-                    self.curves[f"simulate_r{round_no}{tag}"] = curve
-                    final_loss[k] = curve[-1]
-                parrot_asr[k] = self._measure_parrot(parrot, seed + TARGET_SEED_STRIDE * k, k)
-                if r == 0:
-                    probe_before[k] = parrot_asr[k]
-                parrots[k] = parrot
-                self.parrots.append(parrot.cpu())
-                if self.on_parrot is not None and not multi:
-                    self.on_parrot(parrot.cpu(), round_no)
+            # The model is frozen for every target's stage 1 of the round: their parrots share
+            # the prompt prefixes' keys and values (one scope for all of them).
+            with self._frozen_phase():
+                for k in active:
+                    tag = f"_t{k + 1}" if multi else ""
+                    # Where this round's parrot comes from: the one passed in, the last probe's
+                    # (it has the stage-1 shape and already reaches the target), or a fresh
+                    # simulation.
+                    if r == 0 and self.initial_parrot is not None:
+                        parrot, curve = self.initial_parrot.float().to(self.device), []
+                    elif k in reuse:
+                        parrot, curve = reuse[k]
+                    else:
+                        label = f"simulate r{round_no}{tag.replace('_', ' ')}"
+                        parrot, curve = self.simulate(seed + TARGET_SEED_STRIDE * k, label, k)
+                    if curve:
+                        self.curves[f"simulate_r{round_no}{tag}"] = curve
+                        final_loss[k] = curve[-1]
+                    parrot_asr[k] = self._measure_parrot(parrot, seed + TARGET_SEED_STRIDE * k,
+                                                         k)
+                    if r == 0:
+                        probe_before[k] = parrot_asr[k]
+                    parrots[k] = parrot
+                    self.parrots.append(parrot.cpu())
+                    if self.on_parrot is not None and not multi:
+                        self.on_parrot(parrot.cpu(), round_no)
 
             snapshot = self.guard(r)
             self.curves[f"eliminate_r{round_no}"] = self.eliminate(
@@ -558,8 +563,9 @@ class Sanitizer:
             if not auto and round_no < n_rounds:
                 continue  # a fixed number of rounds: probe only after the last one
             reuse = {}
-            for k in range(len(self.targets)):
-                found = self.probe(round_no, k)
+            with self._frozen_phase():  # every target's probe on the same frozen model
+                found_each = [self.probe(round_no, k) for k in range(len(self.targets))]
+            for k, found in enumerate(found_each):
                 resimulated[k] = found.asr_max
                 tag = f"_t{k + 1}" if multi else ""
                 self.curves[f"probe_r{round_no}{tag}"] = found.curves[found.best]
@@ -588,6 +594,13 @@ class Sanitizer:
         self.target_parrots = kept
         first = kept[0] if kept[0] is not None else self.parrots[0]
         return after, first
+
+    def _frozen_phase(self) -> Any:
+        """A scope in which the model stays frozen: the engine keeps prompt-prefix keys and
+        values across the stage-1 runs and probes inside it (a no-op without an engine)."""
+        engine = getattr(self, "engine", None)
+        reuse = getattr(engine, "reuse_frozen_prefixes", None)
+        return reuse() if reuse is not None else contextlib.nullcontext()
 
     def _measure_parrot(self, parrot: torch.Tensor, seed: int, target_index: int = 0) -> float:
         t = time.perf_counter()
