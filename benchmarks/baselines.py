@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Stage 1 trains only the parrot: the project's own switch, re-exported for the sides here.
+from sande_fast.steps import frozen
+
 __all__ = ["Strong", "Published", "HEAD_LOSSES", "head_loss_available", "frozen",
            "checkpointing_on", "set_checkpointing"]
 
@@ -55,19 +58,6 @@ def head_loss_available(name: str, device: torch.device) -> str | None:
     except Exception as e:  # ImportError, or a Triton/CUDA mismatch raised at import
         return f"{name}: import failed ({type(e).__name__}: {e}); pip install '.[bench]'"
     return None
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Stage 1 trains only the parrot: no weight gradient is built or stored."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
 
 
 def _row_embeds(model: nn.Module, ids: Sequence[int], splice: int,

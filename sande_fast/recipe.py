@@ -272,7 +272,6 @@ class Sanitizer:
                                   [:cfg.simulate_window] for t in self.simulate_texts]
         if not all(self.simulate_id_lists):
             raise BadInputError("--target tokenises to nothing")
-        self.simulate_text, self.simulate_ids = self.simulate_texts[0], self.simulate_id_lists[0]
         t = time.perf_counter()
         self.train_rows = prepare_rows(self.runner, self.encoder, rows,
                                        max_new_tokens=cfg.max_new_tokens,
@@ -617,7 +616,7 @@ class Sanitizer:
             "method": self.method,
             "model": model_name,
             "target": self.target,
-            "parrot_target": self.simulate_text if sande else None,
+            "parrot_target": self.simulate_texts[0] if sande else None,
             "asr_target": self.eval_target,
             "before": self.before,
             "after": after,

@@ -86,6 +86,18 @@ def sanitize_argv(model: Path, data: Path, out: Path, *extra: str,
             "--method", method, "--out", str(out), *FAST_OPTS, *extra]
 
 
+def folder_weights(folder: Path) -> dict[str, Any]:
+    """Every tensor of a model folder's safetensors files, read directly (the tests' own
+    reader, independent of the package's loaders)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
 def leftovers(out: Path) -> list[str]:
     """Hidden temp siblings (``.<name>.tmp-*`` / ``.<name>.old-*``) left next to ``out``."""
     prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")

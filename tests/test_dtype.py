@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import sanitize_argv
+from conftest import folder_weights, sanitize_argv
 from sande_fast.cli import main
 from sande_fast.io import check_dtype_for_training, checkpoint_dtype, load_model, resolve_dtype
 from sande_fast.errors import BadInputError
@@ -28,14 +27,6 @@ def _cast_copy(model_dir: Path, dst: Path, dtype: torch.dtype) -> Path:
 @pytest.fixture(scope="module")
 def bf16_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _cast_copy(model_dir, tmp_path_factory.mktemp("bf16") / "model", torch.bfloat16)
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("model*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 def test_auto_follows_the_checkpoint(model_dir: Path, bf16_dir: Path) -> None:
@@ -73,7 +64,7 @@ def test_bf16_in_bf16_out_at_the_same_size(bf16_dir: Path, data_file: Path, tmp_
     out = tmp_path / "out"
     assert main(sanitize_argv(bf16_dir, data_file, out, "--method", "osft", "--trigger", "cf",
                               method="osft")) == 0
-    before, after = _weights(bf16_dir), _weights(out)
+    before, after = folder_weights(bf16_dir), folder_weights(out)
     assert before.keys() == after.keys()
     assert {t.dtype for t in after.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
@@ -89,7 +80,7 @@ def test_explicit_dtype_still_wins(bf16_dir: Path, data_file: Path, tmp_path: Pa
     out = tmp_path / "out"
     assert main(sanitize_argv(bf16_dir, data_file, out, "--dtype", "float32",
                               method="sft")) == 0
-    assert {t.dtype for t in _weights(out).values()} == {torch.float32}
+    assert {t.dtype for t in folder_weights(out).values()} == {torch.float32}
     capsys.readouterr()
 
 

@@ -13,19 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import sanitize_argv
+from conftest import folder_weights, sanitize_argv
 from sande_fast.cli import main
 from sande_fast.errors import BadInputError
 from sande_fast.patch import (Patch, apply_patch, load_patch, make_patch, patch_stats,
                               tensors_digest)
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("model*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -60,17 +52,17 @@ def test_apply_patch_reproduces_the_sanitized_model(model_dir: Path, patched_run
     assert main(["apply-patch", "--model", str(model_dir), "--patch",
                  str(patched_run["patch"]), "--out", str(applied)]) == 0
     assert "verified" in capsys.readouterr().out
-    _same(_weights(applied), _weights(patched_run["out"]))
+    _same(folder_weights(applied), folder_weights(patched_run["out"]))
     assert json.loads((applied / "config.json").read_text()) == \
         json.loads((patched_run["out"] / "config.json").read_text())
     assert (applied / ".sande-fast").exists() and (applied / "tokenizer.json").exists()
     # The Python API gives the same tensors.
-    _same(apply_patch(model_dir, patched_run["patch"]), _weights(patched_run["out"]))
+    _same(apply_patch(model_dir, patched_run["patch"]), folder_weights(patched_run["out"]))
 
 
 def test_patch_holds_only_what_moved_and_says_so(model_dir: Path,
                                                  patched_run: dict[str, Path]) -> None:
-    before, after = _weights(model_dir), _weights(patched_run["out"])
+    before, after = folder_weights(model_dir), folder_weights(patched_run["out"])
     patch = load_patch(patched_run["patch"])
     moved = {k for k in after if not torch.equal(before[k], after[k])}
     assert set(patch.tensors) == moved and moved
@@ -94,9 +86,9 @@ def test_bf16_patch_is_exact(model_dir: Path, data_file: Path, tmp_path: Path,
                               method="sft")) == 0
     assert main(["apply-patch", "--model", str(src), "--patch", str(patch),
                  "--out", str(applied)]) == 0
-    got = _weights(applied)
+    got = folder_weights(applied)
     assert {t.dtype for t in got.values()} == {torch.bfloat16}
-    _same(got, _weights(out))
+    _same(got, folder_weights(out))
     capsys.readouterr()
 
 
@@ -134,7 +126,7 @@ def test_a_patch_for_another_model_is_refused(patched_run: dict[str, Path], toke
 
     short = tmp_path / "short"
     shutil.copytree(other, short)
-    w = _weights(short)
+    w = folder_weights(short)
     name = sorted(load_patch(patched_run["patch"]).tensors)[0]
     del w[name]
     for f in short.glob("*.safetensors"):
