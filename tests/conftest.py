@@ -5,9 +5,15 @@ Built once per session; tests that change a folder copy it first (``model_copy``
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+# One torch thread in the tests and in the commands they start: the toy runs' float sums then
+# come out the same whatever the machine's core count (with two threads the toy's osft and
+# sande results moved across their bounds on a 2-core machine). Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
