@@ -119,25 +119,36 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
             out = call(inputs_embeds=inputs, attention_mask=mask, position_ids=position,
                        use_cache=True, **keep_last)
             past = _cache_of(out)
+            # Rows that stopped leave the batch (their cache rows too), so the last long
+            # answers do not drag finished rows through every step. Sharded ranks keep their
+            # rows: they must run the same forwards, and a rank may run out of rows first.
+            compact = all_true is None and bool(stops) and hasattr(past, "reorder_cache")
+            alive = list(range(len(idx)))
             finished = torch.zeros(len(idx), dtype=torch.bool, device=device)
-            new_tokens = []
+            gen: list[list[int]] = [[] for _ in idx]
             for step in range(max_new_tokens):
                 nxt = out.logits[:, -1].argmax(-1)
                 if stops:
                     nxt = torch.where(finished, torch.full_like(nxt, stops[0]), nxt)
                     finished |= torch.isin(nxt, stop_t)
-                new_tokens.append(nxt)
+                for b, tok in zip(alive, nxt.tolist()):
+                    gen[b].append(tok)
                 done = bool(finished.all())
                 if all_true is not None:
                     done = all_true(done)
                 if done or step == max_new_tokens - 1:
                     break
-                mask = torch.cat([mask, mask.new_ones((len(idx), 1))], dim=1)
+                if compact and bool(finished.any()):
+                    keep = (~finished).nonzero().squeeze(1)
+                    past.reorder_cache(keep)
+                    alive = [alive[k] for k in keep.tolist()]
+                    nxt, mask, position = nxt[keep], mask[keep], position[keep]
+                    finished = finished[keep]
+                mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
                 position = position[:, -1:] + 1
                 out = call(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
                            use_cache=True, **{cache_arg: past}, **keep_last)
                 past = _cache_of(out)
-            gen = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in idx]
             for b, i in enumerate(idx):
                 seq = gen[b]
                 end = next((t for t, tok in enumerate(seq) if tok in stop_set), None)

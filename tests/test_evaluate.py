@@ -177,6 +177,19 @@ def test_greedy_generate_matches_the_naive_loop(arch: str, with_parrot: bool) ->
     assert got == [e[:e.index(eos)] if eos in e else e for e in expected]
     assert any(0 < len(g) < new for g in got), "some row really was cut by the eos"
 
+    # One batch for all rows and two stop ids: rows stop at different steps and leave the batch
+    # (with their cache rows) while the others go on; each row still matches its naive loop.
+    stops = sorted({e[j] for e in expected for j in (1, 3)})[:2]
+    got = greedy_generate(model, prompts, pad_id=0, eos_id=stops, max_new_tokens=new,
+                          batch_size=len(prompts), parrot=parrot, splice_at=splice,
+                          keep_stop=True)
+
+    def cut(e: list[int]) -> list[int]:
+        end = next((j for j, t in enumerate(e) if t in stops), None)
+        return e if end is None else e[:end + 1]
+    assert got == [cut(e) for e in expected]
+    assert len({len(g) for g in got}) > 1, "rows stopped at different steps"
+
 
 def test_parrot_needs_splice_positions() -> None:
     model = tiny_model("llama", 50)
