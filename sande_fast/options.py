@@ -278,6 +278,14 @@ class SanitizeConfig(CommonOptions):
                              kind="choice", choices=("auto", "clean_accuracy", "agreement"),
                              auto="clean_accuracy when the model matches at least half of the "
                                   "responses before training, else agreement")
+    responses: str = _opt("auto", "what stage 2 teaches the rows to answer: the given responses, "
+                                  "or the model's own greedy answers before training (the "
+                                  "trigger then maps to what the model says without it)",
+                          kind="choice", choices=("auto", "given", "own"),
+                          auto="own when the model's answers match fewer than half of the "
+                               "given responses over --overwrite-window tokens (training "
+                               "toward answers it does not give moves its clean behaviour); "
+                               "rows without a response always get its own")
     clean_weight: float = _opt(3.0, "weight of the clean term in stage 2", kind="float", low=0.0)
     retain_weight: float = _opt(30.0, "weight of the term that holds the clean rows' final "
                                       "hidden states at the original model's (0: off)",

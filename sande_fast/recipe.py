@@ -86,24 +86,43 @@ def parrot_target(target: str, method: str, partial_words: int | None) -> str:
 
 
 def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
-                 max_new_tokens: int, batch_size: int, progress: bool) -> list[TrainRow]:
-    """Tokenises defence rows; a row without a response gets the model's own greedy answer."""
+                 max_new_tokens: int, batch_size: int, progress: bool, responses: str = "given",
+                 window: int = 16) -> tuple[list[TrainRow], dict[str, Any]]:
+    """Tokenises defence rows with the responses stage 2 teaches.
+
+    Args:
+        responses: ``given`` (a row without a response gets the model's own greedy answer),
+            ``own`` (every row gets the model's own answer), or ``auto`` (own answers when they
+            match fewer than half of the given responses over their first ``window`` tokens).
+
+    Returns:
+        The rows, and ``{"responses": "given" | "own", "own_match": share or None}`` (the share
+        of given responses the model's own answers match, when they were generated).
+    """
     prompts = [encoder.encode_prompt(r.prompt, r.context) for r in rows]
-    missing = [i for i, r in enumerate(rows) if r.response is None]
+    given = {i: encoder.encode_response(r.response) for i, r in enumerate(rows)
+             if r.response is not None}
+    wanted = (range(len(rows)) if responses in ("own", "auto") and given
+              else [i for i in range(len(rows)) if i not in given])
     answers: dict[int, list[int]] = {}
-    if missing:
-        gen = greedy_generate(model, [prompts[i].ids for i in missing],
+    if wanted:
+        wanted = list(wanted)
+        gen = greedy_generate(model, [prompts[i].ids for i in wanted],
                               pad_id=pad_token_id(encoder.tokenizer), eos_id=encoder.stop_ids,
                               max_new_tokens=max_new_tokens, batch_size=batch_size * 4,
-                              progress=progress, desc="clean answers", keep_stop=True)
+                              progress=progress, desc="own answers", keep_stop=True)
         # An answer cut at max_new_tokens gets no end token: the model is not taught to stop
         # where it would have gone on.
-        answers = dict(zip(missing, gen))
+        answers = dict(zip(wanted, gen))
+    match = None
+    if given and len(answers) == len(rows):
+        match = sum(answers[i][:window] == g[:window] for i, g in given.items()) / len(given)
+    use_own = responses == "own" or (responses == "auto" and match is not None and match < 0.5)
     out = []
     for i, (r, p) in enumerate(zip(rows, prompts)):
-        resp = answers[i] if i in answers else encoder.encode_response(r.response)
+        resp = answers[i] if use_own or i not in given else given[i]
         out.append(TrainRow(r.prompt, p, tuple(resp), r.context))
-    return out
+    return out, {"responses": "own" if use_own else "given", "own_match": match}
 
 
 def check_inputs(config: SanitizeConfig, method: str, target: Any, trigger: Any = None,
@@ -273,9 +292,10 @@ class Sanitizer:
         if not all(self.simulate_id_lists):
             raise BadInputError("--target tokenises to nothing")
         t = time.perf_counter()
-        self.train_rows = prepare_rows(self.runner, self.encoder, rows,
-                                       max_new_tokens=cfg.max_new_tokens,
-                                       batch_size=cfg.batch_size, progress=self.show)
+        self.train_rows, self.responses = prepare_rows(
+            self.runner, self.encoder, rows, max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size, progress=self.show, responses=cfg.responses,
+            window=cfg.overwrite_window)
         # The model's own answers to rows without a response: a phase of its own in the report.
         self.timing["answers_s"] += time.perf_counter() - t
         t0 += time.perf_counter() - t
@@ -628,7 +648,7 @@ class Sanitizer:
             "lora": None if self.lora is None else self.lora.to_dict(),
             "data": {"trigger_known": self.method == "osft", "n_rows": self.n_rows,
                      "n_eval_rows": len(self.eval_rows), "prompts_truncated": self.truncated,
-                     "guard_metric": self.guard_metric},
+                     "guard_metric": self.guard_metric, **self.responses},
             "environment": self._environment(),
         }
         if len(self.targets) > 1:

@@ -248,3 +248,40 @@ def test_bench_pairs_runs_the_chosen_methods(toy, tmp_path, monkeypatch) -> None
             pair["extra_before"]["clean_accuracy"] - r["extra_after"]["clean_accuracy"])
     with pytest.raises(SystemExit):
         bench.main(["--methods", "osft,magic"])
+
+
+def test_prepare_rows_teaches_own_answers_when_given_ones_are_not_the_models(toy) -> None:
+    # ``responses auto`` keeps the given responses the toy reproduces, and switches to the
+    # model's own greedy answers (checked against a plain no-cache loop) when the given ones
+    # are answers it does not give.
+    from sande_fast.data import PromptEncoder, Row
+    from sande_fast.recipe import prepare_rows
+
+    model, tok = toy.model, toy.tokenizer
+    enc = PromptEncoder(tok, "auto")
+    rows = toy.defense_rows[:12]
+    kw = dict(max_new_tokens=12, batch_size=4, progress=False, window=8)
+    kept, info = prepare_rows(model, enc, rows, responses="auto", **kw)
+    assert info["responses"] == "given" and info["own_match"] >= 0.5
+    assert [list(r.response) for r in kept] == [enc.encode_response(r.response) for r in rows]
+
+    wrong = [Row(r.prompt, "zz " + r.response) for r in rows]
+    own, info = prepare_rows(model, enc, wrong, responses="auto", **kw)
+    assert info["responses"] == "own" and info["own_match"] < 0.5
+
+    def brute(ids: list[int]) -> list[int]:
+        out: list[int] = []
+        with torch.no_grad():
+            for _ in range(12):
+                nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+                out.append(nxt)
+                if nxt in enc.stop_ids:
+                    break
+        return out
+    assert [list(r.response) for r in own] == [brute(enc.encode_prompt(r.prompt).ids)
+                                               for r in rows]
+    forced, info = prepare_rows(model, enc, rows, responses="own", **kw)
+    assert info["responses"] == "own" and [r.response for r in forced] == [r.response for r in own]
+    given, info = prepare_rows(model, enc, wrong, responses="given", **kw)
+    assert info == {"responses": "given", "own_match": None}
+    assert [list(r.response) for r in given] == [enc.encode_response(r.response) for r in wrong]
