@@ -50,6 +50,9 @@ AUTO_OVERWRITE_STEPS = {"adamw": 50, "sgd": 200}
 # little more clean accuracy, so sande-p allows a little more.
 AUTO_MAX_CLEAN_DROP = {"sande": 0.02, "sande-p": 0.03}
 
+# --simulate-stop-loss looks at the mean loss of this many last steps.
+STOP_LOSS_WINDOW = 5
+
 # Models below this size (the toy world) take AdamW's larger default rate.
 SMALL_MODEL_PARAMS = 50_000_000
 
@@ -237,6 +240,12 @@ class SanitizeConfig(CommonOptions):
 
     simulate_steps: int = _opt(200, "stage-1 (parrot) steps per round", **STEPS)
     simulate_lr: float = _opt(0.05, "stage-1 Adam learning rate of the parrot", **RATE)
+    simulate_stop_loss: float | None = _opt(
+        None, "stage 1 and the round probes stop once the mean loss of their last "
+              f"{STOP_LOSS_WINDOW} steps is below this (0: every step runs)", optional=True,
+        kind="float", low=0.0,
+        auto="0.01 from 50M parameters (the parrot then emits the target and further steps "
+             "change nothing); 0 below, where the toy's defaults were tuned with every step")
     overwrite_steps: int | None = _opt(None, "stage-2 steps per round", optional=True,
                                        auto="50 with adamw, 200 with sgd", **STEPS)
     overwrite_lr: float | None = _opt(
@@ -254,7 +263,8 @@ class SanitizeConfig(CommonOptions):
     parrot: str | None = _opt(None, "reuse a saved parrot.safetensors (skips stage 1 of round "
                                     "1)", kind="text")
     rounds: str | int = _opt("auto", "'auto' (repeat simulate -> eliminate until a fresh parrot "
-                                     "fails) or a fixed number of rounds", kind="rounds")
+                                     "fails, or a round does not lower it) or a fixed number of "
+                                     "rounds", kind="rounds")
     max_rounds: int = _opt(4, "most rounds under --rounds auto", **STEPS)
     probe_threshold: float = _opt(0.05, "a round's probe at or below this asr ends --rounds auto",
                                   kind="float", low=0.0, high=1.0)
@@ -439,6 +449,8 @@ def resolve(cfg: SanitizeConfig, method: str, *, n_params: int, context: int | N
         max_clean_drop=(cfg.max_clean_drop if cfg.max_clean_drop is not None
                         else AUTO_MAX_CLEAN_DROP.get(method, 0.02)),
         probe_steps=cfg.probe_steps or cfg.simulate_steps,
+        simulate_stop_loss=(cfg.simulate_stop_loss if cfg.simulate_stop_loss is not None
+                            else 0.01 if n_params >= SMALL_MODEL_PARAMS else 0.0),
         prompt_format=resolve_prompt_format(cfg.prompt_format, chat_template),
         max_prompt_tokens=prompt_budget(context, n_parrot, window, cfg.max_prompt_tokens))
 

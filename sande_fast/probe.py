@@ -65,7 +65,7 @@ def probe_parrots(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequ
                   measure: Callable[[torch.Tensor, int], float], *, seed: int, tries: int,
                   steps: int, lr: float, n_tokens: int, batch_size: int,
                   max_norm: float | None, splice: str = "random", progress: bool = False,
-                  desc: str = "probe") -> ProbeResult:
+                  desc: str = "probe", stop_loss: float = 0.0) -> ProbeResult:
     """Trains ``tries`` fresh parrots on the frozen model (try k: seed ``seed + k``, for its
     initial rows, its batches and its splice positions) and measures each with
     ``measure(parrot, seed + k)``. Used by ``sande-fast probe`` and by the probe after every
@@ -79,7 +79,7 @@ def probe_parrots(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequ
             parrot, curve = simulate(engine, rows, target_ids, steps=steps, lr=lr,
                                      n_tokens=n_tokens, batch_size=batch_size, seed=seed + k,
                                      splice=splice, max_norm=max_norm, progress=progress,
-                                     desc=label)
+                                     desc=label, stop_loss=stop_loss)
             out.asr.append(measure(parrot, seed + k))
             out.curves.append(curve)
             out.parrots.append(parrot)

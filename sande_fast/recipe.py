@@ -390,7 +390,8 @@ class Sanitizer:
                                  steps=cfg.simulate_steps, lr=cfg.simulate_lr,
                                  n_tokens=cfg.parrot_tokens, max_norm=cfg.parrot_max_norm or None,
                                  batch_size=cfg.batch_size, seed=seed, splice=cfg.splice,
-                                 progress=self.show, desc=desc)
+                                 progress=self.show, desc=desc,
+                                 stop_loss=cfg.simulate_stop_loss)
         self.timing["simulate_s"] += time.perf_counter() - t
         return parrot, curve
 
@@ -442,7 +443,8 @@ class Sanitizer:
                                steps=cfg.probe_steps, lr=cfg.simulate_lr,
                                n_tokens=cfg.probe_tokens, batch_size=cfg.batch_size,
                                max_norm=cfg.parrot_max_norm or None, splice=cfg.splice,
-                               progress=self.show, desc=f"probe r{round_no}{tag}")
+                               progress=self.show, desc=f"probe r{round_no}{tag}",
+                               stop_loss=cfg.simulate_stop_loss)
         # The probe parrots' generation counts as evaluation time, as the round parrot's does.
         self.timing["probe_s"] += time.perf_counter() - t - (self.timing["eval_s"] - measured)
         return result
@@ -602,6 +604,17 @@ class Sanitizer:
                       _fmt_values(resimulated), cfg.probe_threshold)
             active = [k for k in range(len(self.targets))
                       if resimulated[k] is not None and resimulated[k] > cfg.probe_threshold]
+            # A target whose probe this round did not lower gets no further round: the next
+            # one would repeat what did not erase it (on a real model a fresh soft prompt
+            # finds the target even in a never-poisoned one), at the cost of a whole round.
+            stalled = [k for k in active
+                       if probe_before[k] is not None and resimulated[k] >= probe_before[k]]
+            if stalled:
+                self.rounds[-1]["probe_stalled"] = [k + 1 for k in stalled] if multi else True
+                _LOG.info("round %d did not lower the probe of %s: no further round for it",
+                          round_no, ", ".join(f"target {k + 1}" for k in stalled)
+                          if multi else "the target")
+                active = [k for k in active if k not in stalled]
             if round_no >= n_rounds or not active:
                 break  # erased (no probe reaches its target any more), or out of rounds
             probe_before = list(resimulated)

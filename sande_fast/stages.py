@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .data import EncodedPrompt, PromptEncoder, insert_trigger
 from .batching import StepItem
 from .engine import LossEngine
+from .options import STOP_LOSS_WINDOW
 from .steps import Anchors, OverwriteStep, ParrotSimulator
 
 __all__ = ["TrainRow", "simulate", "eliminate", "clean_anchors", "splice_position",
@@ -64,8 +65,12 @@ def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[
              steps: int, lr: float, n_tokens: int, batch_size: int, seed: int,
              splice: str = "random", parrot: torch.Tensor | None = None,
              max_norm: float | None = 1.0, progress: bool = False,
-             desc: str = "simulate") -> tuple[torch.Tensor, list[float]]:
+             desc: str = "simulate", stop_loss: float = 0.0,
+             stop_window: int = STOP_LOSS_WINDOW) -> tuple[torch.Tensor, list[float]]:
     """Stage 1: learns a parrot that makes the frozen model emit ``target_ids`` after each prompt.
+
+    With ``stop_loss`` above 0 the run ends early, once the mean loss of its last
+    ``stop_window`` steps is below it.
 
     The prompts' keys and values before the splices are kept across the run's steps
     (:meth:`~sande_fast.engine.LossEngine.reuse_frozen_prefixes`).
@@ -88,6 +93,9 @@ def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[
                      for r in batch]
             curve.append(sim.step(items, where=f"{desc} step {step + 1}"))
             _show_loss(bar, curve[-1])
+            if (stop_loss > 0 and len(curve) >= stop_window
+                    and sum(curve[-stop_window:]) / stop_window < stop_loss):
+                break
     bar.close()
     return sim.parrot.detach().clone(), curve
 

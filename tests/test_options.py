@@ -94,6 +94,9 @@ def test_resolve_is_pure_and_fills_every_auto_value() -> None:
     assert resolve(cfg, "sande-p", n_params=1, context=None,
                    chat_template=False).max_clean_drop == 0.03
     assert big.max_clean_drop == 0.02 and big.probe_steps == cfg.simulate_steps
+    assert (big.simulate_stop_loss, osft.simulate_stop_loss) == (0.01, 0.0)
+    assert resolve(SanitizeConfig(simulate_stop_loss=0.2), "sande", n_params=1, context=None,
+                   chat_template=False).simulate_stop_loss == 0.2
     # context 128: room for prompt = 128 - 6 parrot rows - 32 answer tokens - 1
     assert osft.max_prompt_tokens == 89 and big.max_prompt_tokens is None
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -303,3 +303,25 @@ def test_a_budget_too_small_to_keep_anything_runs_what_no_reuse_runs(
             assert (cache is None) == (budget == 0)
         totals.append(sum(run))
     assert 0 < totals[1] <= totals[0]
+
+
+def test_simulate_stops_once_the_mean_of_the_last_losses_is_below_stop_loss() -> None:
+    # The early stop ends the run at the first step whose last-5 mean is below the bound; the
+    # parrot is then the one a full run has after that many steps (same seed, same draws).
+    from sande_fast.data import EncodedPrompt
+
+    model = tiny_model("llama", VOCAB, seed=2)
+    rng = random.Random(4)
+    rows = [TrainRow("x", EncodedPrompt(list(ids), (2, len(ids))), ())
+            for ids in ([3, 4] + [rng.randrange(9, VOCAB) for _ in range(6)] for _ in range(4))]
+    kw = dict(lr=0.2, n_tokens=2, batch_size=4, seed=1)
+    _, full = simulate(LossEngine(model, packed=False), rows, (10, 11), steps=40, **kw)
+    means = [sum(full[i - 4:i + 1]) / 5 for i in range(4, len(full))]
+    bound = sorted(means)[len(means) // 2]  # reached part way through the run
+    stop = next(i for i, m in enumerate(means) if m < bound) + 5
+    assert 5 <= stop < 40
+    parrot, curve = simulate(LossEngine(model, packed=False), rows, (10, 11), steps=40,
+                             stop_loss=bound, **kw)
+    short, _ = simulate(LossEngine(model, packed=False), rows, (10, 11), steps=stop, **kw)
+    assert curve == full[:stop]
+    assert torch.equal(parrot, short)

@@ -91,6 +91,29 @@ def test_auto_rounds_stop_at_max_rounds() -> None:
     assert after["resimulated_asr"] == 0.4
 
 
+def test_a_round_that_does_not_lower_the_probe_ends_the_rounds() -> None:
+    # Round 1's parrot reaches 0.9; the probe after it still finds 0.9 (as a fresh soft prompt
+    # does on a real model, even a never-poisoned one): no second round is spent on it.
+    run = Scripted(probes=[0.9, 0.0], cleans=[1.0, 1.0])
+    after, _ = run._run_rounds(None)
+    assert [x[0] for x in run.log] == ["simulate", "eliminate", "probe"]
+    assert run.rounds[0]["probe_stalled"] is True and after["resimulated_asr"] == 0.9
+    # Lowered, even a little, the rounds go on; a later round that rises ends them.
+    run = Scripted(probes=[0.8, 0.85, 0.0], cleans=[1.0, 1.0, 1.0])
+    run._run_rounds(None)
+    assert [r["probe_asr_after"] for r in run.rounds] == [0.8, 0.85]
+    assert "probe_stalled" not in run.rounds[0] and run.rounds[1]["probe_stalled"] is True
+
+
+def test_several_targets_a_stalled_target_leaves_the_rounds_alone() -> None:
+    # Target 1's probe does not move (0.9 -> 0.9): later rounds simulate target 2 only.
+    run = ScriptedTargets(probes={0: [0.9, 0.9], 1: [0.6, 0.0], 2: [0.0, 0.0]},
+                          cleans=[1.0, 1.0])
+    run._run_rounds(None)
+    assert run.rounds[0]["probe_stalled"] == [1]
+    assert run.rounds[1]["targets_simulated"] == [2] and len(run.rounds) == 2
+
+
 def test_fixed_rounds_probe_only_after_the_last() -> None:
     run = Scripted(probes=[0.7], cleans=[1.0, 1.0, 1.0], rounds=3)
     after, _ = run._run_rounds(None)
