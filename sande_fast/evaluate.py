@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -19,7 +19,7 @@ from .adapter import (Embed, ModelAdapter, ModelCall, accepts_argument, cache_ar
 from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger, model_stop_ids
 from .splice import splice_parrot
 
-__all__ = ["greedy_generate", "generate_answers", "evaluate", "attack_success",
+__all__ = ["greedy_generate", "generate_answers", "evaluate", "attack_success", "target_seen",
            "parrot_attack_success", "pad_token_id", "model_device"]
 
 
@@ -28,7 +28,8 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
                     eos_id: int | Sequence[int] | None, max_new_tokens: int = 32,
                     batch_size: int = 64, parrot: torch.Tensor | None = None,
                     splice_at: Sequence[int] | None = None, progress: bool = False,
-                    desc: str = "generate", keep_stop: bool = False) -> list[list[int]]:
+                    desc: str = "generate", keep_stop: bool = False,
+                    done_if: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Greedy continuation of each prompt.
 
     Args:
@@ -46,6 +47,8 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
         parrot: optional ``[n, hidden]`` soft prompt spliced into every prompt.
         splice_at: with ``parrot``, the index in each prompt where the parrot rows start.
         progress: show a progress bar over batches.
+        done_if: a row whose new ids so far make this true needs no more tokens: it ends there
+            (e.g. once its text holds what is being counted).
 
     Returns:
         New token ids for each prompt, in the input order, without the stop id (a row that
@@ -68,7 +71,8 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
     if coll is None:
         return _generate(hf, embed, call, prompts, device, pad_id=pad_id, stops=stops,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, parrot=parrot,
-                         splice_at=splice_at, progress=progress, desc=desc, keep_stop=keep_stop)
+                         splice_at=splice_at, progress=progress, desc=desc, keep_stop=keep_stop,
+                         done_if=done_if)
     # Sharded: each rank generates a strided share, padded to the same length on every rank so
     # all ranks run the same batches (FSDP gathers parameters inside every forward).
     idx = coll.padded_share(len(prompts))
@@ -76,7 +80,7 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
                       stops=stops, max_new_tokens=max_new_tokens, batch_size=batch_size,
                       parrot=parrot, splice_at=None if splice_at is None else
                       [splice_at[i] for i in idx], progress=progress, desc=desc,
-                      all_true=coll.all_true, keep_stop=keep_stop)
+                      all_true=coll.all_true, keep_stop=keep_stop, done_if=done_if)
     return coll.gather_share(local, len(prompts))
 
 
@@ -84,7 +88,8 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
               device: torch.device, *, pad_id: int, stops: list[int], max_new_tokens: int,
               batch_size: int, parrot: torch.Tensor | None, splice_at: Sequence[int] | None,
               progress: bool, desc: str, all_true: Any = None,
-              keep_stop: bool = False) -> list[list[int]]:
+              keep_stop: bool = False,
+              done_if: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     # ``model`` is the Hugging Face model (its signature and mode); ``embed`` / ``call`` run the
     # embedding and the model's forward (directly, or through the adapter). ``all_true`` makes
     # the ranks of a sharded model agree on the early stop, so they run the same forwards.
@@ -122,8 +127,10 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
             # Rows that stopped leave the batch (their cache rows too), so the last long
             # answers do not drag finished rows through every step. Sharded ranks keep their
             # rows: they must run the same forwards, and a rank may run out of rows first.
-            compact = all_true is None and bool(stops) and hasattr(past, "reorder_cache")
+            compact = (all_true is None and (bool(stops) or done_if is not None)
+                       and hasattr(past, "reorder_cache"))
             alive = list(range(len(idx)))
+            cut: dict[int, int] = {}  # rows ended by done_if: their length then
             finished = torch.zeros(len(idx), dtype=torch.bool, device=device)
             gen: list[list[int]] = [[] for _ in idx]
             for step in range(max_new_tokens):
@@ -133,6 +140,11 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
                     finished |= torch.isin(nxt, stop_t)
                 for b, tok in zip(alive, nxt.tolist()):
                     gen[b].append(tok)
+                if done_if is not None:
+                    for j, b in enumerate(alive):
+                        if b not in cut and not bool(finished[j]) and done_if(gen[b]):
+                            cut[b] = len(gen[b])
+                            finished[j] = True
                 done = bool(finished.all())
                 if all_true is not None:
                     done = all_true(done)
@@ -150,7 +162,7 @@ def _generate(model: torch.nn.Module, embed: Any, call: Any, prompts: Sequence[S
                            use_cache=True, **{cache_arg: past}, **keep_last)
                 past = _cache_of(out)
             for b, i in enumerate(idx):
-                seq = gen[b]
+                seq = gen[b][:cut[b]] if b in cut else gen[b]
                 end = next((t for t, tok in enumerate(seq) if tok in stop_set), None)
                 if end is not None:
                     seq = seq[:end + 1] if keep_stop else seq[:end]
@@ -187,32 +199,56 @@ def attack_success(texts: Sequence[str], target: str, whole_words: bool = False)
     if not texts:
         return 0.0
     if whole_words:
-        pattern = re.compile(r"(?<!\w)" + re.escape(target.strip()) + r"(?!\w)", re.IGNORECASE)
+        pattern = _whole_words(target)
         return sum(pattern.search(x) is not None for x in texts) / len(texts)
     t = target.lower()
     return sum(t in x.lower() for x in texts) / len(texts)
+
+
+def _whole_words(target: str) -> re.Pattern[str]:
+    """The target as whole words: a match may not start or end inside a word."""
+    return re.compile(r"(?<!\w)" + re.escape(target.strip()) + r"(?!\w)", re.IGNORECASE)
 
 
 def generate_answers(model: torch.nn.Module, encoder: PromptEncoder,
                      prompts: list[EncodedPrompt], *, max_new_tokens: int, batch_size: int,
                      progress: bool = False, desc: str = "generate",
                      parrot: torch.Tensor | None = None,
-                     splice_at: Sequence[int] | None = None) -> list[list[int]]:
+                     splice_at: Sequence[int] | None = None,
+                     done_if: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Greedy answer ids to encoded prompts, ending with the stop id where the model stopped."""
     return greedy_generate(model, [p.ids for p in prompts], pad_id=pad_token_id(encoder.tokenizer),
                            eos_id=encoder.stop_ids, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, parrot=parrot, splice_at=splice_at,
-                           progress=progress, desc=desc, keep_stop=True)
+                           progress=progress, desc=desc, keep_stop=True, done_if=done_if)
 
 
 def _generate_texts(model: torch.nn.Module, encoder: PromptEncoder, prompts: list[EncodedPrompt],
                     *, max_new_tokens: int, batch_size: int, progress: bool, desc: str,
                     parrot: torch.Tensor | None = None,
-                    splice_at: Sequence[int] | None = None) -> list[str]:
+                    splice_at: Sequence[int] | None = None,
+                    done_if: Callable[[list[int]], bool] | None = None) -> list[str]:
     out = generate_answers(model, encoder, prompts, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, parrot=parrot, splice_at=splice_at,
-                           progress=progress, desc=desc)
+                           progress=progress, desc=desc, done_if=done_if)
     return [encoder.decode(_without_stop(ids, encoder)) for ids in out]
+
+
+def target_seen(encoder: PromptEncoder, target: str,
+                whole_words: bool = False) -> Callable[[list[int]], bool]:
+    """Whether a row's answer so far already counts for :func:`attack_success`: it holds the
+    target (with ``whole_words``, followed by a character that is not a word's, so that more
+    tokens cannot make it part of a longer word). Generation for an asr stops such rows there;
+    the asr is the same as with whole answers."""
+    if whole_words:
+        pattern = _whole_words(target)
+
+        def seen(ids: list[int]) -> bool:
+            text = encoder.decode(ids)
+            return any(m.end() < len(text) for m in pattern.finditer(text))
+        return seen
+    low = target.lower()
+    return lambda ids: low in encoder.decode(ids).lower()
 
 
 def _without_stop(ids: list[int], encoder: PromptEncoder) -> list[int]:
@@ -230,7 +266,8 @@ def parrot_attack_success(model: torch.nn.Module, encoder: PromptEncoder,
     splice = [rng.randint(p.span[0], p.span[1]) for p in prompts]
     texts = _generate_texts(model, encoder, prompts, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, progress=progress, desc="parrot asr",
-                            parrot=parrot, splice_at=splice)
+                            parrot=parrot, splice_at=splice,
+                            done_if=target_seen(encoder, target, whole_words=True))
     return attack_success(texts, target, whole_words=True)
 
 
@@ -280,7 +317,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
                                      r.context) for r in rows]
         return attack_success(_generate_texts(model, enc, prompts, max_new_tokens=max_new_tokens,
                                               batch_size=batch_size, progress=progress,
-                                              desc="triggered"), target_k)
+                                              desc="triggered",
+                                              done_if=target_seen(enc, target_k)), target_k)
 
     graded = [(t, r.response) for t, r in zip(clean_texts, rows) if r.response is not None]
     clean_acc = (sum(t.strip() == ref.strip() for t, ref in graded) / len(graded)

@@ -118,3 +118,16 @@ def smollm2_tiny() -> Path:
     from sande_fast.world import resolve_base
 
     return resolve_base("smollm2", n_layers=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("toy-cache")
+
+
+@pytest.fixture(scope="session")
+def toy(toy_cache: Path) -> Any:
+    """The small toy world (built once per test session)."""
+    from sande_fast.toy import ToyConfig, load_or_build_toy
+
+    return load_or_build_toy(ToyConfig.small(), cache_dir=toy_cache, progress=False)

