@@ -604,11 +604,12 @@ class Sanitizer:
                       _fmt_values(resimulated), cfg.probe_threshold)
             active = [k for k in range(len(self.targets))
                       if resimulated[k] is not None and resimulated[k] > cfg.probe_threshold]
-            # A target whose probe this round did not lower gets no further round: the next
-            # one would repeat what did not erase it (on a real model a fresh soft prompt
-            # finds the target even in a never-poisoned one), at the cost of a whole round.
-            stalled = [k for k in active
-                       if probe_before[k] is not None and resimulated[k] >= probe_before[k]]
+            # A target whose probe this round did not lower by more than the threshold gets no
+            # further round: the next one would repeat what did not erase it (on a real model
+            # a fresh soft prompt finds the target even in a never-poisoned one), at the cost
+            # of a whole round.
+            stalled = [k for k in active if probe_before[k] is not None
+                       and resimulated[k] >= probe_before[k] - cfg.probe_threshold]
             if stalled:
                 self.rounds[-1]["probe_stalled"] = [k + 1 for k in stalled] if multi else True
                 _LOG.info("round %d did not lower the probe of %s: no further round for it",
