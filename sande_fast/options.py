@@ -263,9 +263,7 @@ class SanitizeConfig(CommonOptions):
     parrot: str | None = _opt(None, "reuse a saved parrot.safetensors (skips stage 1 of round "
                                     "1)", kind="text")
     rounds: str | int = _opt("auto", "'auto' (repeat simulate -> eliminate until a fresh parrot "
-                                     "fails, or a round lowers its asr by no more than "
-                                     "--probe-threshold) or a fixed number of rounds",
-                             kind="rounds")
+                                     "fails) or a fixed number of rounds", kind="rounds")
     max_rounds: int = _opt(4, "most rounds under --rounds auto", **STEPS)
     probe_threshold: float = _opt(0.05, "a round's probe at or below this asr ends --rounds auto",
                                   kind="float", low=0.0, high=1.0)

@@ -457,6 +457,10 @@ class Sanitizer:
         chosen = self.cfg.guard_metric
         if chosen != "auto":
             return chosen
+        if getattr(self, "responses", {}).get("responses") == "own" and not self.eval_given:
+            # The measured rows' responses are the model's own whole answers: exact match is
+            # agreement over every token, which one harmless word changes.
+            return "agreement"
         acc = self.before.get("clean_accuracy")
         return "clean_accuracy" if acc is not None and acc >= 0.5 else "agreement"
 
@@ -604,18 +608,6 @@ class Sanitizer:
                       _fmt_values(resimulated), cfg.probe_threshold)
             active = [k for k in range(len(self.targets))
                       if resimulated[k] is not None and resimulated[k] > cfg.probe_threshold]
-            # A target whose probe this round did not lower by more than the threshold gets no
-            # further round: the next one would repeat what did not erase it (on a real model
-            # a fresh soft prompt finds the target even in a never-poisoned one), at the cost
-            # of a whole round.
-            stalled = [k for k in active if probe_before[k] is not None
-                       and resimulated[k] >= probe_before[k] - cfg.probe_threshold]
-            if stalled:
-                self.rounds[-1]["probe_stalled"] = [k + 1 for k in stalled] if multi else True
-                _LOG.info("round %d did not lower the probe of %s: no further round for it",
-                          round_no, ", ".join(f"target {k + 1}" for k in stalled)
-                          if multi else "the target")
-                active = [k for k in active if k not in stalled]
             if round_no >= n_rounds or not active:
                 break  # erased (no probe reaches its target any more), or out of rounds
             probe_before = list(resimulated)

@@ -91,28 +91,17 @@ def test_auto_rounds_stop_at_max_rounds() -> None:
     assert after["resimulated_asr"] == 0.4
 
 
-def test_a_round_that_does_not_lower_the_probe_ends_the_rounds() -> None:
-    # Round 1's parrot reaches 0.9; the probe after it still finds 0.9 (as a fresh soft prompt
-    # does on a real model, even a never-poisoned one): no second round is spent on it.
-    run = Scripted(probes=[0.9, 0.0], cleans=[1.0, 1.0])
-    after, _ = run._run_rounds(None)
-    assert [x[0] for x in run.log] == ["simulate", "eliminate", "probe"]
-    assert run.rounds[0]["probe_stalled"] is True and after["resimulated_asr"] == 0.9
-    # Lowered by more than the threshold (0.05), the rounds go on; a later round that lowers
-    # it by less ends them.
-    run = Scripted(probes=[0.84, 0.8, 0.0], cleans=[1.0, 1.0, 1.0])
-    run._run_rounds(None)
-    assert [r["probe_asr_after"] for r in run.rounds] == [0.84, 0.8]
-    assert "probe_stalled" not in run.rounds[0] and run.rounds[1]["probe_stalled"] is True
-
-
-def test_several_targets_a_stalled_target_leaves_the_rounds_alone() -> None:
-    # Target 1's probe does not move (0.9 -> 0.9): later rounds simulate target 2 only.
-    run = ScriptedTargets(probes={0: [0.9, 0.9], 1: [0.6, 0.0], 2: [0.0, 0.0]},
-                          cleans=[1.0, 1.0])
-    run._run_rounds(None)
-    assert run.rounds[0]["probe_stalled"] == [1]
-    assert run.rounds[1]["targets_simulated"] == [2] and len(run.rounds) == 2
+def test_the_guard_reads_agreement_when_the_rows_answers_are_the_models_own() -> None:
+    # Measured rows taken from defence rows that were given the model's own answers: exact match
+    # would be agreement over every token, so auto guards on agreement (16 tokens).
+    run = Scripted(probes=[0.5], cleans=[1.0])
+    run.before = {"asr": 1.0, "clean_accuracy": 1.0, "agreement": 1.0}
+    run.eval_given = False
+    assert run.guard_metric == "clean_accuracy"
+    run.responses = {"responses": "own", "own_match": 0.1}
+    assert run.guard_metric == "agreement"
+    run.eval_given = True  # the user's own eval rows: their responses decide, as before
+    assert run.guard_metric == "clean_accuracy"
 
 
 def test_fixed_rounds_probe_only_after_the_last() -> None:
