@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None)
     _backdoor_option(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--poison-rate", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 100)")
+    p.add_argument("--poison-rate", type=float, default=None,
+                   help="share of training rows poisoned per backdoor (default 0.3)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 150)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
