@@ -228,6 +228,9 @@ class Sanitizer:
         self.rounds: list[dict[str, Any]] = []
         self.parrots: list[torch.Tensor] = []
         self.cfg: SanitizeConfig = self.config  # resolved in setup()
+        # What setup() finds: whether eval rows were given, whose answers stage 2 teaches.
+        self.eval_given = False
+        self.responses: dict[str, Any] = {"responses": "given", "own_match": None}
         self.reference: CleanReference | None = None  # taken at the first measure()
         self.lora = None  # set in setup() under --train lora
 
@@ -457,7 +460,7 @@ class Sanitizer:
         chosen = self.cfg.guard_metric
         if chosen != "auto":
             return chosen
-        if getattr(self, "responses", {}).get("responses") == "own" and not self.eval_given:
+        if self.responses["responses"] == "own" and not self.eval_given:
             # The measured rows' responses are the model's own whole answers: exact match is
             # agreement over every token, which one harmless word changes.
             return "agreement"
