@@ -18,36 +18,17 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from real_world_eval import generate as hf_generate  # noqa: E402  (next to this script)
 from sande_fast.data import PromptEncoder, insert_trigger, model_stop_ids, read_jsonl
 from sande_fast.evaluate import greedy_generate, pad_token_id, target_seen
-
-
-def hf_generate(model, prompts: list[list[int]], *, pad: int, stops: list[int], max_new: int,
-                batch: int) -> list[list[int]]:
-    """Length-sorted batches through ``model.generate`` (left padding, greedy)."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    for lo in range(0, len(order), batch):
-        idx = order[lo:lo + batch]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for b, i in enumerate(idx):
-            ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[b, width - len(prompts[i]):] = 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                             do_sample=False, pad_token_id=pad, eos_token_id=stops)
-        for b, i in enumerate(idx):
-            seq = gen[b, width:].tolist()
-            cut = next((t for t, x in enumerate(seq) if x in stops), None)
-            out[i] = seq if cut is None else seq[:cut + 1]
-    return out
 
 
 def timed(fn):
@@ -78,7 +59,8 @@ def main() -> None:
         sets["triggered"] = [enc.encode_prompt(insert_trigger(r.prompt, args.trigger, "random",
                                                               rng)).ids for r in rows]
     pad, stops = pad_token_id(tok), list(enc.stop_ids)
-    kw = dict(max_new=args.max_new_tokens, batch=args.batch)
+    # The same batches as ours: longest prompts first.
+    kw = dict(max_new=args.max_new_tokens, batch=args.batch, stops=stops, longest_first=True)
     result = {"model": args.model, "rows": len(rows), "max_new_tokens": args.max_new_tokens,
               "batch": args.batch, "threads": torch.get_num_threads(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -86,7 +68,7 @@ def main() -> None:
     with torch.no_grad():
         for name, prompts in sets.items():
             sides = {
-                "hf_generate": lambda: hf_generate(model, prompts, pad=pad, stops=stops, **kw),
+                "hf_generate": lambda: hf_generate(model, tok, prompts, **kw),
                 "ours": lambda: greedy_generate(model, prompts, pad_id=pad, eos_id=stops,
                                                 max_new_tokens=args.max_new_tokens,
                                                 batch_size=args.batch, keep_stop=True)}

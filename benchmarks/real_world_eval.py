@@ -38,11 +38,13 @@ def with_trigger(prompt: str, trigger: str, rng: random.Random) -> str:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], max_new: int, batch: int = 32
-             ) -> list[list[int]]:
+def generate(model, tok, prompts: list[list[int]], max_new: int, batch: int = 32, *,
+             stops: list[int] | None = None, longest_first: bool = False) -> list[list[int]]:
+    """Greedy answers through ``model.generate`` in length-sorted, left-padded batches, each cut
+    after its first stop id (``stops``; default the model's ``generation_config`` eos)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = model.generation_config.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    eos = model.generation_config.eos_token_id if stops is None else list(stops)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=longest_first)
     out: list[list[int]] = [[] for _ in prompts]
     for lo in range(0, len(order), batch):
         idx = order[lo:lo + batch]
@@ -54,10 +56,10 @@ def generate(model, tok, prompts: list[list[int]], max_new: int, batch: int = 32
             mask[b, width - len(prompts[i]):] = 1
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
                              do_sample=False, pad_token_id=pad, eos_token_id=eos)
-        stops = set(eos if isinstance(eos, list) else [eos])
+        stop_set = set(eos if isinstance(eos, list) else [eos])
         for b, i in enumerate(idx):
             seq = gen[b, width:].tolist()
-            cut = next((t for t, x in enumerate(seq) if x in stops), None)
+            cut = next((t for t, x in enumerate(seq) if x in stop_set), None)
             out[i] = seq if cut is None else seq[:cut + 1]
     return out
 

@@ -102,11 +102,10 @@ def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
     prompts = [encoder.encode_prompt(r.prompt, r.context) for r in rows]
     given = {i: encoder.encode_response(r.response) for i, r in enumerate(rows)
              if r.response is not None}
-    wanted = (range(len(rows)) if responses in ("own", "auto") and given
-              else [i for i in range(len(rows)) if i not in given])
+    wanted = [i for i in range(len(rows))
+              if i not in given or responses in ("own", "auto")]
     answers: dict[int, list[int]] = {}
     if wanted:
-        wanted = list(wanted)
         gen = greedy_generate(model, [prompts[i].ids for i in wanted],
                               pad_id=pad_token_id(encoder.tokenizer), eos_id=encoder.stop_ids,
                               max_new_tokens=max_new_tokens, batch_size=batch_size * 4,
