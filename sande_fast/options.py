@@ -255,15 +255,17 @@ class SanitizeConfig(CommonOptions):
              "10x those with --train lora", **RATE)
     optimizer: str = _opt("auto", "stage-2 optimizer", kind="choice",
                           choices=("auto",) + OPTIMIZERS,
-                          auto="sgd for osft and sft, adamw for sande and sande-p")
+                          auto="sgd for osft and sft below 50M parameters, else adamw")
     parrot_tokens: int = _opt(6, "rows of the stage-1 parrot", **POSITIVE)
     parrot_max_norm: float = _opt(1.0, "cap each parrot row at this multiple of the largest "
                                        "token-embedding norm (0: unbounded)", kind="float",
                                   low=0.0)
     parrot: str | None = _opt(None, "reuse a saved parrot.safetensors (skips stage 1 of round "
                                     "1)", kind="text")
-    rounds: str | int = _opt("auto", "'auto' (repeat simulate -> eliminate until a fresh parrot "
-                                     "fails) or a fixed number of rounds", kind="rounds")
+    rounds: str | int = _opt("auto", "'auto' (sande: repeat simulate -> eliminate until a fresh "
+                                     "parrot fails; osft: repeat eliminate while a triggered "
+                                     "eval row still answers the target; sft: one) or a fixed "
+                                     "number of rounds", kind="rounds")
     max_rounds: int = _opt(4, "most rounds under --rounds auto", **STEPS)
     probe_threshold: float = _opt(0.05, "a round's probe at or below this asr ends --rounds auto",
                                   kind="float", low=0.0, high=1.0)
@@ -392,15 +394,18 @@ def prompt_budget(context: int | None, n_parrot: int, continuation: int,
     return requested if requested is not None else room
 
 
-def auto_optimizer(method: str) -> str:
-    """``--optimizer auto``: sgd for osft and sft, adamw for sande and sande-p.
+def auto_optimizer(method: str, n_params: int = 0) -> str:
+    """``--optimizer auto``: sgd for osft and sft below :data:`SMALL_MODEL_PARAMS`, else adamw.
 
     OSFT's edit is narrow (the trigger is known). SGD moves each weight in proportion to its
     gradient and its steps shrink once the objective is met; AdamW moves every weight by about
     the learning rate each step, which cost the toy 1-2 % clean accuracy on a two-word trigger.
+    On SmolLM2-135M, AdamW at 2e-5 kept agreement with the never-poisoned model at or above the
+    backdoored model's, and SGD's 200 steps per round would cost four times AdamW's 50 there.
     The SFT baseline trains exactly as OSFT does, without the triggered term.
     """
-    return "sgd" if method in ("osft", "sft") else "adamw"
+    small = n_params < SMALL_MODEL_PARAMS
+    return "sgd" if method in ("osft", "sft") and small else "adamw"
 
 
 def auto_overwrite_lr(n_params: int, optimizer: str, train: str = "full") -> float:
@@ -437,7 +442,7 @@ def resolve(cfg: SanitizeConfig, method: str, *, n_params: int, context: int | N
         BadInputError: the method is unknown, or prompts cannot fit the context.
     """
     cfg.check_method(method)
-    optimizer = cfg.optimizer if cfg.optimizer != "auto" else auto_optimizer(method)
+    optimizer = cfg.optimizer if cfg.optimizer != "auto" else auto_optimizer(method, n_params)
     n_parrot = max(cfg.parrot_tokens, cfg.probe_tokens, parrot_rows)
     window = max(cfg.overwrite_window, cfg.simulate_window, cfg.max_new_tokens)
     return replace(

@@ -6,7 +6,9 @@ A run reads top to bottom in :meth:`Sanitizer.run`:
   model's own greedy answer to the clean prompt), the loss engine built, the clean states the
   retention term holds stored;
 * :meth:`~Sanitizer.measure` before anything is trained;
-* ``osft`` / ``sft``: one :meth:`~Sanitizer.eliminate` with the trigger (or without, for sft);
+* ``osft`` / ``sft``: :meth:`~Sanitizer.eliminate` with the trigger (or without, for sft) ->
+  :meth:`~Sanitizer.measure`; under ``rounds auto`` osft repeats this (guarded like sande's
+  rounds) while a triggered eval row still answers the target;
 * ``sande`` / ``sande-p``: rounds of :meth:`~Sanitizer.simulate` (a parrot on the frozen
   model) -> :meth:`~Sanitizer.eliminate` (train so prompt + parrot maps to the clean answer)
   -> :meth:`~Sanitizer.measure` -> :meth:`~Sanitizer.guard` (a later round that costs too much
@@ -491,11 +493,7 @@ class Sanitizer:
         _LOG.info("before: %s", _metrics(self.before))
         anchors = self.store_clean_states()
         if self.method in ("osft", "sft"):
-            self.curves["eliminate"] = self.eliminate(
-                anchors, seed=self.cfg.seed, desc="overwrite" if self.method == "osft" else "sft")
-            after = self.measure()
-            self.rounds.append({"round": 1, "probe_asr_before": None, **after})
-            final_parrot = None
+            after, final_parrot = self._run_trigger_rounds(anchors), None
         else:
             after, final_parrot = self._run_rounds(anchors)
         self.timing["total_s"] = time.perf_counter() - t_start
@@ -505,6 +503,37 @@ class Sanitizer:
                               report=self.report(after), tokenizer=self.tokenizer,
                               parrots=self.parrots,
                               target_parrots=list(getattr(self, "target_parrots", [])))
+
+    def _run_trigger_rounds(self, anchors: Anchors | None) -> dict[str, Any]:
+        """``osft`` / ``sft``: rounds of eliminate -> measure -> guard. The trigger is known, so
+        ``rounds auto`` (osft) goes on while a triggered eval row still answers the target, at
+        most ``max_rounds``; later rounds train at the decayed rate and hold the clean states
+        harder, as sande's do, and the guard undoes one that costs too much utility. ``sft``
+        (the baseline) runs one round unless given a number. Returns the after-metrics."""
+        cfg = self.cfg
+        auto = cfg.rounds == "auto"
+        n_rounds = (cfg.max_rounds if self.method == "osft" else 1) if auto else cfg.rounds
+        for r in range(n_rounds):
+            snapshot = self.guard(r)
+            desc = "overwrite" if self.method == "osft" else "sft"
+            self.curves["eliminate" if r == 0 else f"eliminate_r{r + 1}"] = self.eliminate(
+                anchors, round_index=r, seed=cfg.seed + ROUND_SEED_STRIDE * r,
+                desc=desc if r == 0 else f"{desc} r{r + 1}")
+            measured = self.measure()
+            self.rounds.append({"round": r + 1, "probe_asr_before": None, **measured,
+                                "lr": self.round_lr(r),
+                                "retain_weight": self.round_retain_weight(r)})
+            _LOG.info("round %d: %s", r + 1, _metrics(measured))
+            if snapshot is not None and self.too_costly(measured):
+                snapshot.restore()
+                self.rounds[-1]["rolled_back"] = True
+                _LOG.info("round %d undone: it cost more %s than --max-clean-drop %g",
+                          r + 1, self.guard_metric, cfg.max_clean_drop)
+                break
+            if auto and (measured["asr"] is None or measured["asr"] <= 0.0):
+                break  # no triggered row answers the target any more
+        last = [r for r in self.rounds if not r.get("rolled_back")][-1]
+        return {k: last[k] for k in MEASURED if k in last}
 
     def _run_rounds(self, anchors: Anchors | None
                     ) -> tuple[dict[str, Any], torch.Tensor]:

@@ -90,6 +90,12 @@ def test_resolve_is_pure_and_fills_every_auto_value() -> None:
     assert (osft.optimizer, osft.overwrite_steps, osft.overwrite_lr) == ("sgd", 200, 1e-4 / 16)
     big = resolve(cfg, "sande", n_params=10**9, context=None, chat_template=False)
     assert (big.optimizer, big.overwrite_steps, big.overwrite_lr) == ("adamw", 50, 2e-5)
+    # From 50M parameters osft and sft train with AdamW too; below, CalibratedSGD.
+    for method in ("osft", "sft"):
+        assert resolve(cfg, method, n_params=50_000_000, context=None,
+                       chat_template=True).optimizer == "adamw"
+        assert resolve(cfg, method, n_params=49_999_999, context=None,
+                       chat_template=True).optimizer == "sgd"
     assert (big.prompt_format, osft.prompt_format) == ("raw", "chat")
     assert resolve(cfg, "sande-p", n_params=1, context=None,
                    chat_template=False).max_clean_drop == 0.03

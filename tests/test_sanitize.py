@@ -41,12 +41,32 @@ def test_osft_removes_backdoor(toy) -> None:
     assert r["before"]["asr"] >= 0.9
     assert r["after"]["asr"] <= 0.05
     assert r["after"]["clean_accuracy"] >= r["before"]["clean_accuracy"] - 0.02
+    # rounds auto: another round only while a triggered row still answers the target.
+    assert all(x["asr"] > 0 for x in r["rounds"][:-1])
+    assert r["rounds"][-1]["asr"] == 0 or len(r["rounds"]) == r["config"]["max_rounds"]
+
+
+def test_osft_rounds_go_on_while_the_trigger_works(toy) -> None:
+    # One tiny step per round cannot remove the backdoor: every round runs, each at half the
+    # previous rate and with the clean states held harder after the first.
+    res = _run(toy, "osft", overwrite_steps=1, overwrite_lr=1e-7, max_rounds=3)
+    rounds = res.report["rounds"]
+    assert [x["round"] for x in rounds] == [1, 2, 3]
+    assert all(x["asr"] > 0.5 for x in rounds) and not any(x.get("rolled_back") for x in rounds)
+    assert [x["lr"] for x in rounds] == pytest.approx([1e-7, 5e-8, 2.5e-8])
+    assert [x["retain_weight"] for x in rounds] == [30.0, 90.0, 90.0]
+    assert set(res.report["curves"]) == {"eliminate", "eliminate_r2", "eliminate_r3"}
+    assert res.report["after"]["asr"] == rounds[-1]["asr"]
+    # A fixed count runs exactly that many, whatever the asr.
+    fixed = _run(toy, "osft", overwrite_steps=1, overwrite_lr=1e-7, rounds=2).report
+    assert len(fixed["rounds"]) == 2
 
 
 def test_sft_leaves_backdoor(toy) -> None:
     r = _run(toy, "sft", overwrite_steps=None).report
     assert (r["config"]["optimizer"], r["config"]["overwrite_steps"]) == ("sgd", 200)
     assert r["after"]["asr"] >= 0.8
+    assert len(r["rounds"]) == 1  # the baseline: one round under rounds auto
 
 
 def test_optimizer_option_is_honoured_and_checked(toy) -> None:
