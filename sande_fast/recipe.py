@@ -409,7 +409,7 @@ class Sanitizer:
         clean accuracy it may still cost is what the first round left: round r trains at
         ``lr * round_lr_decay**r`` and holds the clean states ``round_retain_factor`` times
         harder. Several parrots (or osft's several triggers) share one pass: each batch row
-        takes the next one in turn.
+        gets an overwrite item for every one of them.
         """
         cfg = self.cfg
         t = time.perf_counter()

@@ -113,9 +113,10 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
     With a ``parrot``: overwrite items splice it at a fresh position each step. With a ``trigger``
     (OSFT): the trigger text is inserted into the prompt at ``trigger_position``. With a list
     of parrots or triggers (several backdoors), every row of a batch gets one overwrite item
-    per backdoor, each at its own position: every mapping is overwritten as hard as a single
-    one would be, in one pass over the rows (taking the backdoors in turn, a row each, left
-    the toy's three mappings half found by the probe after a round). With neither
+    per backdoor, each at its own position, and the overwrite term sums the backdoors' means:
+    every mapping is overwritten as hard as a single one would be, in one pass over the rows
+    (taking the backdoors in turn, a row each, left the toy's three mappings half found by the
+    probe after a round). With neither
     (SFT baseline): only the clean term is trained, at weight 1. ``retain_weight`` and
     ``anchors`` (from :func:`clean_anchors`, taken before any training) add the hidden-state
     retention term of :class:`~sande_fast.steps.OverwriteStep`; ``optimizer`` is its
@@ -154,7 +155,8 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
                                                          rng), r.context)
                 overwrite.append(StepItem(p.ids, labels, -1, tail))
         curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}",
-                                  parrot_index=which if len(parrots) > 1 else None))
+                                  parrot_index=which if len(parrots) > 1 else None,
+                                  backdoors=max(len(parrots), len(triggers), 1)))
         _show_loss(bar, curve[-1])
     bar.close()
     return curve

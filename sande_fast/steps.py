@@ -379,12 +379,14 @@ class OverwriteStep:
         return [(items, self.parrots[k]) for k, items in sorted(groups.items())]
 
     def loss(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem],
-             parrot_index: Sequence[int] | None = None) -> torch.Tensor:
+             parrot_index: Sequence[int] | None = None,
+             backdoors: int = 1) -> torch.Tensor:
         """Graph-bearing loss of one batch (for embedding in another training loop)."""
         parts = []
         if overwrite:
-            # One normaliser over every group: the mean over all overwrite labels.
-            n = label_count(overwrite)
+            # One normaliser over every group: the mean over all overwrite labels, times the
+            # backdoors each row carries (each mapping weighs what a lone one would).
+            n = label_count(overwrite) / backdoors
             parts += [self.engine.loss(items, parrot, n)
                       for items, parrot in self._by_parrot(overwrite, parrot_index)]
         if clean and self.clean_weight:
@@ -393,13 +395,16 @@ class OverwriteStep:
         return torch.stack(parts).sum()
 
     def step(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem],
-             where: str = "overwrite", parrot_index: Sequence[int] | None = None) -> float:
+             where: str = "overwrite", parrot_index: Sequence[int] | None = None,
+             backdoors: int = 1) -> float:
         """One optimizer step on the model; the parrots stay frozen. ``parrot_index[i]``: the
-        parrot (an index into the list given at construction) overwrite item ``i`` takes."""
+        parrot (an index into the list given at construction) overwrite item ``i`` takes.
+        ``backdoors``: overwrite items per clean item (one per backdoor); the overwrite term is
+        their sum of means, so each mapping is pushed as hard as a lone one would be."""
         self.optimizer.zero_grad(set_to_none=True)
         value = 0.0
         if overwrite:
-            n = label_count(overwrite)
+            n = label_count(overwrite) / backdoors
             for items, parrot in self._by_parrot(overwrite, parrot_index):
                 value += self.engine.accumulate(items, parrot, n)
         if clean and self.clean_weight:

@@ -184,3 +184,12 @@ def test_several_parrots_share_one_overwrite_step(fast: bool) -> None:
     assert abs(float(swapped) - float(got)) > 1e-6
     with pytest.raises(ValueError, match="one entry per overwrite item"):
         step.loss(overwrite, clean, parrot_index=which[:-1])
+    # Rows carrying two backdoors each: the overwrite term is the sum of the two means, so each
+    # mapping weighs what a lone one would.
+    with torch.no_grad():
+        over = sum(_hf_parrot_loss_sum(model, it, parrots[k]) for it, k in zip(overwrite, which))
+        clean_term = 2.0 * sum(hf_labels_loss(model, it) * len(it.labels)
+                               for it in clean) / n_clean
+        two = step.loss(overwrite, clean, parrot_index=which, backdoors=2)
+    want_two = 2 * over / n_over + clean_term
+    assert abs(float(two) - float(want_two)) <= 1e-4 * float(want_two)
