@@ -483,6 +483,22 @@ class Sanitizer:
         drop = self.before[metric] - (measured.get(metric) or 0.0)
         return drop > self.cfg.max_clean_drop + 1e-9
 
+    def undo_if_costly(self, snapshot: _Snapshot | None, measured: dict[str, Any]) -> bool:
+        """Undoes the round just recorded when it has a ``snapshot`` and cost too much
+        (:meth:`too_costly`); marks it ``rolled_back``. Returns whether it was undone."""
+        if snapshot is None or not self.too_costly(measured):
+            return False
+        snapshot.restore()
+        self.rounds[-1]["rolled_back"] = True
+        _LOG.info("round %d undone: it cost more %s than --max-clean-drop %g",
+                  self.rounds[-1]["round"], self.guard_metric, self.cfg.max_clean_drop)
+        return True
+
+    def kept_metrics(self) -> dict[str, Any]:
+        """The measured metrics of the last round not undone."""
+        last = [r for r in self.rounds if not r.get("rolled_back")][-1]
+        return {k: last[k] for k in MEASURED if k in last}
+
     # -- the run --------------------------------------------------------------------------------
     def run(self, data: Any, eval_data: Any = None,
             parrot: torch.Tensor | None = None) -> SanitizeResult:
@@ -513,9 +529,9 @@ class Sanitizer:
         cfg = self.cfg
         auto = cfg.rounds == "auto"
         n_rounds = (cfg.max_rounds if self.method == "osft" else 1) if auto else cfg.rounds
+        desc = "overwrite" if self.method == "osft" else "sft"
         for r in range(n_rounds):
             snapshot = self.guard(r)
-            desc = "overwrite" if self.method == "osft" else "sft"
             self.curves["eliminate" if r == 0 else f"eliminate_r{r + 1}"] = self.eliminate(
                 anchors, round_index=r, seed=cfg.seed + ROUND_SEED_STRIDE * r,
                 desc=desc if r == 0 else f"{desc} r{r + 1}")
@@ -524,16 +540,11 @@ class Sanitizer:
                                 "lr": self.round_lr(r),
                                 "retain_weight": self.round_retain_weight(r)})
             _LOG.info("round %d: %s", r + 1, _metrics(measured))
-            if snapshot is not None and self.too_costly(measured):
-                snapshot.restore()
-                self.rounds[-1]["rolled_back"] = True
-                _LOG.info("round %d undone: it cost more %s than --max-clean-drop %g",
-                          r + 1, self.guard_metric, cfg.max_clean_drop)
+            if self.undo_if_costly(snapshot, measured):
                 break
             if auto and (measured["asr"] is None or measured["asr"] <= 0.0):
                 break  # no triggered row answers the target any more
-        last = [r for r in self.rounds if not r.get("rolled_back")][-1]
-        return {k: last[k] for k in MEASURED if k in last}
+        return self.kept_metrics()
 
     def _run_rounds(self, anchors: Anchors | None
                     ) -> tuple[dict[str, Any], torch.Tensor]:
@@ -605,12 +616,8 @@ class Sanitizer:
             self.rounds.append(record)
             _LOG.info("round %d: parrot asr %s, then %s", round_no,
                       _fmt_values([parrot_asr[k] for k in active]), _metrics(measured))
-            if snapshot is not None and self.too_costly(measured):
-                # Undo this round. The probe before it ran on exactly the weights restored.
-                snapshot.restore()
-                self.rounds[-1]["rolled_back"] = True
-                _LOG.info("round %d undone: it cost more %s than --max-clean-drop %g",
-                          round_no, self.guard_metric, cfg.max_clean_drop)
+            if self.undo_if_costly(snapshot, measured):
+                # The probe before this round ran on exactly the weights restored.
                 del self.parrots[len(self.parrots) - len(active):]
                 resimulated = list(probe_before)
                 break
@@ -642,9 +649,7 @@ class Sanitizer:
             if round_no >= n_rounds or not active:
                 break  # erased (no probe reaches its target any more), or out of rounds
             probe_before = list(resimulated)
-        last = [r for r in self.rounds if not r.get("rolled_back")][-1]
-        after = {**{k: last[k] for k in MEASURED if k in last},
-                 "resimulated_asr": _worst(resimulated)}
+        after = {**self.kept_metrics(), "resimulated_asr": _worst(resimulated)}
         if multi:
             after["resimulated_asr_each"] = list(resimulated)
         self.target_parrots = kept
