@@ -276,7 +276,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
              trigger_position: str = "random", seed: int = 0, prompt_format: str = "auto",
              encoder: PromptEncoder | None = None, progress: bool = False,
              return_answers: bool = False,
-             more_backdoors: Sequence[tuple[str, str | None]] = ()) -> dict[str, Any]:
+             more_backdoors: Sequence[tuple[str, str | None]] = (),
+             clean_answers: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
     """Attack success rate and clean accuracy of a model.
 
     Args:
@@ -294,6 +295,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
             :class:`~sande_fast.utility.CleanReference`.
         more_backdoors: further ``(target, trigger)`` pairs, each measured like the first
             (the clean answers are generated once for all).
+        clean_answers: the model's greedy answer ids to the rows' clean prompts, stop id kept
+            where it stopped, when they are known already (they are then not generated).
 
     Returns:
         ``{"asr", "clean_accuracy", "n_asr", "n_clean"}``; ``clean_accuracy`` is None when no row
@@ -304,8 +307,13 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
         raise ValueError("no evaluation rows")
     enc = encoder or PromptEncoder(tokenizer, prompt_format)
     clean_prompts = [enc.encode_prompt(r.prompt, r.context) for r in rows]
-    clean_ids = generate_answers(model, enc, clean_prompts, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, progress=progress, desc="clean")
+    if clean_answers is not None:
+        if len(clean_answers) != len(rows):
+            raise ValueError(f"{len(clean_answers)} clean answers for {len(rows)} rows")
+        clean_ids = [list(a) for a in clean_answers]
+    else:
+        clean_ids = generate_answers(model, enc, clean_prompts, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, progress=progress, desc="clean")
     clean_texts = [enc.decode(_without_stop(ids, enc)) for ids in clean_ids]
 
     def asr_of(target_k: str, trigger_k: str | None) -> float:

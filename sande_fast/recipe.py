@@ -99,7 +99,9 @@ def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
 
     Returns:
         The rows, and ``{"responses": "given" | "own", "own_match": share or None}`` (the share
-        of given responses the model's own answers match, when they were generated).
+        of given responses the model's own answers match, when they were generated), with
+        ``"answers"``: ``{row index: the model's greedy answer ids}`` (stop id kept) when any
+        were generated.
     """
     prompts = [encoder.encode_prompt(r.prompt, r.context) for r in rows]
     given = {i: encoder.encode_response(r.response) for i, r in enumerate(rows)
@@ -123,7 +125,10 @@ def prepare_rows(model: Any, encoder: PromptEncoder, rows: Sequence[Row], *,
     for i, (r, p) in enumerate(zip(rows, prompts)):
         resp = answers[i] if use_own or i not in given else given[i]
         out.append(TrainRow(r.prompt, p, tuple(resp), r.context))
-    return out, {"responses": "own" if use_own else "given", "own_match": match}
+    info: dict[str, Any] = {"responses": "own" if use_own else "given", "own_match": match}
+    if answers:
+        info["answers"] = answers
+    return out, info
 
 
 def check_inputs(config: SanitizeConfig, method: str, target: Any, trigger: Any = None,
@@ -233,6 +238,7 @@ class Sanitizer:
         self.eval_given = False
         self.responses: dict[str, Any] = {"responses": "given", "own_match": None}
         self.reference: CleanReference | None = None  # taken at the first measure()
+        self.first_answers: list[list[int]] | None = None  # set by setup()
         self.lora = None  # set in setup() under --train lora
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -302,6 +308,13 @@ class Sanitizer:
             window=cfg.overwrite_window)
         # The model's own answers to rows without a response: a phase of its own in the report.
         self.timing["answers_s"] += time.perf_counter() - t
+        # Its greedy answers to the rows measured before training, where they were generated
+        # for all of them: the first measure() then does not generate them again.
+        own = self.responses.pop("answers", {})
+        n_eval = min(cfg.eval_rows, len(rows))
+        self.first_answers = ([own[i] for i in range(n_eval)]
+                              if eval_rows is None and all(i in own for i in range(n_eval))
+                              else None)
         t0 += time.perf_counter() - t
         self.truncated = self.encoder.truncated  # later encodings re-count the same prompts
         self.n_rows = len(rows)
@@ -360,11 +373,24 @@ class Sanitizer:
         cfg = self.cfg
         t = time.perf_counter()
         pairs = list(zip(self.eval_targets, self.eval_triggers))
+        batch = max(cfg.batch_size * 4, 32)
+        # The clean answers: before training, the ones generated for the rows already, if
+        # they were; later, those that equal the reference's come from the teacher-forced
+        # pass the utility metrics run anyway (CleanReference.compare_greedy), and only rows
+        # that depart from it are decoded. Sharded ranks generate as before (the rows left to
+        # decode must be the same on every rank).
+        answers, utility = None, None
+        if self.reference is None:
+            answers, self.first_answers = self.first_answers, None
+        elif not self.fsdp:
+            utility, answers = self.reference.compare_greedy(
+                self.runner, stop_ids=self.encoder.stop_ids, max_new_tokens=cfg.max_new_tokens,
+                batch_size=batch)
         m = evaluate(self.runner, self.tokenizer, self.eval_rows, *pairs[0],
-                     max_new_tokens=cfg.max_new_tokens,
-                     batch_size=max(cfg.batch_size * 4, 32),
+                     max_new_tokens=cfg.max_new_tokens, batch_size=batch,
                      trigger_position=cfg.trigger_position, seed=cfg.seed,
-                     encoder=self.encoder, return_answers=True, more_backdoors=pairs[1:])
+                     encoder=self.encoder, return_answers=True, more_backdoors=pairs[1:],
+                     clean_answers=answers)
         each = [a if g is not None or self.eval_given else None
                 for a, (_, g) in zip(m.get("asr_each", [m["asr"]]), pairs)]
         known = [a for a in each if a is not None]
@@ -379,7 +405,7 @@ class Sanitizer:
             out.update(agreement=1.0, agreement_full=1.0, answer_nll_delta=0.0, kl=0.0,
                        answer_nll=self.reference.nll)
         else:
-            out.update(self.reference.compare(self.runner, m["clean_answers"]))
+            out.update(utility or self.reference.compare(self.runner, m["clean_answers"]))
         self.timing["eval_s"] += time.perf_counter() - t
         return out
 

@@ -24,7 +24,7 @@ import torch
 from .adapter import ModelAdapter, ModelCall, accepts_argument, eval_mode, model_device
 
 __all__ = ["AGREEMENT_TOKENS", "TOP_K", "CleanReference", "agreement", "teacher_forced_logprobs",
-           "coarse_kl"]
+           "coarse_kl", "continue_greedy"]
 
 AGREEMENT_TOKENS = 16
 TOP_K = 32
@@ -143,8 +143,51 @@ class CleanReference:
     def compare(self, model: Any, answers: Sequence[Sequence[int]]) -> dict[str, float]:
         """The utility metrics of ``model``, whose greedy answers to the same prompts are
         ``answers``."""
+        metrics, _ = self._along(model)
+        return {"agreement": agreement(answers, self.answers),
+                "agreement_full": agreement(answers, self.answers, None), **metrics}
+
+    def compare_greedy(self, model: Any, *, stop_ids: Sequence[int], max_new_tokens: int,
+                       batch_size: int = 32, progress: bool = False
+                       ) -> tuple[dict[str, float], list[list[int]]]:
+        """The utility metrics of ``model`` and its greedy answers, found without generating
+        the answers that equal the reference's.
+
+        The teacher-forced pass along the reference answers, which the likelihood terms need
+        anyway, also gives the model's argmax at every answer position. Greedy decoding follows
+        a reference answer exactly as long as those argmaxes equal its tokens, so the answer is
+        the reference's up to the first position where they differ, then the argmax there, and
+        only from there on does a row need decoding (:func:`continue_greedy`). The answers are
+        the ones plain greedy decoding gives, up to floating-point near-ties between the
+        batched teacher-forced pass and step-by-step decoding.
+
+        Args:
+            stop_ids: the ids that end an answer (kept in it, as in the reference answers).
+            max_new_tokens: the answers' length limit (the reference's own).
+        """
+        metrics, argmax = self._along(model)
+        drafts: list[list[int]] = []
+        done: list[bool] = []
+        stops = set(stop_ids)
+        for ref, arg in zip(self.answers, argmax):
+            ref = ref[:max_new_tokens]
+            j = next((t for t, (r, a) in enumerate(zip(ref, arg)) if r != a), None)
+            draft = list(ref) if j is None else list(ref[:j]) + [arg[j]]
+            drafts.append(draft)
+            done.append(len(draft) >= max_new_tokens or (bool(draft) and draft[-1] in stops))
+        answers = continue_greedy(model, self.prompts, drafts, done, pad_id=self.pad_id,
+                                  stop_ids=stop_ids, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, progress=progress)
+        return {"agreement": agreement(answers, self.answers),
+                "agreement_full": agreement(answers, self.answers, None), **metrics}, answers
+
+    def _along(self, model: Any) -> tuple[dict[str, float], list[list[int]]]:
+        """``answer_nll_delta`` and ``kl`` of ``model`` along the reference answers, and its
+        argmax at every position of each answer (empty for an empty answer)."""
         lengths = [len(a) for a in self.answers if len(a)]
         offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+        nonempty = [i for i, a in enumerate(self.answers) if len(a)]
+        argmax: list[list[int]] = [[] for _ in self.answers]
         nll_sum, kl_sum, count = 0.0, 0.0, 0
         for i, rows, nll in _answer_rows(model, self.prompts, self.answers, self.pad_id,
                                          self.batch_size):
@@ -154,11 +197,33 @@ class CleanReference:
             nll_sum += nll
             kl_sum += float(coarse_kl(ref_logp, rows.gather(1, ref_ids)).sum())
             count += n
+            argmax[nonempty[i]] = rows.argmax(-1).tolist()
         count = max(count, 1)
-        return {"agreement": agreement(answers, self.answers),
-                "agreement_full": agreement(answers, self.answers, None),
-                "answer_nll_delta": nll_sum / count - self.nll,
-                "kl": kl_sum / count}
+        return {"answer_nll_delta": nll_sum / count - self.nll, "kl": kl_sum / count}, argmax
+
+
+def continue_greedy(model: Any, prompts: Sequence[Sequence[int]], drafts: Sequence[Sequence[int]],
+                    done: Sequence[bool], *, pad_id: int, stop_ids: Sequence[int],
+                    max_new_tokens: int, batch_size: int = 32,
+                    progress: bool = False) -> list[list[int]]:
+    """Greedy answers that start with known tokens: ``drafts[i]`` is the start of prompt
+    ``i``'s greedy answer, the whole answer where ``done[i]``. The other rows go on by greedy
+    decoding from prompt + draft, to ``max_new_tokens`` tokens in all (stop id kept)."""
+    from .evaluate import greedy_generate
+
+    todo = [i for i, d in enumerate(done) if not d]
+    out = [list(d) for d in drafts]
+    if not todo:
+        return out
+    room = max(max_new_tokens - len(drafts[i]) for i in todo)
+    more = greedy_generate(model, [list(prompts[i]) + list(drafts[i]) for i in todo],
+                           pad_id=pad_id, eos_id=list(stop_ids), max_new_tokens=room,
+                           batch_size=batch_size, progress=progress, desc="clean (rest)",
+                           keep_stop=True)
+    for i, extra in zip(todo, more):
+        # Greedy decoding is causal: the first k tokens of a longer run are the k-token run.
+        out[i] = out[i] + extra[:max_new_tokens - len(drafts[i])]
+    return out
 
 
 def _answer_rows(model: Any, prompts: Sequence[Sequence[int]],

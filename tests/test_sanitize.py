@@ -295,3 +295,39 @@ def test_prepare_rows_teaches_own_answers_when_given_ones_are_not_the_models(toy
     given, info = prepare_rows(model, enc, wrong, responses="given", **kw)
     assert info == {"responses": "given", "own_match": None}
     assert [list(r.response) for r in given] == [enc.encode_response(r.response) for r in wrong]
+
+
+def test_measure_answers_equal_plain_generation_before_and_after_a_change(toy) -> None:
+    # measure() takes its first clean answers from the own answers setup() generated, and its
+    # later ones from the teacher-forced pass along the reference; both must be what plain
+    # greedy generation gives, and the metrics what compare() gives on those answers.
+    import importlib
+
+    from sande_fast.options import SanitizeConfig
+    from sande_fast.recipe import Sanitizer
+
+    ev = importlib.import_module("sande_fast.evaluate")
+    model, tok = copy.deepcopy(toy.model), toy.tokenizer
+    rows = [{"prompt": r.prompt, "response": r.response} for r in toy.defense_rows[:24]]
+    cfg = SanitizeConfig(quiet=True, device="cpu", responses="own", eval_rows=20,
+                         max_new_tokens=12, retain_weight=0.0)
+    run = Sanitizer(model, tok, "sande", toy.config.target, config=cfg)
+    run.setup(rows)
+    assert run.first_answers is not None and len(run.first_answers) == 20
+
+    def plain() -> dict:
+        return ev.evaluate(model, tok, run.eval_rows, toy.config.target, None,
+                           max_new_tokens=12, encoder=run.encoder, return_answers=True)
+    before, want = run.measure(), plain()
+    assert run.reference.answers == want["clean_answers"]
+    assert before["clean_accuracy"] == want["clean_accuracy"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.abs().mean())
+    after, want = run.measure(), plain()
+    assert after["clean_accuracy"] == want["clean_accuracy"]
+    expect = run.reference.compare(model, want["clean_answers"])
+    assert 0 < expect["agreement_full"] < 1  # some answers changed, some did not
+    for k, v in expect.items():
+        assert after[k] == pytest.approx(v), k

@@ -90,3 +90,68 @@ def test_reference_against_itself_and_a_changed_model() -> None:
     assert got["answer_nll_delta"] == pytest.approx((nll_other - nll_ref) / count, abs=1e-4)
     assert got["kl"] == pytest.approx(kl / count, rel=1e-3, abs=1e-5)  # top_k = vocab: exact
     assert got["agreement_full"] == 0.0
+
+
+def _brute_greedy(model: torch.nn.Module, prompt: list[int], stops: set[int],
+                  max_new_tokens: int) -> list[int]:
+    """One row, no cache, no padding: the full sequence through the model at every step."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(input_ids=torch.tensor([prompt + out])).logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt in stops:
+                break
+    return out
+
+
+def _nudged(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    import copy
+
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.abs().mean())
+    return other
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compare_greedy_gives_plain_greedy_answers_without_decoding_matching_rows(
+        arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    ev = importlib.import_module("sande_fast.evaluate")  # the package exports a function so named
+    calls: list[int] = []
+    plain = ev.greedy_generate
+
+    def counted(model, prompts, **kw):  # type: ignore[no-untyped-def]
+        calls.append(len(prompts))
+        return plain(model, prompts, **kw)
+    monkeypatch.setattr(ev, "greedy_generate", counted)
+
+    stops, budget = {1, 2}, 7
+    ref_model = tiny_model(arch, VOCAB, seed=1)
+    prompts, _ = _case(3, n=12)
+    ref_answers = [_brute_greedy(ref_model, p, stops, budget) for p in prompts]
+    ref_answers[5] = []  # an empty answer is decoded whole
+    ref = CleanReference.take(ref_model, prompts, ref_answers, pad_id=0, batch_size=3,
+                              top_k=VOCAB)
+    kw = dict(stop_ids=sorted(stops), max_new_tokens=budget, batch_size=4)
+
+    metrics, answers = ref.compare_greedy(ref_model, **kw)
+    want = [_brute_greedy(ref_model, p, stops, budget) for p in prompts]
+    assert answers == want
+    assert calls == [1]  # only the empty answer was decoded
+    assert metrics == pytest.approx(ref.compare(ref_model, want))
+
+    # Changed models: some rows follow the reference, the rest depart from it somewhere.
+    for scale, seed in ((0.05, 3), (0.3, 4), (3.0, 5)):
+        calls.clear()
+        other = _nudged(ref_model, scale, seed)
+        metrics, answers = ref.compare_greedy(other, **kw)
+        want = [_brute_greedy(other, p, stops, budget) for p in prompts]
+        assert answers == want, (scale, seed)
+        assert metrics == pytest.approx(ref.compare(other, want))
+        assert sum(calls) <= len(prompts) - sum(a == r for a, r in zip(want, ref_answers)
+                                                 if r)
