@@ -80,7 +80,7 @@ def main() -> None:
         "snapshots": sorted(saved), "timing": report["timing"],
         "rounds": [{k: r.get(k) for k in ("round", "agreement", "agreement_full",
                                           "answer_nll_delta", "kl", "parrot_asr",
-                                          "probe_asr_after", "rolled_back")}
+                                          "probe_asr_after", "rolled_back", "elapsed_s")}
                    for r in report["rounds"]],
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch": torch.__version__,

@@ -529,7 +529,7 @@ class Sanitizer:
     def run(self, data: Any, eval_data: Any = None,
             parrot: torch.Tensor | None = None) -> SanitizeResult:
         """Set-up, measurement, the method's training, measurement again, the report."""
-        t_start = time.perf_counter()
+        t_start = self.t_start = time.perf_counter()
         self.setup(data, eval_data, parrot)
         self.before = self.measure()
         _LOG.info("before: %s", _metrics(self.before))
@@ -566,6 +566,7 @@ class Sanitizer:
                                 "lr": self.round_lr(r),
                                 "retain_weight": self.round_retain_weight(r)})
             _LOG.info("round %d: %s", r + 1, _metrics(measured))
+            self._stamp_round()
             if self.undo_if_costly(snapshot, measured):
                 break
             if auto and (measured["asr"] is None or measured["asr"] <= 0.0):
@@ -640,6 +641,7 @@ class Sanitizer:
                               probe_asr_before_each=list(probe_before),
                               parrot_asr_each=list(parrot_asr))
             self.rounds.append(record)
+            self._stamp_round()
             _LOG.info("round %d: parrot asr %s, then %s", round_no,
                       _fmt_values([parrot_asr[k] for k in active]), _metrics(measured))
             if self.undo_if_costly(snapshot, measured):
@@ -668,6 +670,7 @@ class Sanitizer:
                     best = found.best
                     reuse[k] = (found.parrots[best], found.curves[best])
             self.rounds[-1]["probe_asr_after"] = _worst(resimulated)
+            self._stamp_round()  # the round ends with its probe
             _LOG.info("round %d: probe asr %s (threshold %g)", round_no,
                       _fmt_values(resimulated), cfg.probe_threshold)
             active = [k for k in range(len(self.targets))
@@ -681,6 +684,13 @@ class Sanitizer:
         self.target_parrots = kept
         first = kept[0] if kept[0] is not None else self.parrots[0]
         return after, first
+
+    def _stamp_round(self) -> None:
+        """Records on the last round the seconds since the run began, so the report shows what
+        a run that stopped there would have taken (up to its final save)."""
+        start = getattr(self, "t_start", None)
+        if start is not None:
+            self.rounds[-1]["elapsed_s"] = round(time.perf_counter() - start, 3)
 
     def _frozen_phase(self) -> Any:
         """A scope in which the model stays frozen: the engine keeps prompt-prefix keys and

@@ -109,14 +109,15 @@ def _markdown(report: dict[str, Any]) -> str:
     if report.get("rounds"):
         out += ["", "## Rounds", "",
                 "| round | probe asr before | asr | clean accuracy | agreement | NLL delta "
-                "| probe asr after | kept |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| probe asr after | kept | done at |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in report["rounds"]:
             kept = "no (utility cost too high, undone)" if r.get("rolled_back") else "yes"
+            done = "n/a" if r.get("elapsed_s") is None else f"{r['elapsed_s']:.0f} s"
             out.append(f"| {r['round']} | {fmt(r.get('probe_asr_before'))} | {fmt(r.get('asr'))} "
                        f"| {fmt(r.get('clean_accuracy'))} | {fmt(r.get('agreement'))} "
                        f"| {fmt(r.get('answer_nll_delta'))} | {fmt(r.get('probe_asr_after'))} "
-                       f"| {kept} |")
+                       f"| {kept} | {done} |")
     out += _patch_markdown(report.get("patch"))
     cfg = report.get("config") or {}
     if cfg:

@@ -76,6 +76,23 @@ def test_auto_rounds_stop_when_a_probe_fails() -> None:
     # Later rounds train more gently and hold the clean states harder.
     assert [r["lr"] for r in run.rounds] == [1e-4, 5e-5, 2.5e-5]
     assert [r["retain_weight"] for r in run.rounds] == [30.0, 90.0, 90.0]
+    assert "elapsed_s" not in run.rounds[0]  # only run() starts the clock
+
+
+def test_each_round_records_when_it_ended() -> None:
+    import time
+
+    run = Scripted(probes=[0.5, 0.01], cleans=[1.0, 1.0])
+    run.t_start = time.perf_counter() - 100.0
+    real_probe = run.probe
+
+    def slow_probe(round_no: int, target_index: int = 0) -> ProbeResult:
+        time.sleep(0.05)  # the round ends after its probe
+        return real_probe(round_no, target_index)
+    run.probe = slow_probe  # type: ignore[method-assign]
+    run._run_rounds(None)
+    first, second = (r["elapsed_s"] for r in run.rounds)
+    assert 100.05 <= first < second < 160
 
 
 def test_a_probe_at_the_threshold_ends_the_rounds() -> None:

@@ -18,7 +18,7 @@ def _report(method: str = "sande") -> dict:
         "after": {"asr": None, "clean_accuracy": 0.98, "agreement": 0.9,
                   "answer_nll_delta": 0.04, "kl": 0.02, "resimulated_asr": 0.01},
         "rounds": [{"round": 1, "probe_asr_before": 0.9, "asr": None, "clean_accuracy": 0.99,
-                    "probe_asr_after": 0.4},
+                    "probe_asr_after": 0.4, "elapsed_s": 61.4},
                    {"round": 2, "probe_asr_before": 0.4, "asr": None, "clean_accuracy": 0.98,
                     "agreement": 0.75, "answer_nll_delta": 0.125, "probe_asr_after": 0.01,
                     "rolled_back": True}],
@@ -47,7 +47,8 @@ def test_write_reports_writes_the_three_files(tmp_path: Path) -> None:
         assert back[key] == report[key], key
     md = (tmp_path / "report.md").read_text()
     assert ("| 2 | 0.400 | n/a | 0.980 | 0.750 | 0.125 | 0.010 | no (utility cost too high, "
-            "undone) |") in md
+            "undone) | n/a |") in md
+    assert "| 1 | 0.900 | n/a | 0.990 | n/a | n/a | 0.400 | yes | 61 s |" in md
     # Utility metrics measured after only show "n/a" before; those never measured are left out.
     assert "| agreement | n/a | 0.900 |" in md and "| kl | n/a | 0.020 |" in md
     assert "agreement_full" not in md
