@@ -193,3 +193,26 @@ def test_several_parrots_share_one_overwrite_step(fast: bool) -> None:
         two = step.loss(overwrite, clean, parrot_index=which, backdoors=2)
     want_two = 2 * over / n_over + clean_term
     assert abs(float(two) - float(want_two)) <= 1e-4 * float(want_two)
+
+
+def test_adamw_takes_the_fused_kernel_with_the_multi_tensor_update() -> None:
+    from sande_fast.steps import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (300, 7, 1)]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = make_optimizer("adamw", ours, lr=1e-2, weight_decay=0.01)
+    ref = torch.optim.AdamW(plain, lr=1e-2, weight_decay=0.01, foreach=True)
+    assert opt.defaults["fused"] is True
+    for _ in range(6):
+        for a, b in zip(ours, plain):
+            grad = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-5)
+    # An integer tensor (or a sharded one) keeps the default path.
+    mixed = [torch.nn.Parameter(torch.zeros(2)), torch.zeros(2, dtype=torch.long)]
+    from sande_fast.steps import _fused_adamw_applies
+    assert not _fused_adamw_applies(mixed)
