@@ -312,9 +312,9 @@ def make_optimizer(name: str, params: Sequence[torch.Tensor], lr: float,
 
 def _fused_adamw_applies(params: Sequence[torch.Tensor]) -> bool:
     """Whether AdamW can run its fused kernel: plain (not sharded) floating-point tensors, all
-    on one CPU or CUDA device. On the CPU it steps a 135M-parameter model in about a quarter
-    of the multi-tensor path's time (0.09 s against 0.35 s of CPU time, one thread), with the
-    same update up to rounding."""
+    on one CPU or CUDA device. On the CPU it steps SmolLM2-135M's parameters in a sixth of the
+    multi-tensor path's CPU time (``benchmarks/bench_optimizer.py``), with the same update up
+    to rounding."""
     from torch.distributed.tensor import DTensor
 
     devices = {p.device for p in params}
