@@ -1,4 +1,4 @@
-"""Build script: the package, the Triton kernels as ``sande_fast.kernels`` and the C++ planner."""
+"""Build script: the package, its Triton kernels (``sande_fast.kernels``) and the C++ planner."""
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
@@ -13,7 +13,6 @@ ext_modules = [
 
 setup(
     packages=["sande_fast", "sande_fast.kernels"],
-    package_dir={"sande_fast": "sande_fast", "sande_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

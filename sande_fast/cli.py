@@ -486,7 +486,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_model
+    from .utility import evaluate_model
 
     cfg = from_namespace(args, EvalConfig)
     _log_config(args, cfg)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .adapter import (Embed, ModelAdapter, ModelCall, accepts_argument, cache_argument,
                       eval_mode, model_device)
-from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger, model_stop_ids
+from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger
 from .splice import splice_parrot
 
 __all__ = ["greedy_generate", "generate_answers", "evaluate", "attack_success", "target_seen",
@@ -340,41 +340,3 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
         out["clean_prompts"] = [p.ids for p in clean_prompts]
         out["clean_answers"] = clean_ids
     return out
-
-
-def evaluate_model(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target: str,
-                   trigger: str | None, config: Any,
-                   reference: torch.nn.Module | None = None) -> dict[str, Any]:
-    """:func:`evaluate` as ``sande-fast eval`` runs it: prompt and answer must fit the context
-    (longer prompts are cut from the left and counted in ``prompts_truncated``).
-
-    Args:
-        config: an :class:`~sande_fast.options.EvalConfig`.
-        reference: a model (same tokenizer) whose greedy clean answers are the reference of the
-            utility metrics (:mod:`sande_fast.utility`), added to the result.
-    """
-    from .utility import CleanReference
-
-    from .adapter import context_length
-    from .options import prompt_budget, resolve_prompt_format
-
-    fmt = resolve_prompt_format(config.prompt_format,
-                                bool(getattr(tokenizer, "chat_template", None)))
-    encoder = PromptEncoder(tokenizer, fmt, max_prompt_tokens=prompt_budget(
-        context_length(model), 0, config.max_new_tokens), system=config.system,
-        extra_stop_ids=model_stop_ids(model))
-    res = evaluate(model, tokenizer, rows, target, trigger,
-                   max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_size, 32),
-                   trigger_position=config.trigger_position, seed=config.seed, encoder=encoder,
-                   progress=not config.quiet, return_answers=reference is not None)
-    res["prompts_truncated"] = encoder.truncated
-    if reference is not None:
-        prompts, answers = res.pop("clean_prompts"), res.pop("clean_answers")
-        ref_answers = greedy_generate(reference, prompts, pad_id=pad_token_id(tokenizer),
-                                      eos_id=encoder.stop_ids, max_new_tokens=config.max_new_tokens,
-                                      batch_size=max(config.batch_size, 32), keep_stop=True,
-                                      progress=not config.quiet, desc="reference")
-        ref = CleanReference.take(reference, prompts, ref_answers, pad_id=pad_token_id(tokenizer),
-                                  batch_size=max(config.batch_size, 8))
-        res.update(ref.compare(model, answers), reference_nll=ref.nll)
-    return res

@@ -24,7 +24,7 @@ import torch
 from .adapter import ModelAdapter, ModelCall, accepts_argument, eval_mode, model_device
 
 __all__ = ["AGREEMENT_TOKENS", "TOP_K", "CleanReference", "agreement", "teacher_forced_logprobs",
-           "coarse_kl", "continue_greedy"]
+           "coarse_kl", "continue_greedy", "evaluate_model"]
 
 AGREEMENT_TOKENS = 16
 TOP_K = 32
@@ -243,3 +243,41 @@ def _answer_rows(model: Any, prompts: Sequence[Sequence[int]],
             labels = torch.tensor(ans[k], device=rows.device)
             yield k, rows, float(-rows.gather(1, labels[:, None]).sum())
             at += n
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Any], target: str,
+                   trigger: str | None, config: Any,
+                   reference: torch.nn.Module | None = None) -> dict[str, Any]:
+    """:func:`~sande_fast.evaluate.evaluate` as ``sande-fast eval`` runs it: prompt and answer must fit the context
+    (longer prompts are cut from the left and counted in ``prompts_truncated``).
+
+    Args:
+        config: an :class:`~sande_fast.options.EvalConfig`.
+        reference: a model (same tokenizer) whose greedy clean answers are the reference of the
+            utility metrics above, added to the result.
+    """
+    from .adapter import context_length
+    from .data import PromptEncoder, model_stop_ids
+    from .evaluate import evaluate, greedy_generate, pad_token_id
+    from .options import prompt_budget, resolve_prompt_format
+
+    fmt = resolve_prompt_format(config.prompt_format,
+                                bool(getattr(tokenizer, "chat_template", None)))
+    encoder = PromptEncoder(tokenizer, fmt, max_prompt_tokens=prompt_budget(
+        context_length(model), 0, config.max_new_tokens), system=config.system,
+        extra_stop_ids=model_stop_ids(model))
+    res = evaluate(model, tokenizer, rows, target, trigger,
+                   max_new_tokens=config.max_new_tokens, batch_size=max(config.batch_size, 32),
+                   trigger_position=config.trigger_position, seed=config.seed, encoder=encoder,
+                   progress=not config.quiet, return_answers=reference is not None)
+    res["prompts_truncated"] = encoder.truncated
+    if reference is not None:
+        prompts, answers = res.pop("clean_prompts"), res.pop("clean_answers")
+        ref_answers = greedy_generate(reference, prompts, pad_id=pad_token_id(tokenizer),
+                                      eos_id=encoder.stop_ids, max_new_tokens=config.max_new_tokens,
+                                      batch_size=max(config.batch_size, 32), keep_stop=True,
+                                      progress=not config.quiet, desc="reference")
+        ref = CleanReference.take(reference, prompts, ref_answers, pad_id=pad_token_id(tokenizer),
+                                  batch_size=max(config.batch_size, 8))
+        res.update(ref.compare(model, answers), reference_nll=ref.nll)
+    return res

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"sande_fast": ROOT / "sande_fast", "sande_fast.kernels": ROOT / "kernels"}
+PACKAGES = {"sande_fast": ROOT / "sande_fast", "sande_fast.kernels": ROOT / "sande_fast" / "kernels"}
 # Compiled modules (C++): imported as submodules, never import anything of the package.
 EXTENSIONS = {"_planner"}
 
