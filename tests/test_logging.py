@@ -32,7 +32,7 @@ def _json_after(line: str, head: str) -> Any:
 
 def _noisy_eval(monkeypatch: pytest.MonkeyPatch, emit: Any) -> None:
     """``eval`` calls ``emit()`` once, after the model is loaded."""
-    evaluate = importlib.import_module("sande_fast.evaluate")
+    evaluate = importlib.import_module("sande_fast.utility")
     real = evaluate.evaluate_model
 
     def noisy(*a: Any, **k: Any) -> Any:
