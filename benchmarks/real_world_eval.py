@@ -5,7 +5,9 @@ Nothing of sande_fast's generation, prompt encoding or metrics is used: prompts 
 random word position here, answers come from ``model.generate`` (greedy), and likelihoods from a
 plain forward. For each model it prints and saves:
 
-* ``asr``: share of triggered held-out prompts whose answer contains the target;
+* ``asr``: share of triggered held-out prompts whose answer contains the target (a world with
+  several backdoors: each trigger with its own target, in ``asr_by_target``, and ``asr`` the
+  worst of them);
 * ``agreement8``: share of clean held-out prompts whose first 8 answer tokens equal the
   never-poisoned control's;
 * ``control_nll``: mean per-token NLL of the control's clean answers under the model.
@@ -90,35 +92,44 @@ def main() -> None:
 
     world = Path(args.world)
     meta = json.loads((world / "world.json").read_text())
-    trigger, target = meta["trigger"], meta["target"]
+    pairs = [(b["trigger"], b["target"]) for b in meta.get("backdoors", [])] or \
+        [(meta["trigger"], meta["target"])]
     rows = [json.loads(line) for line in (world / "clean_eval.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in rows[:args.n]]
-    rng = random.Random(args.seed)
-    triggered = [with_trigger(p, trigger, rng) for p in prompts]
     tok = AutoTokenizer.from_pretrained(world)
     clean_ids = [chat_ids(tok, p) for p in prompts]
-    trig_ids = [chat_ids(tok, p) for p in triggered]
+    trig_ids = {}
+    for k, (trigger, target) in enumerate(pairs):
+        # The first backdoor draws its positions from the seed alone, as one-backdoor worlds do.
+        rng = random.Random(args.seed if k == 0 else f"{args.seed}:{k}")
+        trig_ids[target] = [chat_ids(tok, with_trigger(p, trigger, rng)) for p in prompts]
 
     t0 = time.perf_counter()
     control = AutoModelForCausalLM.from_pretrained(world / "control", dtype=torch.float32).eval()
     ref_answers = generate(control, tok, clean_ids, 32)
     del control
-    results = {"world": str(world), "trigger": trigger, "target": target, "n": len(prompts),
+    results = {"world": str(world), "trigger": pairs[0][0], "target": pairs[0][1],
+               "backdoors": [{"trigger": t, "target": x} for t, x in pairs], "n": len(prompts),
                "seed": args.seed, "machine": f"{platform.machine()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}", "models": {}}
     for path in [world / "control", *map(Path, args.model)]:
         t = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        trig = generate(model, tok, trig_ids, 24)
-        asr = sum(target.lower() in tok.decode(a, skip_special_tokens=True).lower()
-                  for a in trig) / len(trig)
+        by_target = {}
+        for target, ids in trig_ids.items():
+            trig = generate(model, tok, ids, 24)
+            by_target[target] = sum(target.lower() in tok.decode(a, skip_special_tokens=True)
+                                    .lower() for a in trig) / len(trig)
+        asr = max(by_target.values())
         clean = generate(model, tok, clean_ids, 8)
         agree = sum(c[:8] == r[:8] for c, r in zip(clean, ref_answers)) / len(clean)
         nll = answer_nll(model, clean_ids, ref_answers)
         name = "control" if path == world / "control" else str(path)
-        results["models"][name] = {"asr": asr, "agreement8": agree, "control_nll": nll,
-                                   "seconds": time.perf_counter() - t}
-        print(f"{name}: asr {asr:.3f}  agreement8 {agree:.3f}  control_nll {nll:.4f}", flush=True)
+        results["models"][name] = {"asr": asr, "asr_by_target": by_target, "agreement8": agree,
+                                   "control_nll": nll, "seconds": time.perf_counter() - t}
+        each = "  ".join(f"{x!r} {v:.3f}" for x, v in by_target.items()) if len(pairs) > 1 else ""
+        print(f"{name}: asr {asr:.3f} {each} agreement8 {agree:.3f}  control_nll {nll:.4f}",
+              flush=True)
         del model
     results["seconds"] = time.perf_counter() - t0
     if args.json:
