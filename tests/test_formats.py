@@ -261,6 +261,8 @@ def _sanitize(model_dir: Path, data: Path, out: Path, capsys: pytest.CaptureFixt
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
     report.pop("timing")
+    for r in report["rounds"]:
+        r.pop("elapsed_s")  # wall time, as "timing"
     return report, load_file(str(out / "model.safetensors"))
 
 

@@ -276,8 +276,9 @@ def test_atomic_dir_defers_a_signal_during_clean_up(tmp_path: Path,
 
     def rmtree_interrupted(path: Any, *a: Any, **k: Any) -> None:
         calls.append(path)
-        os.kill(os.getpid(), signal.SIGINT)  # arrives while cleaning up
-        time.sleep(0.05)
+        # Raised in this thread and handled before raise_signal returns: os.kill may be
+        # handled later, on a loaded machine after the clean-up is already over.
+        signal.raise_signal(signal.SIGINT)  # arrives while cleaning up
         real_rmtree(path, *a, **k)
 
     monkeypatch.setattr(io.shutil, "rmtree", rmtree_interrupted)
@@ -466,8 +467,7 @@ def test_a_second_ctrl_c_during_the_clean_up(model_dir: Path, data_file: Path, t
         raise KeyboardInterrupt  # the first Ctrl-C, while saving
 
     def rmtree_interrupted(path: Any, *a: Any, **k: Any) -> None:
-        os.kill(os.getpid(), signal.SIGINT)  # the second, during the clean-up
-        time.sleep(0.05)
+        signal.raise_signal(signal.SIGINT)  # the second, during the clean-up
         real_rmtree(path, *a, **k)
 
     monkeypatch.setattr(io, "save_model", save_interrupted)
