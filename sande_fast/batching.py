@@ -16,7 +16,8 @@ import torch
 
 from . import planner
 
-__all__ = ["StepItem", "Batcher", "fast_length", "label_count", "right_padded", "spliced"]
+__all__ = ["StepItem", "Batcher", "fast_length", "label_count", "parrot_rows", "right_padded",
+           "spliced", "spliced_parrots"]
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,34 @@ class StepItem:
         labels: the supervised tokens that follow the prompt (at least one).
         splice: index in ``prompt`` before which the parrot rows go, or -1 for no parrot.
         tail: unsupervised tokens after ``labels``; only the plain path feeds them.
+        parrot: which parrot of a stack ``[K, n, H]`` the item takes, when its batch is given
+            several (one per backdoor); ignored with a single parrot ``[n, H]``.
     """
 
     prompt: tuple[int, ...]
     labels: tuple[int, ...]
     splice: int = -1
     tail: tuple[int, ...] = ()
+    parrot: int = 0
+
+
+def parrot_rows(parrot: torch.Tensor | None) -> int:
+    """Rows of a parrot ``[n, H]``, or of each parrot of a stack ``[K, n, H]`` (0: none)."""
+    return 0 if parrot is None else parrot.shape[-2]
+
+
+def spliced_parrots(items: Sequence[StepItem], parrot: torch.Tensor | None
+                    ) -> torch.Tensor | None:
+    """What the splices of ``items`` write: a single parrot ``[n, H]`` as it is, or from a
+    stack ``[K, n, H]`` the parrot of each item with a splice, in order (``[S, n, H]``)."""
+    if parrot is None or parrot.dim() == 2:
+        return parrot
+    if parrot.dim() != 3:
+        raise ValueError(f"a parrot is [n, H] or a stack [K, n, H], got {tuple(parrot.shape)}")
+    index = [it.parrot for it in items if it.splice >= 0]
+    if any(not 0 <= k < parrot.shape[0] for k in index):
+        raise ValueError(f"an item's parrot index is outside the stack of {parrot.shape[0]}")
+    return parrot[torch.tensor(index, dtype=torch.long, device=parrot.device)]
 
 
 def fast_length(item: StepItem, n_parrot: int) -> int:

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import reference
 from .adapter import FastLoss, HeadLoss, ModelAdapter, Prefix, SupervisedHidden
-from .batching import Batcher, StepItem, fast_length, right_padded
+from .batching import Batcher, StepItem, fast_length, parrot_rows, right_padded
 from .inputs import KV, PrefixStore, Rows, prefixed_rows, shared_prefix_rows, token_rows
 from .kernels import kernel_backend
 
@@ -284,7 +284,7 @@ class LossEngine:
         is added.
         """
         self._check_reuse()
-        n_parrot = 0 if parrot is None else parrot.shape[0]
+        n_parrot = parrot_rows(parrot)
         batches = self.batcher.micro_batches(items, n_parrot)
         store = self._prefix_store(batches, n_parrot)
         # One graph over everything: the shared prefix's graph goes straight into it.
@@ -301,7 +301,7 @@ class LossEngine:
         ``weight`` scales the whole loss, the retention term of ``anchors`` included.
         """
         self._check_reuse()
-        n_parrot = 0 if parrot is None else parrot.shape[0]
+        n_parrot = parrot_rows(parrot)
         batches = self.batcher.micro_batches(items, n_parrot)
         store = self._prefix_store(batches, n_parrot)
         shared = self._shared_prefix(batches, n_parrot, deferred=True)
@@ -377,7 +377,7 @@ class LossEngine:
         """The fast forward's inputs of one micro-batch: the frozen-prefix split where it
         applies (see :meth:`Batcher.splits_prefix`), else the rows after ``shared`` (a prefix
         every item starts with, see :meth:`_shared_prefix`), else padded or packed rows."""
-        n_parrot = 0 if parrot is None else parrot.shape[0]
+        n_parrot = parrot_rows(parrot)
         if self.batcher.splits_prefix(items, n_parrot):
             return prefixed_rows(items, parrot, store, pad_id=self.pad_id,
                                  device=self.adapter.device,

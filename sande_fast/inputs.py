@@ -14,13 +14,13 @@ The flat index arrays come from the C++ planner (:func:`sande_fast.planner.layou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
 from . import planner
-from .batching import StepItem, fast_length, right_padded, spliced
+from .batching import StepItem, fast_length, parrot_rows, right_padded, spliced, spliced_parrots
 
 __all__ = ["Rows", "PrefixedRows", "PrefixStore", "KV", "token_rows", "prefixed_rows",
            "shared_prefix_rows", "query_from", "MIN_TAIL_SKIP"]
@@ -45,7 +45,8 @@ class Rows:
         supervised_rows: ``[R]`` int64 flat rows (of ``[B*L]``) whose next token is supervised.
         labels: ``[R]`` int64 next-token labels of those rows.
         position_ids: ``[1, L]`` for a packed row (restarting per sequence), else None.
-        parrot: ``[n, H]`` soft prompt, or None.
+        parrot: ``[n, H]`` soft prompt, ``[S, n, H]`` one per splice (several backdoors'
+            parrots in one micro-batch), or None.
         splice_rows: ``[S]`` int64 flat row of each splice start, or None for no parrot.
         query_from: right-padded rows only: no supervised row lies in the first this many
             columns, so the last decoder layer only needs their keys and values. 0: one
@@ -99,7 +100,7 @@ def token_rows(items: Sequence[StepItem], parrot: torch.Tensor | None, *, packed
         last_layer_tail: padded rows may skip the last layer's work on leading unsupervised
             columns (see :attr:`Rows.query_from`).
     """
-    n = 0 if parrot is None else parrot.shape[0]
+    n = parrot_rows(parrot)
     seqs, splice, sup_start, sup_len, labels = [], [], [], [], []
     for it in items:
         m = n if it.splice >= 0 else 0
@@ -125,7 +126,8 @@ def token_rows(items: Sequence[StepItem], parrot: torch.Tensor | None, *, packed
                    if parrot is not None and len(lay.splice_rows) else None)
     return Rows(ids=ids, supervised_rows=torch.as_tensor(lay.supervised_rows, device=device),
                 labels=torch.tensor(labels, dtype=torch.long, device=device),
-                position_ids=position_ids, parrot=parrot, splice_rows=splice_rows,
+                position_ids=position_ids, parrot=spliced_parrots(items, parrot),
+                splice_rows=splice_rows,
                 query_from=0 if packed else query_from(sup_start, last_layer_tail))
 
 
@@ -139,7 +141,7 @@ def prefixed_rows(items: Sequence[StepItem], parrot: torch.Tensor, store: Prefix
             ``items`` they enter as ``prefix_kv``, else the prefixes run as ``prefix_ids``.
     """
     # The rest starts with the parrot in every row, so its splice is column 0.
-    n = parrot.shape[0]
+    n = parrot_rows(parrot)
     pre = [list(it.prompt[:it.splice]) for it in items]
     rest = [[pad_id] * n + list(it.prompt[it.splice:]) + list(it.labels[:-1]) for it in items]
     labels = [t for it in items for t in it.labels]
@@ -165,7 +167,8 @@ def prefixed_rows(items: Sequence[StepItem], parrot: torch.Tensor, store: Prefix
     return PrefixedRows(ids=ids, supervised_rows=torch.as_tensor(lay.supervised_rows,
                                                                  device=device),
                         labels=torch.tensor(labels, dtype=torch.long, device=device),
-                        position_ids=position_ids.to(device), parrot=parrot,
+                        position_ids=position_ids.to(device),
+                        parrot=spliced_parrots(items, parrot),
                         splice_rows=torch.as_tensor(lay.splice_rows, device=device),
                         query_from=query_from(sup_start, last_layer_tail),
                         prefix_ids=prefix_ids, prefix_kv=prefix_kv,
@@ -186,11 +189,11 @@ def shared_prefix_rows(items: Sequence[StepItem], parrot: torch.Tensor | None, p
     mask is needed.
     """
     length = prefix_kv[0][0].shape[2]
-    rest = [StepItem(tuple(it.prompt[length:]), it.labels,
-                     it.splice - length if it.splice >= 0 else -1, it.tail) for it in items]
+    rest = [replace(it, prompt=tuple(it.prompt[length:]),
+                    splice=it.splice - length if it.splice >= 0 else -1) for it in items]
     rows = token_rows(rest, parrot, packed=False, pad_id=pad_id, device=device,
                       last_layer_tail=last_layer_tail)
-    n = 0 if parrot is None else parrot.shape[0]
+    n = parrot_rows(parrot)
     b, width = rows.ids.shape
     last = torch.tensor([fast_length(it, n) - 1 for it in rest])[:, None]
     # pads repeat the last real position, so no position passes the context

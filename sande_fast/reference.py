@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import ModelAdapter, context_length
-from .batching import StepItem, spliced
+from .batching import StepItem, parrot_rows, spliced
 from .splice import splice_parrot
 
 __all__ = ["plain_batch", "plain_loss", "plain_hidden"]
@@ -27,14 +27,15 @@ def plain_batch(adapter: ModelAdapter, items: Sequence[StepItem], parrot: torch.
     rows, targets = [], []
     ctx = context_length(adapter.model)
     for it in items:
-        n = parrot.shape[0] if parrot is not None and it.splice >= 0 else 0
+        n = parrot_rows(parrot) if it.splice >= 0 else 0
         tail = list(it.tail)
         if ctx is not None:  # the unsupervised tail may not push past the context
             tail = tail[:max(0, ctx - len(it.prompt) - len(it.labels) - n)]
         ids = spliced(it.prompt, it.splice, n, pad_id) + list(it.labels) + tail
         e = adapter.embed(torch.tensor(ids, dtype=torch.long, device=dev))
         if n:
-            e = splice_parrot(e, parrot, torch.tensor([it.splice], device=dev), backend="torch")
+            own = parrot if parrot.dim() == 2 else parrot[it.parrot]  # one of a stack
+            e = splice_parrot(e, own, torch.tensor([it.splice], device=dev), backend="torch")
         start = len(it.prompt) + n
         t = torch.full((e.shape[0],), -100, dtype=torch.long, device=dev)
         # logits at position i predict token i+1

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .adapter import ModelAdapter
-from .batching import StepItem
+from .batching import StepItem, parrot_rows
 from .engine import LossEngine
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class ShardedLossEngine(LossEngine):
         """Forward and backward of this rank's share of the global batch ``items`` (the same on
         every rank); returns the global loss value."""
         coll = self._collective
-        n_parrot = 0 if parrot is None else parrot.shape[0]
+        n_parrot = parrot_rows(parrot)
         local = coll.share(items)
         batches = self.batcher.micro_batches(local, n_parrot) if local else []
         count = coll.max_int(len(batches))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -366,6 +367,7 @@ class OverwriteStep:
         else:
             self.parrots = [p.detach() for p in parrot]
         self.parrot = self.parrots[0] if self.parrots else None
+        self._stack: torch.Tensor | None = None  # the parrots stacked, made on first use
         self.anchors = None
         if retain_weight:
             if anchors is None:
@@ -381,11 +383,20 @@ class OverwriteStep:
 
     def _by_parrot(self, overwrite: Sequence[StepItem], parrot_index: Sequence[int] | None
                    ) -> list[tuple[list[StepItem], torch.Tensor | None]]:
-        """The overwrite items grouped by the parrot they take (one group without a list)."""
+        """The overwrite items and the parrot they take: one batch plan for all of them, with
+        the parrots stacked ``[K, n, H]`` and each item naming its own (``StepItem.parrot``);
+        one group per parrot only when their shapes differ."""
         if parrot_index is None:
             return [(list(overwrite), self.parrot)]
         if len(parrot_index) != len(overwrite):
             raise ValueError("parrot_index needs one entry per overwrite item")
+        if any(not 0 <= k < len(self.parrots) for k in parrot_index):
+            raise ValueError(f"parrot_index must lie in [0, {len(self.parrots)})")
+        if len({tuple(p.shape) for p in self.parrots}) == 1:
+            if self._stack is None:
+                self._stack = torch.stack(self.parrots)
+            return [([replace(it, parrot=k) for it, k in zip(overwrite, parrot_index)],
+                     self._stack)]
         groups: dict[int, list[StepItem]] = {}
         for item, k in zip(overwrite, parrot_index):
             groups.setdefault(k, []).append(item)

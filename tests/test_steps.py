@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -179,11 +180,26 @@ def test_several_parrots_share_one_overwrite_step(fast: bool) -> None:
     for n, p in model.named_parameters():
         scale = p.grad.abs().max().clamp_min(1e-8)
         assert float((got_grads[n] - p.grad).abs().max() / scale) < 1e-3, n
+    # One batch plan for every parrot: the overwrite items go to the engine in one call, with
+    # the parrots stacked and each item naming its own.
+    calls = []
+    real = step.engine.loss
+
+    def spy(items: Any, parrot: Any, *a: Any, **k: Any) -> Any:
+        calls.append((len(items), None if parrot is None else tuple(parrot.shape)))
+        return real(items, parrot, *a, **k)
+
+    step.engine.loss = spy
+    step.loss(overwrite, clean, parrot_index=which)
+    del step.engine.loss
+    assert calls[0] == (6, (2, 3, hidden)) and len(calls) == 2  # overwrite, then clean
     # Taking the parrots the other way round changes the loss: the index is honoured.
     swapped = step.loss(overwrite, clean, parrot_index=[1 - k for k in which])
     assert abs(float(swapped) - float(got)) > 1e-6
     with pytest.raises(ValueError, match="one entry per overwrite item"):
         step.loss(overwrite, clean, parrot_index=which[:-1])
+    with pytest.raises(ValueError, match="parrot_index must lie in"):
+        step.loss(overwrite, clean, parrot_index=[2] * len(which))
     # Rows carrying two backdoors each: the overwrite term is the sum of the two means, so each
     # mapping weighs what a lone one would.
     with torch.no_grad():
@@ -193,6 +209,23 @@ def test_several_parrots_share_one_overwrite_step(fast: bool) -> None:
         two = step.loss(overwrite, clean, parrot_index=which, backdoors=2)
     want_two = 2 * over / n_over + clean_term
     assert abs(float(two) - float(want_two)) <= 1e-4 * float(want_two)
+
+
+def test_parrots_of_different_lengths_run_as_groups() -> None:
+    """Parrots that cannot be stacked (different row counts) still give the brute-force loss."""
+    model = tiny_model("llama", VOCAB, seed=12)
+    rng = random.Random(10)
+    overwrite = make_items(rng, 4, parrot=True)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    parrots = [torch.randn(n, hidden, generator=torch.Generator().manual_seed(n)) * 0.02
+               for n in (3, 2)]
+    which = [1, 0, 0, 1]
+    step = OverwriteStep(LossEngine(model), lr=1e-3, clean_weight=1.0, parrot=parrots)
+    with torch.no_grad():
+        got = step.loss(overwrite, [], parrot_index=which)
+        want = sum(_hf_parrot_loss_sum(model, it, parrots[k]) for it, k in zip(overwrite, which))
+    want = want / sum(len(it.labels) for it in overwrite)
+    assert abs(float(got) - float(want)) <= 1e-4 * float(want)
 
 
 def test_adamw_takes_the_fused_kernel_with_the_multi_tensor_update() -> None:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .backend import resolve_backend
 
-__all__ = ["parrot_splice", "parrot_splice_reference"]
+__all__ = ["parrot_splice", "parrot_splice_reference", "check_splice"]
 
 triton: Any = None
 tl: Any = None
@@ -171,7 +171,7 @@ class _ParrotSplice(torch.autograd.Function):
         return grad_x, grad_p, None, None
 
 
-def _check_splice(x2: Tensor, parrot: Tensor, starts: Tensor) -> Tensor:
+def check_splice(x2: Tensor, parrot: Tensor, starts: Tensor) -> Tensor:
     """Validate shapes and (with one host sync) the splice ranges; returns int64 ``starts``.
 
     Raises:
@@ -218,7 +218,7 @@ def parrot_splice(token_embeds: Tensor, parrot: Tensor, starts: Tensor, *, backe
         raise ValueError(f"token_embeds must be [T, H] or [B, L, H], got {tuple(token_embeds.shape)}")
     shape = token_embeds.shape
     x2 = token_embeds.reshape(-1, shape[-1])
-    starts = _check_splice(x2, parrot, starts)
+    starts = check_splice(x2, parrot, starts)
     resolved = resolve_backend(backend, x2.device)
     out = _ParrotSplice.apply(x2, parrot, starts, resolved)
     return out.view(shape)
