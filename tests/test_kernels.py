@@ -164,6 +164,28 @@ def test_fused_ce_frozen_weight_gets_no_grad() -> None:
     assert w.grad is None and b.grad is None and h.grad is not None
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.5, 0.0])
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_fused_ce_gradients_follow_the_upstream_gradient(scale: float,
+                                                         chunk_rows: int | None) -> None:
+    """``(scale * loss).backward()`` scales every gradient (the stored [V, H] gradient is
+    written by its first chunk, not zero-filled, and skips the multiply at scale 1)."""
+    g = torch.Generator().manual_seed(3)
+    h0, w0 = torch.randn(10, 6, generator=g), torch.randn(13, 6, generator=g)
+    labels = torch.randint(0, 13, (10,), generator=g)
+    labels[[1, 7]] = -100
+    grads = []
+    for fn in (fused_linear_cross_entropy, fused_linear_cross_entropy_reference):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        kw = {"chunk_rows": chunk_rows} if fn is fused_linear_cross_entropy else {}
+        (scale * fn(h, w, labels, backend="torch", **kw)).backward()
+        grads.append((h.grad, w.grad))
+    (gh, gw), (rh, rw) = grads
+    torch.testing.assert_close(gh, rh, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw, rw, atol=1e-6, rtol=1e-5)
+    assert (float(gw.abs().sum()) == 0.0) == (scale == 0.0)
+
+
 def test_fused_ce_all_ignored_is_zero_not_nan() -> None:
     h = torch.randn(6, 5, requires_grad=True)
     w = torch.randn(7, 5, requires_grad=True)

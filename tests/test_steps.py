@@ -249,3 +249,19 @@ def test_adamw_takes_the_fused_kernel_with_the_multi_tensor_update() -> None:
     mixed = [torch.nn.Parameter(torch.zeros(2)), torch.zeros(2, dtype=torch.long)]
     from sande_fast.steps import _fused_adamw_applies
     assert not _fused_adamw_applies(mixed)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_a_non_finite_gradient_stops_the_step(bad: float | None) -> None:
+    from sande_fast.steps import NonFiniteError, _check_finite
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 300, 1)]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: skipped
+    if bad is None:
+        _check_finite(1.0, params, "step 1")
+        return
+    params[1].grad[123] = bad
+    with pytest.raises(NonFiniteError, match="step 1: a gradient is not finite"):
+        _check_finite(1.0, params, "step 1")

@@ -240,7 +240,11 @@ class _FusedLinearCE(torch.autograd.Function):
         c = chunk_rows if chunk_rows is not None else _default_chunk_rows(n, v, dev)
         one_chunk = n <= c
         acc_dtype = cdtype if (cdtype == torch.float32 or one_chunk) else torch.float32
-        grad_w = torch.zeros((v, h_dim), dtype=acc_dtype, device=dev) if need_w else None
+        # The first chunk writes grad_W whole (no zero fill of [V, H]) when it can write it in
+        # the accumulator's dtype; later chunks add to it.
+        first_writes = acc_dtype == cdtype
+        grad_w = (torch.empty if first_writes else torch.zeros)(
+            (v, h_dim), dtype=acc_dtype, device=dev) if need_w else None
         grad_b = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
         w = weight.detach()
         b = bias.detach().to(cdtype) if bias is not None else None
@@ -260,7 +264,7 @@ class _FusedLinearCE(torch.autograd.Function):
             if grad_h_kept is not None:
                 torch.mm(g, w, out=grad_h_kept[s:e])
             if grad_w is not None:
-                if one_chunk:
+                if s == 0 and first_writes:
                     torch.mm(g.t(), h_c, out=grad_w)
                 else:
                     _addmm_f32_(grad_w, g.t(), h_c)
@@ -268,6 +272,8 @@ class _FusedLinearCE(torch.autograd.Function):
                 grad_b += g.sum(0, dtype=torch.float32)
             del logits, g
 
+        if grad_w is not None and n == 0:
+            grad_w.zero_()  # no chunk ran: every row was ignored
         loss /= denom
         if need_h:
             assert grad_h_kept is not None
@@ -293,6 +299,8 @@ class _FusedLinearCE(torch.autograd.Function):
                 "place and freed, so retain_graph=True is not supported"
             )
         grads, ctx.grads = ctx.grads, None
+        if grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+            return grads + (None,) * 7  # the usual case; reading it on the CPU costs no sync
         # In place: the stored grads are ours alone, and this avoids a second [V, H] buffer.
         out = tuple(g.mul_(grad_out.to(g.dtype)) if g is not None else None for g in grads)
         return out + (None,) * 7
