@@ -13,8 +13,9 @@ round the guard undid ends the rounds, so no later parrot exists), and that mode
     python benchmarks/real_world_eval.py --world W --model W --model /tmp/sande_w3_rounds/after_round_1 \\
         ... --model /tmp/sande_w3 --json ...
 
-The world's target is passed; its trigger is not (a sande user does not know it), so the run's
-own asr is not measured: the independent script measures it.
+The world's target is passed (every target of a world with several backdoors; the run then
+keeps no snapshots, as it reports no single parrot per round); its trigger is not (a sande user
+does not know it), so the run's own asr is not measured: the independent script measures it.
 """
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def main() -> None:
 
     job.sanitize = sanitize_keeping_rounds
     extra = [a for a in args.extra if a != "--"]
+    targets = [b["target"] for b in info.get("backdoors", [])] or [info["target"]]
     argv = ["sanitize", "--model", str(world), "--data", str(world / "defense.jsonl"),
-            "--target", info["target"], "--out", args.out, "--force", *extra]
+            *[a for t in targets for a in ("--target", t)], "--out", args.out, "--force", *extra]
     t0, c0 = time.perf_counter(), time.process_time()
     rc = cli_main(argv)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
