@@ -82,7 +82,9 @@ def main() -> None:
         "snapshots": sorted(saved), "timing": report["timing"],
         "rounds": [{k: r.get(k) for k in ("round", "agreement", "agreement_full",
                                           "answer_nll_delta", "kl", "parrot_asr",
-                                          "probe_asr_after", "rolled_back", "elapsed_s")}
+                                          "probe_asr_after", "rolled_back", "elapsed_s",
+                                          "parrot_asr_each", "probe_asr_after_each")
+                    if k in r}
                    for r in report["rounds"]],
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch": torch.__version__,
