@@ -283,10 +283,16 @@ def test_atomic_dir_defers_a_signal_during_clean_up(tmp_path: Path,
 
     monkeypatch.setattr(io.shutil, "rmtree", rmtree_interrupted)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(out) as tmp:
-            (tmp / "x").write_text("partial")
-            raise RuntimeError("crash")
+    # Ctrl-C as in a terminal: a shell starts background jobs with SIGINT ignored, and an
+    # ignored signal stays ignored (nothing would be raised).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_dir(out) as tmp:
+                (tmp / "x").write_text("partial")
+                raise RuntimeError("crash")
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert calls and not out.exists() and leftovers(out) == []
 
 
