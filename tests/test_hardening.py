@@ -276,8 +276,7 @@ def test_atomic_dir_defers_a_signal_during_clean_up(tmp_path: Path,
 
     def rmtree_interrupted(path: Any, *a: Any, **k: Any) -> None:
         calls.append(path)
-        # Raised in this thread and handled before raise_signal returns: os.kill may be
-        # handled later, on a loaded machine after the clean-up is already over.
+        # Raised in this thread and handled before raise_signal returns.
         signal.raise_signal(signal.SIGINT)  # arrives while cleaning up
         real_rmtree(path, *a, **k)
 
