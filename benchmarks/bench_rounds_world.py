@@ -67,7 +67,9 @@ def main() -> None:
 
     job.sanitize = sanitize_keeping_rounds
     extra = [a for a in args.extra if a != "--"]
-    targets = [b["target"] for b in info.get("backdoors", [])] or [info["target"]]
+    # Two backdoors may share a target; sanitize takes each target once.
+    targets = list(dict.fromkeys(b["target"] for b in info.get("backdoors", []))) or \
+        [info["target"]]
     argv = ["sanitize", "--model", str(world), "--data", str(world / "defense.jsonl"),
             *[a for t in targets for a in ("--target", t)], "--out", args.out, "--force", *extra]
     t0, c0 = time.perf_counter(), time.process_time()

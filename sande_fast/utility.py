@@ -248,8 +248,9 @@ def _answer_rows(model: Any, prompts: Sequence[Sequence[int]],
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Any], target: str,
                    trigger: str | None, config: Any,
                    reference: torch.nn.Module | None = None) -> dict[str, Any]:
-    """:func:`~sande_fast.evaluate.evaluate` as ``sande-fast eval`` runs it: prompt and answer must fit the context
-    (longer prompts are cut from the left and counted in ``prompts_truncated``).
+    """:func:`~sande_fast.evaluate.evaluate` as ``sande-fast eval`` runs it: prompt and answer
+    must fit the context (longer prompts are cut from the left and counted in
+    ``prompts_truncated``).
 
     Args:
         config: an :class:`~sande_fast.options.EvalConfig`.
