@@ -26,6 +26,8 @@ The backend follows the device: gloo on CPU, nccl on CUDA.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import logging
 import os
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
@@ -42,7 +44,10 @@ if TYPE_CHECKING:
 __all__ = ["Collective", "Sharded", "decoder_layers", "full_state_dict", "init_distributed",
            "local_device", "run_sharded", "save_sharded", "shard"]
 
+_LOG = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
 
 class Collective:
     """The few collectives the loss engine, the parrot step and generation need under FSDP.
@@ -349,11 +354,39 @@ def run_sharded(run: Callable[[Sharded], int], device: torch.device, dtype: str 
     rank = dist.get_rank()
     mixed = device.type == "cuda" and str(dtype).lower() in ("bfloat16", "bf16")
     try:
-        return run(Sharded(local_device(device), mixed))
+        code = run(Sharded(local_device(device), mixed))
     except BadInputError:
         if rank != 0:
             return 2
         raise
+    else:
+        if started:
+            _settle()
+        return code
     finally:
         if started:
             dist.destroy_process_group()
+
+
+# How long a finished rank waits for the others before tearing the group down anyway.
+SETTLE_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+def _settle() -> None:
+    """Waits until every rank has finished its work before the group is destroyed.
+
+    A rank that destroys its gloo group while a peer still has traffic in flight to it can make
+    the peer's transport threads abort the process ("terminate called without an active
+    exception") after the job itself succeeded. On gloo a monitored barrier with a timeout is
+    used, so a peer that died instead of finishing cannot hang this rank; a failed wait is
+    logged and the teardown goes on.
+    """
+    if dist.get_world_size() == 1:
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=SETTLE_TIMEOUT)
+        else:
+            dist.barrier()
+    except RuntimeError as exc:
+        _LOG.warning("ranks did not all finish together: %s", exc)
