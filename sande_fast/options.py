@@ -55,6 +55,9 @@ STOP_LOSS_WINDOW = 5
 
 # Models below this size (the toy world) take AdamW's larger default rate.
 SMALL_MODEL_PARAMS = 50_000_000
+# Rows per stage-2 step from SMALL_MODEL_PARAMS on (``--overwrite-batch-size`` auto): stage 2 is
+# about 70 % of a default run there; measured on SmolLM2-135M (README, "default sande in time").
+LARGE_OVERWRITE_BATCH = 12
 
 # --train lora: the auto stage-2 rate is this multiple of full training's (a rank-r update
 # moves far fewer weights per step; measured on the toy, see README "LoRA").
@@ -248,6 +251,10 @@ class SanitizeConfig(CommonOptions):
              "change nothing); 0 below, where the toy's defaults were tuned with every step")
     overwrite_steps: int | None = _opt(None, "stage-2 steps per round", optional=True,
                                        auto="50 with adamw, 200 with sgd", **STEPS)
+    overwrite_batch_size: int | None = _opt(
+        None, "rows per stage-2 step", optional=True, kind="int", low=1, high=MAX_BATCH,
+        auto="--batch-size; for sande and sande-p from 50M parameters the smaller of it and 12 "
+             "(their stage 2 runs every round and is most of a run's time there)")
     overwrite_lr: float | None = _opt(
         None, "stage-2 learning rate (sgd: the RMS size of an update from the largest gradient "
               "so far)", optional=True,
@@ -275,6 +282,13 @@ class SanitizeConfig(CommonOptions):
                                    auto="--simulate-steps", **STEPS)
     probe_tries: int = _opt(1, "fresh probe parrots after each round; the strongest counts",
                             **STEPS)
+    probe_calibration: str = _opt(
+        "auto", "--rounds auto: before round 1, probe the model toward a decoy text it was never "
+                "taught; when that probe reaches the decoy on more than half the prompts, a "
+                "probe cannot tell an erased mapping from a steerable model, so the round probes "
+                "are skipped and the rounds run to --max-rounds", kind="choice",
+        choices=("auto", "on", "off"), auto="on from 50M parameters (a soft row steers "
+                                             "SmolLM2-135M to any short text), off below")
     round_lr_decay: float = _opt(0.5, "round r trains at lr * decay^(r-1)", kind="float",
                                  low=0.0, low_open=True, high=1.0)
     round_retain_factor: float = _opt(3.0, "rounds after the first multiply --retain-weight by "
@@ -442,6 +456,7 @@ def resolve(cfg: SanitizeConfig, method: str, *, n_params: int, context: int | N
         BadInputError: the method is unknown, or prompts cannot fit the context.
     """
     cfg.check_method(method)
+    small = n_params < SMALL_MODEL_PARAMS
     optimizer = cfg.optimizer if cfg.optimizer != "auto" else auto_optimizer(method, n_params)
     n_parrot = max(cfg.parrot_tokens, cfg.probe_tokens, parrot_rows)
     window = max(cfg.overwrite_window, cfg.simulate_window, cfg.max_new_tokens)
@@ -453,6 +468,11 @@ def resolve(cfg: SanitizeConfig, method: str, *, n_params: int, context: int | N
         max_clean_drop=(cfg.max_clean_drop if cfg.max_clean_drop is not None
                         else AUTO_MAX_CLEAN_DROP.get(method, 0.02)),
         probe_steps=cfg.probe_steps or cfg.simulate_steps,
+        probe_calibration=(cfg.probe_calibration if cfg.probe_calibration != "auto"
+                           else "on" if not small else "off"),
+        overwrite_batch_size=(cfg.overwrite_batch_size
+                              or (cfg.batch_size if small or method in ("osft", "sft")
+                                  else min(cfg.batch_size, LARGE_OVERWRITE_BATCH))),
         simulate_stop_loss=(cfg.simulate_stop_loss if cfg.simulate_stop_loss is not None
                             else 0.01 if n_params >= SMALL_MODEL_PARAMS else 0.0),
         prompt_format=resolve_prompt_format(cfg.prompt_format, chat_template),

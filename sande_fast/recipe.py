@@ -62,6 +62,13 @@ PROBE_SEED_OFFSET = 500
 ROUND_SEED_STRIDE = 1000
 # With several targets, target k's parrots take seeds this far above target 0's.
 TARGET_SEED_STRIDE = 100
+# The probe calibration (``--probe-calibration``): a text no poisoning teaches, cut to the
+# targets' length, its probe's seed offset, and the share of prompts above which a probe that
+# reaches it shows the model follows any soft row (the toy's never-poisoned control: 0-0.16 for
+# a one-row probe; SmolLM2-135M-Instruct's: 0.79-1.0).
+DECOY_TEXT = "Purple turtles sing opera at dawn beside the quiet river"
+DECOY_SEED_OFFSET = 700
+DECOY_REACHED = 0.5
 # What measure() returns after training, and the report's "after" block carries.
 MEASURED = ("asr", "clean_accuracy", "agreement", "agreement_full", "answer_nll_delta", "kl",
             "asr_each")
@@ -324,6 +331,13 @@ class Sanitizer:
         prompts = [r.prompt for r in self.train_rows[:cfg.eval_rows]]
         self.parrot_asrs = [parrot_measure(self.runner, self.encoder, prompts, t, cfg)
                             for t in self.simulate_texts]
+        self.calibration: dict[str, Any] | None = None
+        if cfg.probe_calibration == "on":
+            n = max(len(ids) for ids in self.simulate_id_lists)
+            self.decoy_ids = self.encoder.encode_response(DECOY_TEXT, add_eos=False)[:n]
+            self.decoy_text = self.encoder.decode(self.decoy_ids)
+            self.decoy_asr = parrot_measure(self.runner, self.encoder, prompts,
+                                            self.decoy_text, cfg)
         self.timing["prepare_s"] += time.perf_counter() - t0
 
     def _place_model(self) -> torch.device:
@@ -442,7 +456,7 @@ class Sanitizer:
         curve = eliminate(
             self.engine, self.train_rows, steps=cfg.overwrite_steps,
             lr=self.round_lr(round_index),
-            batch_size=cfg.batch_size, seed=seed, window=cfg.overwrite_window,
+            batch_size=cfg.overwrite_batch_size, seed=seed, window=cfg.overwrite_window,
             clean_weight=cfg.clean_weight, parrot=parrot,
             trigger=self.triggers if self.method == "osft" else None, encoder=self.encoder,
             trigger_position=cfg.trigger_position, splice=cfg.splice, progress=self.show,
@@ -478,6 +492,38 @@ class Sanitizer:
         # The probe parrots' generation counts as evaluation time, as the round parrot's does.
         self.timing["probe_s"] += time.perf_counter() - t - (self.timing["eval_s"] - measured)
         return result
+
+    def calibrate_probe(self) -> dict[str, Any]:
+        """A probe (the round probes' options) toward a decoy text no poisoning taught, on the
+        model before training. Reaching it on more than :data:`DECOY_REACHED` of the prompts
+        means a soft row steers this model to any short text, so a round probe reaching the
+        target says nothing about an erased mapping: ``informative`` is then False."""
+        cfg = self.cfg
+        t, measured = time.perf_counter(), self.timing["eval_s"]
+
+        def measure(parrot: torch.Tensor, seed: int) -> float:
+            t_measure = time.perf_counter()
+            value = self.decoy_asr(parrot, seed)
+            self.timing["eval_s"] += time.perf_counter() - t_measure
+            return value
+
+        with self._frozen_phase():
+            found = probe_parrots(self.engine, self.train_rows, self.decoy_ids, measure,
+                                  seed=cfg.seed + DECOY_SEED_OFFSET, tries=cfg.probe_tries,
+                                  steps=cfg.probe_steps, lr=cfg.simulate_lr,
+                                  n_tokens=cfg.probe_tokens, batch_size=cfg.batch_size,
+                                  max_norm=cfg.parrot_max_norm or None, splice=cfg.splice,
+                                  progress=self.show, desc="probe decoy",
+                                  stop_loss=cfg.simulate_stop_loss)
+        self.timing["probe_s"] += time.perf_counter() - t - (self.timing["eval_s"] - measured)
+        self.curves["probe_decoy"] = found.curves[found.best]
+        informative = found.asr_max <= DECOY_REACHED
+        _LOG.info("probe calibration: a probe reaches the decoy %r on %.3f of the prompts: %s",
+                  self.decoy_text, found.asr_max,
+                  "round probes on" if informative
+                  else "a probe cannot separate here; round probes skipped")
+        return {"decoy": self.decoy_text, "asr": found.asr_max, "threshold": DECOY_REACHED,
+                "informative": informative}
 
     @property
     def guard_metric(self) -> str:
@@ -592,6 +638,10 @@ class Sanitizer:
         resimulated: list[float | None] = [None] * len(self.targets)
         reuse: dict[int, tuple[torch.Tensor, list[float]]] = {}
         kept: list[torch.Tensor | None] = [None] * len(self.targets)
+        probes = True
+        if auto and cfg.probe_calibration == "on":
+            self.calibration = self.calibrate_probe()
+            probes = self.calibration["informative"]
         for r in range(n_rounds):
             round_no, seed = r + 1, cfg.seed + ROUND_SEED_STRIDE * r
             parrots: dict[int, torch.Tensor] = {}
@@ -653,6 +703,9 @@ class Sanitizer:
                 kept[k] = parrots[k].cpu()
             if not auto and round_no < n_rounds:
                 continue  # a fixed number of rounds: probe only after the last one
+            if not probes:  # the calibration showed a probe cannot separate: every round runs
+                probe_before = [None] * len(self.targets)
+                continue
             reuse = {}
             with self._frozen_phase():  # every target's probe on the same frozen model
                 found_each = [self.probe(round_no, k) for k in range(len(self.targets))]
@@ -719,6 +772,7 @@ class Sanitizer:
             "before": self.before,
             "after": after,
             "rounds": self.rounds,
+            "probe_calibration": self.calibration,
             "timing": {"total_s": self.timing["total_s"],
                        "stages": {k: v for k, v in self.timing.items() if k != "total_s"}},
             "curves": self.curves,

@@ -139,6 +139,53 @@ def test_a_probe_parrot_of_the_stage1_shape_is_the_next_rounds_parrot() -> None:
                        ("eliminate", 1, -1.0), ("probe", 2)]
 
 
+def _calibrated(informative: bool, **options: Any) -> Scripted:
+    run = Scripted(probe_calibration="on", **options)
+
+    def calibrate() -> dict[str, Any]:
+        run.log.append(("calibrate",))
+        return {"decoy": "x", "asr": 0.0 if informative else 1.0, "threshold": 0.5,
+                "informative": informative}
+    run.calibrate_probe = calibrate  # type: ignore[method-assign]
+    return run
+
+
+def test_a_probe_calibration_that_reaches_the_decoy_skips_the_round_probes() -> None:
+    run = _calibrated(False, probes=[], cleans=[1.0, 1.0, 1.0], max_rounds=3)
+    after, parrot = run._run_rounds(None)
+    # The calibration first, then every round to --max-rounds with no probe in between.
+    assert run.log == [("calibrate",), ("simulate", 0), ("eliminate", 0, 0.0),
+                       ("simulate", 1000), ("eliminate", 1, 1000.0),
+                       ("simulate", 2000), ("eliminate", 2, 2000.0)]
+    assert [r["probe_asr_before"] for r in run.rounds] == [0.9, None, None]
+    assert all("probe_asr_after" not in r for r in run.rounds)
+    assert after["resimulated_asr"] is None and float(parrot[0, 0]) == 2000.0
+    assert run.calibration["informative"] is False
+
+
+def test_a_probe_calibration_that_misses_the_decoy_leaves_the_rounds_as_they_were() -> None:
+    run = _calibrated(True, probes=[0.5, 0.01], cleans=[1.0, 1.0])
+    plain = Scripted(probes=[0.5, 0.01], cleans=[1.0, 1.0])
+    assert run._run_rounds(None)[0] == plain._run_rounds(None)[0]
+    assert run.log == [("calibrate",)] + plain.log
+    assert run.rounds == plain.rounds
+
+
+def test_probe_calibration_and_the_stage2_batch_resolve_by_model_size() -> None:
+    def resolved(n_params: int, method: str = "sande", **options: Any) -> SanitizeConfig:
+        return resolve(SanitizeConfig(**options), method, n_params=n_params, context=None,
+                       chat_template=False)
+    small, large = resolved(4), resolved(60_000_000)
+    assert (small.probe_calibration, small.overwrite_batch_size) == ("off", 16)
+    assert (large.probe_calibration, large.overwrite_batch_size) == ("on", 12)
+    assert resolved(60_000_000, "sande-p").overwrite_batch_size == 12
+    # osft and sft keep --batch-size; a given value always wins, and 12 never raises a batch.
+    assert resolved(60_000_000, "osft").overwrite_batch_size == 16
+    assert resolved(60_000_000, overwrite_batch_size=20).overwrite_batch_size == 20
+    assert resolved(60_000_000, batch_size=8).overwrite_batch_size == 8
+    assert resolved(60_000_000, probe_calibration="off").probe_calibration == "off"
+
+
 def test_a_round_that_costs_too_much_is_undone() -> None:
     # Round 2 costs 0.03 of clean accuracy, more than the default 0.02 for sande.
     run = Scripted(probes=[0.5], cleans=[1.0, 0.97])
