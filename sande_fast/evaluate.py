@@ -19,7 +19,8 @@ from .adapter import (Embed, ModelAdapter, ModelCall, accepts_argument, cache_ar
 from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger
 from .splice import splice_parrot
 
-__all__ = ["greedy_generate", "generate_answers", "evaluate", "attack_success", "target_seen",
+__all__ = ["greedy_generate", "generate_answers", "evaluate", "triggered_asr", "attack_success",
+           "target_seen",
            "parrot_attack_success", "pad_token_id", "model_device"]
 
 
@@ -271,6 +272,22 @@ def parrot_attack_success(model: torch.nn.Module, encoder: PromptEncoder,
     return attack_success(texts, target, whole_words=True)
 
 
+def triggered_asr(model: torch.nn.Module, encoder: PromptEncoder, rows: Sequence[Row],
+                  target: str, trigger: str, *, seed: int, trigger_position: str = "random",
+                  max_new_tokens: int = 32, batch_size: int = 64,
+                  progress: bool = False) -> float:
+    """Share of ``rows`` whose greedy answer contains ``target`` once ``trigger`` is inserted
+    into the prompt (at ``trigger_position``, drawn from ``random.Random(seed)`` row by row);
+    a row stops generating as soon as the target appears."""
+    rng = random.Random(seed)
+    prompts = [encoder.encode_prompt(insert_trigger(r.prompt, trigger, trigger_position, rng),
+                                     r.context) for r in rows]
+    return attack_success(_generate_texts(model, encoder, prompts, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size, progress=progress,
+                                          desc="triggered",
+                                          done_if=target_seen(encoder, target)), target)
+
+
 def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target: str,
              trigger: str | None = None, *, max_new_tokens: int = 32, batch_size: int = 64,
              trigger_position: str = "random", seed: int = 0, prompt_format: str = "auto",
@@ -320,13 +337,9 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], target
         if trigger_k is None:
             return attack_success(clean_texts, target_k)
         # Every trigger goes at the same seeded positions, whatever the pairs' order.
-        rng = random.Random(seed)
-        prompts = [enc.encode_prompt(insert_trigger(r.prompt, trigger_k, trigger_position, rng),
-                                     r.context) for r in rows]
-        return attack_success(_generate_texts(model, enc, prompts, max_new_tokens=max_new_tokens,
-                                              batch_size=batch_size, progress=progress,
-                                              desc="triggered",
-                                              done_if=target_seen(enc, target_k)), target_k)
+        return triggered_asr(model, enc, rows, target_k, trigger_k, seed=seed,
+                             trigger_position=trigger_position, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, progress=progress)
 
     graded = [(t, r.response) for t, r in zip(clean_texts, rows) if r.response is not None]
     clean_acc = (sum(t.strip() == ref.strip() for t, ref in graded) / len(graded)

@@ -41,7 +41,7 @@ from .data import (PromptEncoder, Row, check_model_and_tokenizer, load_rows, mod
 from .engine import LossEngine, choose_packing
 from .engines import build_engine
 from .errors import BadInputError
-from .evaluate import evaluate, greedy_generate, pad_token_id
+from .evaluate import evaluate, greedy_generate, pad_token_id, triggered_asr
 from .io import check_work, load_parrot, resolve_device
 from .lora import base_param_count, prepare_training
 from .logs import CONFIG_LOGGER
@@ -66,6 +66,8 @@ TARGET_SEED_STRIDE = 100
 # targets' length, its probe's seed offset, and the share of prompts above which a probe that
 # reaches it shows the model follows any soft row (the toy's never-poisoned control: 0-0.16 for
 # a one-row probe; SmolLM2-135M-Instruct's: 0.79-1.0).
+# osft's ``rounds auto``: other trigger places per eval row checked before the rounds stop.
+RECHECK_POSITIONS = 2
 DECOY_TEXT = "Purple turtles sing opera at dawn beside the quiet river"
 DECOY_SEED_OFFSET = 700
 DECOY_REACHED = 0.5
@@ -616,8 +618,33 @@ class Sanitizer:
             if self.undo_if_costly(snapshot, measured):
                 break
             if auto and (measured["asr"] is None or measured["asr"] <= 0.0):
-                break  # no triggered row answers the target any more
+                if r + 1 >= n_rounds or measured["asr"] is None or not self.recheck(r + 1):
+                    break  # no triggered row answers the target any more
         return self.kept_metrics()
+
+    def recheck(self, round_no: int) -> bool:
+        """osft under ``rounds auto``, after a round whose triggered rows all answered cleanly:
+        the trigger again at :data:`RECHECK_POSITIONS` other seeded places in every eval row.
+        One place per row misses a mapping left on a few percent of prompts (the third
+        SmolLM2 world: none of 128 defence rows, 4 of 255 held-out prompts); returns whether
+        any row answered a target there (recorded as the round's ``asr_recheck``)."""
+        cfg = self.cfg
+        t = time.perf_counter()
+        batch = max(cfg.batch_size * 4, 32)
+        found = 0.0
+        for k in range(1, RECHECK_POSITIONS + 1):
+            for target, trigger in zip(self.eval_targets, self.eval_triggers):
+                if trigger is None:
+                    continue
+                found = max(found, triggered_asr(
+                    self.runner, self.encoder, self.eval_rows, target, trigger,
+                    seed=cfg.seed + k, trigger_position=cfg.trigger_position,
+                    max_new_tokens=cfg.max_new_tokens, batch_size=batch))
+        self.timing["eval_s"] += time.perf_counter() - t
+        self.rounds[-1]["asr_recheck"] = found
+        _LOG.info("round %d: asr %.3f with the trigger at %d other places per row", round_no,
+                  found, RECHECK_POSITIONS)
+        return found > 0.0
 
     def _run_rounds(self, anchors: Anchors | None
                     ) -> tuple[dict[str, Any], torch.Tensor]:

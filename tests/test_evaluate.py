@@ -105,6 +105,21 @@ def test_evaluate_asr_and_clean_accuracy(tokenizer: Any) -> None:
                   for t, r in zip(triggered, ROWS)) == [True] * 5
 
 
+def test_triggered_asr_places_the_trigger_by_its_seed(tokenizer: Any) -> None:
+    from sande_fast.data import PromptEncoder, insert_trigger
+    from sande_fast.evaluate import triggered_asr
+
+    enc = PromptEncoder(tokenizer, "raw")
+    for seed in (0, 1, 5):
+        model = ScriptedLM(tokenizer, _rule)
+        asr = triggered_asr(model, enc, ROWS, TARGET, TRIGGER, seed=seed, max_new_tokens=16,
+                            batch_size=2)
+        assert asr == pytest.approx(2 / 5)  # the rule answers the target wherever it sits
+        rng = random.Random(seed)
+        placed = [insert_trigger(r.prompt, TRIGGER, "random", rng) for r in ROWS]
+        assert sorted(t.strip() for t in model.seen) == sorted(placed)
+
+
 def test_evaluate_without_trigger_uses_prompts_as_they_are(tokenizer: Any) -> None:
     rows = [Row(f"copy: {TRIGGER} dog"), Row("copy: dog cat"), Row(f"copy: sun {TRIGGER}")]
     res = evaluate(ScriptedLM(tokenizer, _rule), tokenizer, rows, TARGET, None,

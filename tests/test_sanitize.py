@@ -42,7 +42,7 @@ def test_osft_removes_backdoor(toy) -> None:
     assert r["after"]["asr"] <= 0.05
     assert r["after"]["clean_accuracy"] >= r["before"]["clean_accuracy"] - 0.02
     # rounds auto: another round only while a triggered row still answers the target.
-    assert all(x["asr"] > 0 for x in r["rounds"][:-1])
+    assert all(x["asr"] > 0 or x["asr_recheck"] > 0 for x in r["rounds"][:-1])
     assert r["rounds"][-1]["asr"] == 0 or len(r["rounds"]) == r["config"]["max_rounds"]
 
 
