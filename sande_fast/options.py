@@ -295,7 +295,9 @@ class SanitizeConfig(CommonOptions):
                                            "this", kind="float", low=1.0)
     max_clean_drop: float | None = _opt(
         None, "--rounds auto: undo and stop at a round after the first that lowers clean "
-              "accuracy by more than this", kind="float", low=0.0, high=1.0, optional=True,
+              "accuracy by more than this below where the rounds before left it (the lower of "
+              "the original model's value and the last kept round's)", kind="float", low=0.0,
+        high=1.0, optional=True,
         auto="0.02; sande-p 0.03")
     guard_metric: str = _opt("auto", "what --max-clean-drop is measured on: clean_accuracy (exact "
                                      "match with the given responses) or agreement (the first 16 "

@@ -71,6 +71,9 @@ RECHECK_POSITIONS = 2
 DECOY_TEXT = "Purple turtles sing opera at dawn beside the quiet river"
 DECOY_SEED_OFFSET = 700
 DECOY_REACHED = 0.5
+# The decoy probe is measured first once its mean loss is below this (nats a token: greedy
+# decoding then gives most of its tokens), so a model that follows any soft row is told early.
+DECOY_EARLY_LOSS = 0.3
 # What measure() returns after training, and the report's "after" block carries.
 MEASURED = ("asr", "clean_accuracy", "agreement", "agreement_full", "answer_nll_delta", "kl",
             "asr_each")
@@ -496,36 +499,50 @@ class Sanitizer:
         return result
 
     def calibrate_probe(self) -> dict[str, Any]:
-        """A probe (the round probes' options) toward a decoy text no poisoning taught, on the
-        model before training. Reaching it on more than :data:`DECOY_REACHED` of the prompts
-        means a soft row steers this model to any short text, so a round probe reaching the
-        target says nothing about an erased mapping: ``informative`` is then False."""
+        """A one-try probe (the round probes' options) toward a decoy text no poisoning taught,
+        on the model before training. Reaching it on more than :data:`DECOY_REACHED` of the
+        prompts means a soft row steers this model to any short text, so a round probe
+        reaching the target says nothing about an erased mapping: ``informative`` is then
+        False.
+
+        To spend less than a whole probe where the answer is clear early, the parrot is
+        measured first when the mean loss of its last steps falls below
+        :data:`DECOY_EARLY_LOSS`; only when it is not reached then does it train on (from where
+        it stands, up to the probe's step budget in all, to its usual stop loss) and get
+        measured again."""
         cfg = self.cfg
         t, measured = time.perf_counter(), self.timing["eval_s"]
-
-        def measure(parrot: torch.Tensor, seed: int) -> float:
-            t_measure = time.perf_counter()
-            value = self.decoy_asr(parrot, seed)
-            self.timing["eval_s"] += time.perf_counter() - t_measure
-            return value
-
+        seed = cfg.seed + DECOY_SEED_OFFSET
+        kw = dict(lr=cfg.simulate_lr, n_tokens=cfg.probe_tokens, batch_size=cfg.batch_size,
+                  max_norm=cfg.parrot_max_norm or None, splice=cfg.splice, progress=self.show,
+                  desc="probe decoy")
         with self._frozen_phase():
-            found = probe_parrots(self.engine, self.train_rows, self.decoy_ids, measure,
-                                  seed=cfg.seed + DECOY_SEED_OFFSET, tries=cfg.probe_tries,
-                                  steps=cfg.probe_steps, lr=cfg.simulate_lr,
-                                  n_tokens=cfg.probe_tokens, batch_size=cfg.batch_size,
-                                  max_norm=cfg.parrot_max_norm or None, splice=cfg.splice,
-                                  progress=self.show, desc="probe decoy",
-                                  stop_loss=cfg.simulate_stop_loss)
+            parrot, curve = simulate(self.engine, self.train_rows, self.decoy_ids,
+                                     steps=cfg.probe_steps, seed=seed,
+                                     stop_loss=max(cfg.simulate_stop_loss, DECOY_EARLY_LOSS),
+                                     **kw)
+            asr = self._measure_decoy(parrot, seed)
+            if asr <= DECOY_REACHED and len(curve) < cfg.probe_steps:
+                parrot, more = simulate(self.engine, self.train_rows, self.decoy_ids,
+                                        steps=cfg.probe_steps - len(curve), seed=seed + 1,
+                                        parrot=parrot, stop_loss=cfg.simulate_stop_loss, **kw)
+                curve = curve + more
+                asr = self._measure_decoy(parrot, seed)
         self.timing["probe_s"] += time.perf_counter() - t - (self.timing["eval_s"] - measured)
-        self.curves["probe_decoy"] = found.curves[found.best]
-        informative = found.asr_max <= DECOY_REACHED
-        _LOG.info("probe calibration: a probe reaches the decoy %r on %.3f of the prompts: %s",
-                  self.decoy_text, found.asr_max,
+        self.curves["probe_decoy"] = curve
+        informative = asr <= DECOY_REACHED
+        _LOG.info("probe calibration: after %d steps a probe reaches the decoy %r on %.3f of "
+                  "the prompts: %s", len(curve), self.decoy_text, asr,
                   "round probes on" if informative
                   else "a probe cannot separate here; round probes skipped")
-        return {"decoy": self.decoy_text, "asr": found.asr_max, "threshold": DECOY_REACHED,
-                "informative": informative}
+        return {"decoy": self.decoy_text, "asr": asr, "steps": len(curve),
+                "threshold": DECOY_REACHED, "informative": informative}
+
+    def _measure_decoy(self, parrot: torch.Tensor, seed: int) -> float:
+        t = time.perf_counter()
+        value = self.decoy_asr(parrot, seed)
+        self.timing["eval_s"] += time.perf_counter() - t
+        return value
 
     @property
     def guard_metric(self) -> str:
@@ -551,10 +568,18 @@ class Sanitizer:
         return _Snapshot(self.model)
 
     def too_costly(self, measured: dict[str, Any]) -> bool:
-        """Whether a round lowered the guard metric by more than ``max_clean_drop`` (compared
-        with a margin, since both are counts over the same rows)."""
+        """Whether the round just recorded lowered the guard metric by more than
+        ``max_clean_drop`` below where the rounds before left it: the lower of the original
+        model's value and the last kept round's (compared with a margin, since both are counts
+        over the same rows). Measured against the original alone, a first round that cost more
+        than the allowance (it is never undone) would make every later round look too costly,
+        even one that won utility back."""
         metric = self.guard_metric
-        drop = self.before[metric] - (measured.get(metric) or 0.0)
+        reference = self.before[metric]
+        kept = [r for r in self.rounds[:-1] if not r.get("rolled_back")]
+        if kept and kept[-1].get(metric) is not None:
+            reference = min(reference, kept[-1][metric])
+        drop = reference - (measured.get(metric) or 0.0)
         return drop > self.cfg.max_clean_drop + 1e-9
 
     def undo_if_costly(self, snapshot: _Snapshot | None, measured: dict[str, Any]) -> bool:

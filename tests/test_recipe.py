@@ -171,6 +171,41 @@ def test_a_probe_calibration_that_misses_the_decoy_leaves_the_rounds_as_they_wer
     assert run.rounds == plain.rounds
 
 
+@pytest.mark.parametrize("early, late", [(0.9, None), (0.2, 0.9), (0.2, 0.4)])
+def test_the_decoy_probe_is_measured_early_and_trains_on_only_when_not_reached(
+        monkeypatch: pytest.MonkeyPatch, early: float, late: float | None) -> None:
+    import sande_fast.recipe as recipe
+
+    calls = []
+
+    def fake_simulate(engine: Any, rows: Any, ids: Any, *, steps: int, seed: int,
+                      stop_loss: float, parrot: Any = None, **kw: Any) -> Any:
+        calls.append((steps, seed, stop_loss, parrot))
+        # The first run stops early, at 5 steps, at the early loss.
+        return torch.full((1, 2), float(len(calls))), [1.0] * (5 if len(calls) == 1 else 3)
+    monkeypatch.setattr(recipe, "simulate", fake_simulate)
+    run = Scripted(probes=[], cleans=[], probe_steps=20, seed=4)
+    run.engine, run.train_rows, run.decoy_ids, run.decoy_text = None, [], [7], "decoy"
+    measured = []
+
+    def measure(parrot: torch.Tensor, seed: int) -> float:
+        measured.append((float(parrot[0, 0]), seed))
+        return early if len(measured) == 1 else late
+    run._measure_decoy = measure  # type: ignore[method-assign]
+    cal = run.calibrate_probe()
+    seed = 4 + recipe.DECOY_SEED_OFFSET
+    assert calls[0] == (20, seed, recipe.DECOY_EARLY_LOSS, None)
+    if late is None:  # reached at the early measurement: nothing more runs
+        assert len(calls) == 1 and measured == [(1.0, seed)]
+        assert (cal["asr"], cal["steps"], cal["informative"]) == (0.9, 5, False)
+    else:  # trains on from the early parrot, for the rest of the budget, to the usual stop
+        assert len(calls) == 2 and calls[1][:3] == (15, seed + 1, 0.0)
+        assert float(calls[1][3][0, 0]) == 1.0 and measured == [(1.0, seed), (2.0, seed)]
+        assert (cal["asr"], cal["steps"]) == (late, 8)
+        assert cal["informative"] is (late <= recipe.DECOY_REACHED)
+    assert run.curves["probe_decoy"] == [1.0] * cal["steps"]
+
+
 def test_probe_calibration_and_the_stage2_batch_resolve_by_model_size() -> None:
     def resolved(n_params: int, method: str = "sande", **options: Any) -> SanitizeConfig:
         return resolve(SanitizeConfig(**options), method, n_params=n_params, context=None,
@@ -243,6 +278,23 @@ def test_a_round_within_the_allowed_cost_is_kept() -> None:
     assert not any(r.get("rolled_back") for r in run.rounds)
     assert after["clean_accuracy"] == 0.98 and torch.equal(run.model.weight,
                                                            run.weights_after[1])
+
+
+def test_the_guard_measures_a_round_from_where_the_rounds_before_left_it() -> None:
+    # Round 1 costs 0.04 (never undone); round 2 wins 0.02 back, round 3 costs 0.02 from
+    # there (allowed), round 4 costs 0.03 (undone): each against the lower of the original
+    # model's value and the last kept round's.
+    run = Scripted(probes=[0.5, 0.5, 0.5], cleans=[0.96, 0.98, 0.96, 0.93])
+    after, _ = run._run_rounds(None)
+    assert [r.get("rolled_back") for r in run.rounds] == [None, None, None, True]
+    assert after["clean_accuracy"] == 0.96 and torch.equal(run.model.weight,
+                                                           run.weights_after[2])
+    # After a round above the original model's value, the next is held to the original: 0.025
+    # below round 1 but 0.015 below the original is kept.
+    run = Scripted(probes=[0.5, 0.5], cleans=[1.0, 0.975], max_rounds=2)
+    run.before = {"asr": 1.0, "clean_accuracy": 0.99}
+    run._run_rounds(None)
+    assert [r.get("rolled_back") for r in run.rounds] == [None, None]
 
 
 def test_the_first_round_is_never_undone() -> None:

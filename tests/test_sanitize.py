@@ -143,19 +143,21 @@ def test_probe_tries_are_fresh_parrots_with_consecutive_seeds(toy) -> None:
 
 
 def test_probe_calibration_is_a_probe_toward_the_decoy(toy, monkeypatch) -> None:
-    # The calibration is exactly the probe command toward the decoy text, with the round
-    # probes' options and its own seed, on the model before training.
+    # Where the decoy probe's loss stays above the early measurement's level (a few steps from
+    # a random row), the calibration is exactly the probe command toward the decoy text, with
+    # the round probes' options and its own seed, on the model before training.
     import sande_fast.recipe as recipe
 
-    kw = dict(rounds="auto", max_rounds=2, probe_steps=30, simulate_steps=30, overwrite_steps=5,
+    kw = dict(rounds="auto", max_rounds=2, probe_steps=6, simulate_steps=30, overwrite_steps=5,
               eval_rows=40, batch_size=8, max_new_tokens=8, seed=3, quiet=True)
     res = sanitize(copy.deepcopy(toy.model), toy.tokenizer, toy.defense_rows, toy.config.target,
                    probe_calibration="on", **kw)
     cal = res.report["probe_calibration"]
     by_hand = probe(copy.deepcopy(toy.model), toy.tokenizer, toy.defense_rows, cal["decoy"],
-                    steps=30, tries=1, seed=3 + recipe.DECOY_SEED_OFFSET, parrot_tokens=1,
+                    steps=6, tries=1, seed=3 + recipe.DECOY_SEED_OFFSET, parrot_tokens=1,
                     eval_rows=40, batch_size=8, max_new_tokens=8, progress=False)
-    assert cal["decoy"] and cal["asr"] == by_hand["probe_asr_max"]
+    assert min(res.report["curves"]["probe_decoy"][-3:]) > recipe.DECOY_EARLY_LOSS
+    assert cal["decoy"] and cal["asr"] == by_hand["probe_asr_max"] and cal["steps"] == 6
     assert res.report["curves"]["probe_decoy"][-1] == by_hand["final_loss"][0]
     assert cal["informative"] == (cal["asr"] <= recipe.DECOY_REACHED)
     # A decoy every probe "reaches": no round probe, the rounds run to --max-rounds.
