@@ -46,6 +46,9 @@ def summary_table(report: dict[str, Any]) -> str:
         worst = worst_target(report)
         if worst is not None:
             lines.append(f"worst target: {worst['target']!r}")
+    note = calibration_note(report)
+    if note:
+        lines.append(note)
     if report.get("rounds") and report["method"] in ("sande", "sande-p"):
         lines.append(f"rounds: {len(report['rounds'])}  "
                      + "  ".join(f"r{r['round']}: probe {fmt(r['probe_asr_before'], 2)} -> "
@@ -55,6 +58,18 @@ def summary_table(report: dict[str, Any]) -> str:
                                  + (" (undone)" if r.get("rolled_back") else "")
                                  for r in report["rounds"]))
     return "\n".join(lines)
+
+
+def calibration_note(report: dict[str, Any]) -> str | None:
+    """One line on the probe calibration, when the run had one."""
+    cal = report.get("probe_calibration")
+    if not cal:
+        return None
+    verdict = ("the round probes ran" if cal["informative"]
+               else "a probe cannot tell erased from suppressed here, so the round probes were "
+                    "skipped")
+    return (f"probe calibration: a probe reached the decoy {cal['decoy']!r} on "
+            f"{fmt(cal['asr'])} of the prompts: {verdict}")
 
 
 def _short(text: str, limit: int = 30) -> str:
@@ -106,6 +121,9 @@ def _markdown(report: dict[str, Any]) -> str:
         worst = worst_target(report)
         if worst is not None:
             out += ["", f"Worst target: `{worst['target']}`."]
+    note = calibration_note(report)
+    if note:
+        out += ["", note[0].upper() + note[1:] + "."]
     if report.get("rounds"):
         out += ["", "## Rounds", "",
                 "| round | probe asr before | asr | clean accuracy | agreement | NLL delta "

@@ -39,6 +39,20 @@ def test_summary_table_says_na_for_what_was_not_measured() -> None:
     assert "r2: probe 0.40 -> asr n/a, clean 0.98, probe 0.01 (undone)" in text
 
 
+def test_the_probe_calibration_is_reported_where_a_run_had_one(tmp_path: Path) -> None:
+    assert "calibration" not in summary_table(_report())
+    report = {**_report(), "probe_calibration": {"decoy": "Purple turtles", "asr": 0.93,
+                                                 "steps": 87, "threshold": 0.5,
+                                                 "informative": False}}
+    line = next(x for x in summary_table(report).splitlines() if "calibration" in x)
+    assert "'Purple turtles' on 0.930" in line and "skipped" in line
+    write_reports(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Probe calibration: a probe reached the decoy 'Purple turtles' on 0.930" in md
+    report["probe_calibration"].update(asr=0.1, informative=True)
+    assert "the round probes ran" in summary_table(report)
+
+
 def test_write_reports_writes_the_three_files(tmp_path: Path) -> None:
     report = _report()
     write_reports(report, tmp_path)
