@@ -274,10 +274,6 @@ class SanitizeConfig(CommonOptions):
                                      "eval row still answers the target; sft: one) or a fixed "
                                      "number of rounds", kind="rounds")
     max_rounds: int = _opt(4, "most rounds under --rounds auto", **STEPS)
-    min_rounds: int | None = _opt(
-        None, "osft: fewest rounds under --rounds auto (up to --max-rounds)", optional=True,
-        auto="osft: 2 from 50M parameters (there one round left every triggered defence prompt "
-             "answering cleanly but a few held-out ones not); 1 otherwise", **STEPS)
     probe_threshold: float = _opt(0.05, "a round's probe at or below this asr ends --rounds auto",
                                   kind="float", low=0.0, high=1.0)
     probe_tokens: int = _opt(1, "rows of the probe parrot trained after each round (see "
@@ -474,8 +470,6 @@ def resolve(cfg: SanitizeConfig, method: str, *, n_params: int, context: int | N
         max_clean_drop=(cfg.max_clean_drop if cfg.max_clean_drop is not None
                         else AUTO_MAX_CLEAN_DROP.get(method, 0.02)),
         probe_steps=cfg.probe_steps or cfg.simulate_steps,
-        min_rounds=min(cfg.max_rounds, cfg.min_rounds
-                       or (2 if method == "osft" and not small else 1)),
         probe_calibration=(cfg.probe_calibration if cfg.probe_calibration != "auto"
                            else "on" if not small else "off"),
         overwrite_batch_size=(cfg.overwrite_batch_size

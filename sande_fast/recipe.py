@@ -642,8 +642,7 @@ class Sanitizer:
             self._stamp_round()
             if self.undo_if_costly(snapshot, measured):
                 break
-            if (auto and r + 1 >= cfg.min_rounds
-                    and (measured["asr"] is None or measured["asr"] <= 0.0)):
+            if auto and (measured["asr"] is None or measured["asr"] <= 0.0):
                 if r + 1 >= n_rounds or measured["asr"] is None or not self.recheck(r + 1):
                     break  # no triggered row answers the target any more
         return self.kept_metrics()
