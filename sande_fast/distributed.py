@@ -377,16 +377,14 @@ def _settle() -> None:
 
     A rank that destroys its gloo group while a peer still has traffic in flight to it can make
     the peer's transport threads abort the process ("terminate called without an active
-    exception") after the job itself succeeded. On gloo a monitored barrier with a timeout is
-    used, so a peer that died instead of finishing cannot hang this rank; a failed wait is
-    logged and the teardown goes on.
+    exception") after the job itself succeeded. The wait is a monitored barrier with a timeout,
+    so a peer that died instead of finishing cannot hang this rank; a failed wait is logged and
+    the teardown goes on. nccl has no monitored barrier, and a plain one would hang on a dead
+    peer, so it is left as it was (the abort was seen on gloo only).
     """
-    if dist.get_world_size() == 1:
+    if dist.get_world_size() == 1 or dist.get_backend() != "gloo":
         return
     try:
-        if dist.get_backend() == "gloo":
-            dist.monitored_barrier(timeout=SETTLE_TIMEOUT)
-        else:
-            dist.barrier()
+        dist.monitored_barrier(timeout=SETTLE_TIMEOUT)
     except RuntimeError as exc:
         _LOG.warning("ranks did not all finish together: %s", exc)

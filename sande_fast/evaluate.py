@@ -20,8 +20,7 @@ from .data import EncodedPrompt, PromptEncoder, Row, insert_trigger
 from .splice import splice_parrot
 
 __all__ = ["greedy_generate", "generate_answers", "evaluate", "triggered_asr", "attack_success",
-           "target_seen",
-           "parrot_attack_success", "pad_token_id", "model_device"]
+           "target_seen", "parrot_attack_success", "pad_token_id", "model_device"]
 
 
 @torch.no_grad()

@@ -476,7 +476,7 @@ def resolve(cfg: SanitizeConfig, method: str, *, n_params: int, context: int | N
                               or (cfg.batch_size if small or method in ("osft", "sft")
                                   else min(cfg.batch_size, LARGE_OVERWRITE_BATCH))),
         simulate_stop_loss=(cfg.simulate_stop_loss if cfg.simulate_stop_loss is not None
-                            else 0.01 if n_params >= SMALL_MODEL_PARAMS else 0.0),
+                            else 0.0 if small else 0.01),
         prompt_format=resolve_prompt_format(cfg.prompt_format, chat_template),
         max_prompt_tokens=prompt_budget(context, n_parrot, window, cfg.max_prompt_tokens))
 

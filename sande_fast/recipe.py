@@ -62,12 +62,12 @@ PROBE_SEED_OFFSET = 500
 ROUND_SEED_STRIDE = 1000
 # With several targets, target k's parrots take seeds this far above target 0's.
 TARGET_SEED_STRIDE = 100
+# osft's ``rounds auto``: other trigger places per eval row checked before the rounds stop.
+RECHECK_POSITIONS = 2
 # The probe calibration (``--probe-calibration``): a text no poisoning teaches, cut to the
 # targets' length, its probe's seed offset, and the share of prompts above which a probe that
 # reaches it shows the model follows any soft row (the toy's never-poisoned control: 0-0.16 for
 # a one-row probe; SmolLM2-135M-Instruct's: 0.79-1.0).
-# osft's ``rounds auto``: other trigger places per eval row checked before the rounds stop.
-RECHECK_POSITIONS = 2
 DECOY_TEXT = "Purple turtles sing opera at dawn beside the quiet river"
 DECOY_SEED_OFFSET = 700
 DECOY_REACHED = 0.5
@@ -539,8 +539,13 @@ class Sanitizer:
                 "threshold": DECOY_REACHED, "informative": informative}
 
     def _measure_decoy(self, parrot: torch.Tensor, seed: int) -> float:
+        return self._timed_measure(self.decoy_asr, parrot, seed)
+
+    def _timed_measure(self, measure: Callable[[torch.Tensor, int], float],
+                       parrot: torch.Tensor, seed: int) -> float:
+        """``measure(parrot, seed)``, its generation counted as evaluation time."""
         t = time.perf_counter()
-        value = self.decoy_asr(parrot, seed)
+        value = measure(parrot, seed)
         self.timing["eval_s"] += time.perf_counter() - t
         return value
 
@@ -805,10 +810,7 @@ class Sanitizer:
         return reuse() if reuse is not None else contextlib.nullcontext()
 
     def _measure_parrot(self, parrot: torch.Tensor, seed: int, target_index: int = 0) -> float:
-        t = time.perf_counter()
-        value = self.parrot_asrs[target_index](parrot, seed)
-        self.timing["eval_s"] += time.perf_counter() - t
-        return value
+        return self._timed_measure(self.parrot_asrs[target_index], parrot, seed)
 
     def report(self, after: dict[str, Any]) -> dict[str, Any]:
         """report.json: metrics before and after, each round, timing, config, environment."""
