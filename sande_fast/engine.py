@@ -315,6 +315,66 @@ class LossEngine:
             shared.backward()
         return total
 
+    def accumulate_each(self, items: Sequence[StepItem], parrot: torch.Tensor,
+                        normalizers: Sequence[float]) -> list[float]:
+        """:meth:`accumulate` for several parrots trained together (stage 1 or probes of several
+        targets on one frozen model): ``parrot`` is a stack ``[K, n, H]``, item ``i`` takes
+        parrot ``items[i].parrot`` and belongs to its group, and the loss is the sum over the
+        groups of the group's summed cross-entropy divided by ``normalizers[k]``. Each parrot
+        gets the gradient its group alone would give it; returns every group's loss value (0
+        for a group without items).
+
+        The groups' sequences share the micro-batches (and the prompt-prefix work); only the
+        pass through the LM head runs once per group, so each group's value is its own.
+        """
+        self._check_reuse()
+        if parrot.dim() != 3 or len(normalizers) != parrot.shape[0]:
+            raise ValueError(f"accumulate_each takes a parrot stack [K, n, H] and K normalizers, "
+                             f"got {tuple(parrot.shape)} and {len(normalizers)}")
+        n_parrot = parrot_rows(parrot)
+        batches = self.batcher.micro_batches(items, n_parrot)
+        store = self._prefix_store(batches, n_parrot)
+        shared = self._shared_prefix(batches, n_parrot, deferred=True)
+        values = [0.0] * len(normalizers)
+        for group in self.batcher.head_groups(batches, n_parrot):
+            losses = self._group_losses(group, parrot, normalizers, store, shared)
+            total = torch.stack([loss for loss in losses.values()]).sum()
+            if total.requires_grad:
+                total.backward()
+            for k, loss in losses.items():
+                values[k] += float(loss.detach())
+        if shared is not None:
+            shared.backward()
+        return values
+
+    def _group_losses(self, group: Sequence[Sequence[StepItem]], parrot: torch.Tensor,
+                      normalizers: Sequence[float], store: PrefixStore | None,
+                      shared: SharedPrefix | None) -> dict[int, torch.Tensor]:
+        """Per parrot index, the summed cross-entropy of its items' supervised rows in
+        ``group`` divided by its normalizer."""
+        items = [it for mb in group for it in mb]
+        owners = sorted({it.parrot for it in items})
+        if not self.fast:
+            return {k: torch.stack([reference.plain_loss(
+                        self.adapter, [it for it in mb if it.parrot == k], parrot,
+                        normalizers[k], self.pad_id)
+                        for mb in group if any(it.parrot == k for it in mb)]).sum()
+                    for k in owners}
+        hidden, labels = [], []
+        for mb in group:
+            inputs = self.inputs(mb, parrot, store, shared)
+            hidden.append(self.adapter(SupervisedHidden(inputs, self.backend)))
+            labels.append(inputs.labels)
+        h, y = torch.cat(hidden), torch.cat(labels)
+        # The supervised rows come item by item, in order: each row's group is its item's.
+        owner = torch.tensor([it.parrot for it in items for _ in it.labels], device=h.device)
+        out = {}
+        for k in owners:
+            rows = (owner == k).nonzero().squeeze(1)
+            out[k] = self.adapter(HeadLoss(h.index_select(0, rows), y.index_select(0, rows),
+                                           normalizers[k], self.backend))
+        return out
+
     def _micro_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                     normalizer: float, store: PrefixStore | None = None,
                     anchors: Anchors | None = None,

@@ -30,11 +30,11 @@ from .errors import BadInputError
 from .evaluate import pad_token_id, parrot_attack_success
 from .io import resolve_device
 from .options import ProbeConfig, from_keywords, prompt_budget, resolve_prompt_format
-from .stages import TrainRow, simulate
+from .stages import TrainRow, simulate_many
 from .engine import LossEngine
 from .engines import build_engine
 
-__all__ = ["probe", "probe_parrots", "ProbeResult"]
+__all__ = ["probe", "probe_parrots", "probe_parrots_many", "ProbeResult"]
 
 
 @dataclass
@@ -70,20 +70,39 @@ def probe_parrots(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequ
     initial rows, its batches and its splice positions) and measures each with
     ``measure(parrot, seed + k)``. Used by ``sande-fast probe`` and by the probe after every
     round of ``sanitize``."""
-    out = ProbeResult([], [], [])
+    (out,) = probe_parrots_many(engine, rows, [target_ids], [measure], seeds=[seed],
+                                tries=tries, steps=steps, lr=lr, n_tokens=n_tokens,
+                                batch_size=batch_size, max_norm=max_norm, splice=splice,
+                                progress=progress, desc=desc, stop_loss=stop_loss)
+    return out
+
+
+def probe_parrots_many(engine: LossEngine, rows: Sequence[TrainRow],
+                       target_id_lists: Sequence[Sequence[int]],
+                       measures: Sequence[Callable[[torch.Tensor, int], float]], *,
+                       seeds: Sequence[int], tries: int, steps: int, lr: float, n_tokens: int,
+                       batch_size: int, max_norm: float | None, splice: str = "random",
+                       progress: bool = False, desc: str = "probe",
+                       stop_loss: float = 0.0) -> list[ProbeResult]:
+    """:func:`probe_parrots` for several targets on one frozen model: target ``k`` gets what
+    ``probe_parrots(..., target_id_lists[k], measures[k], seed=seeds[k])`` would give, while the
+    targets' parrots of each try train together (:func:`~sande_fast.stages.simulate_many`)."""
+    outs = [ProbeResult([], [], []) for _ in seeds]
     # Every try sees the same frozen model (measuring only generates), so the prompt keys and
     # values one try computed serve the next ones too.
     with engine.reuse_frozen_prefixes():
-        for k in range(tries):
-            label = f"{desc} {k + 1}/{tries}" if tries > 1 else desc
-            parrot, curve = simulate(engine, rows, target_ids, steps=steps, lr=lr,
-                                     n_tokens=n_tokens, batch_size=batch_size, seed=seed + k,
-                                     splice=splice, max_norm=max_norm, progress=progress,
-                                     desc=label, stop_loss=stop_loss)
-            out.asr.append(measure(parrot, seed + k))
-            out.curves.append(curve)
-            out.parrots.append(parrot)
-    return out
+        for j in range(tries):
+            label = f"{desc} {j + 1}/{tries}" if tries > 1 else desc
+            runs = simulate_many(engine, rows, target_id_lists, steps=steps, lr=lr,
+                                 n_tokens=n_tokens, batch_size=batch_size,
+                                 seeds=[s + j for s in seeds], splice=splice,
+                                 max_norm=max_norm, progress=progress, desc=label,
+                                 stop_loss=stop_loss)
+            for out, measure, seed, (parrot, curve) in zip(outs, measures, seeds, runs):
+                out.asr.append(measure(parrot, seed + j))
+                out.curves.append(curve)
+                out.parrots.append(parrot)
+    return outs
 
 
 def probe(model: Any, tokenizer: Any, data: Any, target: str,

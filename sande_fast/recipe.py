@@ -25,6 +25,7 @@ rows) is pushed to the target by 6 soft rows in 95-99 % of prompts but by one ro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import platform
@@ -46,8 +47,8 @@ from .io import check_work, load_parrot, resolve_device
 from .lora import base_param_count, prepare_training
 from .logs import CONFIG_LOGGER
 from .options import SanitizeConfig, config_block, from_keywords, resolve
-from .probe import ProbeResult, parrot_measure, probe_parrots
-from .stages import TrainRow, clean_anchors, eliminate, simulate
+from .probe import ProbeResult, parrot_measure, probe_parrots_many
+from .stages import TrainRow, clean_anchors, eliminate, simulate, simulate_many
 from .steps import Anchors
 from .utility import CleanReference
 from .version import __version__
@@ -432,17 +433,24 @@ class Sanitizer:
                  ) -> tuple[torch.Tensor, list[float]]:
         """Stage 1: a parrot of ``parrot_tokens`` rows on the frozen model, for target
         ``target_index``."""
+        return self.simulate_each([seed], desc, [target_index])[0]
+
+    def simulate_each(self, seeds: Sequence[int], desc: str,
+                      targets: Sequence[int]) -> list[tuple[torch.Tensor, list[float]]]:
+        """Stage 1 for the targets ``targets`` (indices), target ``targets[i]`` with seed
+        ``seeds[i]``: each parrot is what its own run would learn, while their steps run as one
+        pass on the frozen model (:func:`~sande_fast.stages.simulate_many`)."""
         cfg = self.cfg
         t = time.perf_counter()
-        parrot, curve = simulate(self.engine, self.train_rows,
-                                 self.simulate_id_lists[target_index],
-                                 steps=cfg.simulate_steps, lr=cfg.simulate_lr,
-                                 n_tokens=cfg.parrot_tokens, max_norm=cfg.parrot_max_norm or None,
-                                 batch_size=cfg.batch_size, seed=seed, splice=cfg.splice,
-                                 progress=self.show, desc=desc,
-                                 stop_loss=cfg.simulate_stop_loss)
+        runs = simulate_many(self.engine, self.train_rows,
+                             [self.simulate_id_lists[k] for k in targets],
+                             steps=cfg.simulate_steps, lr=cfg.simulate_lr,
+                             n_tokens=cfg.parrot_tokens, max_norm=cfg.parrot_max_norm or None,
+                             batch_size=cfg.batch_size, seeds=list(seeds), splice=cfg.splice,
+                             progress=self.show, desc=desc,
+                             stop_loss=cfg.simulate_stop_loss)
         self.timing["simulate_s"] += time.perf_counter() - t
-        return parrot, curve
+        return runs
 
     def eliminate(self, anchors: Anchors | None, *,
                   parrot: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -480,23 +488,28 @@ class Sanitizer:
         """``probe_tries`` fresh parrots of ``probe_tokens`` rows, ``probe_steps`` each, on the
         frozen model after round ``round_no`` (1-based), for target ``target_index``; the
         strongest counts."""
+        return self.probe_each(round_no, [target_index])[0]
+
+    def probe_each(self, round_no: int, targets: Sequence[int]) -> list[ProbeResult]:
+        """:meth:`probe` for each target of ``targets`` (indices), with the seeds each would
+        get alone; the targets' probe parrots train together
+        (:func:`~sande_fast.probe.probe_parrots_many`)."""
         cfg = self.cfg
         t, measured = time.perf_counter(), self.timing["eval_s"]
-        seed = (cfg.seed + ROUND_SEED_STRIDE * (round_no - 1) + PROBE_SEED_OFFSET
-                + TARGET_SEED_STRIDE * target_index)
-        tag = f" t{target_index + 1}" if len(self.targets) > 1 else ""
-        result = probe_parrots(self.engine, self.train_rows,
-                               self.simulate_id_lists[target_index],
-                               lambda p, s: self._measure_parrot(p, s, target_index),
-                               seed=seed, tries=cfg.probe_tries,
-                               steps=cfg.probe_steps, lr=cfg.simulate_lr,
-                               n_tokens=cfg.probe_tokens, batch_size=cfg.batch_size,
-                               max_norm=cfg.parrot_max_norm or None, splice=cfg.splice,
-                               progress=self.show, desc=f"probe r{round_no}{tag}",
-                               stop_loss=cfg.simulate_stop_loss)
+        base = cfg.seed + ROUND_SEED_STRIDE * (round_no - 1) + PROBE_SEED_OFFSET
+        multi = len(self.targets) > 1
+        tags = "".join(f" t{k + 1}" for k in targets) if multi else ""
+        results = probe_parrots_many(
+            self.engine, self.train_rows, [self.simulate_id_lists[k] for k in targets],
+            [functools.partial(self._measure_parrot, target_index=k) for k in targets],
+            seeds=[base + TARGET_SEED_STRIDE * k for k in targets], tries=cfg.probe_tries,
+            steps=cfg.probe_steps, lr=cfg.simulate_lr, n_tokens=cfg.probe_tokens,
+            batch_size=cfg.batch_size, max_norm=cfg.parrot_max_norm or None, splice=cfg.splice,
+            progress=self.show, desc=f"probe r{round_no}{tags}",
+            stop_loss=cfg.simulate_stop_loss)
         # The probe parrots' generation counts as evaluation time, as the round parrot's does.
         self.timing["probe_s"] += time.perf_counter() - t - (self.timing["eval_s"] - measured)
-        return result
+        return results
 
     def calibrate_probe(self) -> dict[str, Any]:
         """A one-try probe (the round probes' options) toward a decoy text no poisoning taught,
@@ -707,18 +720,23 @@ class Sanitizer:
             # The model is frozen for every target's stage 1 of the round: their parrots share
             # the prompt prefixes' keys and values (one scope for all of them).
             with self._frozen_phase():
+                # Where each target's parrot comes from: the one passed in, the last probe's
+                # (it has the stage-1 shape and already reaches the target), or a fresh
+                # simulation; the fresh ones train together.
+                fresh = [k for k in active
+                         if not (r == 0 and self.initial_parrot is not None) and k not in reuse]
+                simulated = dict(zip(fresh, self.simulate_each(
+                    [seed + TARGET_SEED_STRIDE * k for k in fresh],
+                    f"simulate r{round_no}" + "".join(f" t{k + 1}" for k in fresh if multi),
+                    fresh))) if fresh else {}
                 for k in active:
                     tag = f"_t{k + 1}" if multi else ""
-                    # Where this round's parrot comes from: the one passed in, the last probe's
-                    # (it has the stage-1 shape and already reaches the target), or a fresh
-                    # simulation.
                     if r == 0 and self.initial_parrot is not None:
                         parrot, curve = self.initial_parrot.float().to(self.device), []
                     elif k in reuse:
                         parrot, curve = reuse[k]
                     else:
-                        label = f"simulate r{round_no}{tag.replace('_', ' ')}"
-                        parrot, curve = self.simulate(seed + TARGET_SEED_STRIDE * k, label, k)
+                        parrot, curve = simulated[k]
                     if curve:
                         self.curves[f"simulate_r{round_no}{tag}"] = curve
                         final_loss[k] = curve[-1]
@@ -765,7 +783,7 @@ class Sanitizer:
                 continue
             reuse = {}
             with self._frozen_phase():  # every target's probe on the same frozen model
-                found_each = [self.probe(round_no, k) for k in range(len(self.targets))]
+                found_each = self.probe_each(round_no, range(len(self.targets)))
             for k, found in enumerate(found_each):
                 resimulated[k] = found.asr_max
                 tag = f"_t{k + 1}" if multi else ""

@@ -65,6 +65,16 @@ class ShardedLossEngine(LossEngine):
         raise RuntimeError("LossEngine.loss() is not available on an FSDP-sharded model; "
                            "use accumulate() (or ParrotSimulator/OverwriteStep.step())")
 
+    def accumulate_each(self, items: Sequence[StepItem], parrot: torch.Tensor,
+                        normalizers: Sequence[float]) -> list[float]:
+        """Not available: several parrots train one after another on a sharded model.
+
+        Raises:
+            RuntimeError: always.
+        """
+        raise RuntimeError("accumulate_each() is not available on an FSDP-sharded model; "
+                           "train the parrots one at a time")
+
     def accumulate(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                    normalizer: float, weight: float = 1.0,
                    anchors: Anchors | None = None) -> float:

@@ -19,7 +19,7 @@ from .engine import LossEngine
 from .options import STOP_LOSS_WINDOW
 from .steps import Anchors, OverwriteStep, ParrotSimulator
 
-__all__ = ["TrainRow", "simulate", "eliminate", "clean_anchors", "splice_position",
+__all__ = ["TrainRow", "simulate", "simulate_many", "eliminate", "clean_anchors", "splice_position",
            "SPLICE_STRATEGIES"]
 
 SPLICE_STRATEGIES = ("random", "start", "end")
@@ -78,26 +78,63 @@ def simulate(engine: LossEngine, rows: Sequence[TrainRow], target_ids: Sequence[
     Returns:
         The parrot ``[n_tokens, hidden]`` (fp32, detached) and the loss of every step.
     """
-    rng = random.Random(seed)
-    sim = ParrotSimulator(engine, n_tokens=n_tokens, lr=lr, seed=seed, parrot=parrot,
-                          max_norm=max_norm)
-    labels = tuple(target_ids)
-    curve = []
+    (out,) = simulate_many(engine, rows, [target_ids], steps=steps, lr=lr, n_tokens=n_tokens,
+                           batch_size=batch_size, seeds=[seed], splice=splice,
+                           parrots=[parrot], max_norm=max_norm, progress=progress, desc=desc,
+                           stop_loss=stop_loss, stop_window=stop_window)
+    return out
+
+
+def simulate_many(engine: LossEngine, rows: Sequence[TrainRow],
+                  target_id_lists: Sequence[Sequence[int]], *, steps: int, lr: float,
+                  n_tokens: int, batch_size: int, seeds: Sequence[int], splice: str = "random",
+                  parrots: Sequence[torch.Tensor | None] | None = None,
+                  max_norm: float | None = 1.0, progress: bool = False,
+                  desc: str = "simulate", stop_loss: float = 0.0,
+                  stop_window: int = STOP_LOSS_WINDOW) -> list[tuple[torch.Tensor, list[float]]]:
+    """:func:`simulate` for several targets on one frozen model, in one pass per step.
+
+    Target ``k`` runs exactly as ``simulate(..., target_id_lists[k], seed=seeds[k])`` would: its
+    own initial rows, batches and splice positions, its own Adam state and early stop. Its
+    steps share the micro-batches and the prompt-prefix work with the other targets'
+    (:meth:`~sande_fast.steps.ParrotSimulator.step_together`); a target that stops leaves the
+    pass and the others go on.
+
+    Returns:
+        Per target, its parrot ``[n_tokens, hidden]`` and the loss of every step it ran.
+    """
+    if len(seeds) != len(target_id_lists):
+        raise ValueError(f"{len(target_id_lists)} targets and {len(seeds)} seeds")
+    starts = list(parrots) if parrots is not None else [None] * len(seeds)
+    rngs = [random.Random(seed) for seed in seeds]
+    sims = [ParrotSimulator(engine, n_tokens=n_tokens, lr=lr, seed=seed, parrot=start,
+                            max_norm=max_norm) for seed, start in zip(seeds, starts)]
+    labels = [tuple(ids) for ids in target_id_lists]
+    curves: list[list[float]] = [[] for _ in seeds]
+    running = list(range(len(seeds)))
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True)
     # The model stays frozen for the whole run, so the prompt keys and values before each
     # splice are computed once and kept across steps; the scope drops them at the end.
     with engine.reuse_frozen_prefixes():
         for step in bar:
-            batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
-            items = [StepItem(r.prompt.ids, labels, splice_position(r.prompt, splice, rng))
-                     for r in batch]
-            curve.append(sim.step(items, where=f"{desc} step {step + 1}"))
-            _show_loss(bar, curve[-1])
-            if (stop_loss > 0 and len(curve) >= stop_window
-                    and sum(curve[-stop_window:]) / stop_window < stop_loss):
+            batches = []
+            for k in running:
+                rng = rngs[k]
+                batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+                batches.append([StepItem(r.prompt.ids, labels[k],
+                                         splice_position(r.prompt, splice, rng)) for r in batch])
+            values = ParrotSimulator.step_together([sims[k] for k in running], batches,
+                                                   where=f"{desc} step {step + 1}")
+            for k, value in zip(running, values):
+                curves[k].append(value)
+            _show_loss(bar, max(values))
+            running = [k for k in running
+                       if not (stop_loss > 0 and len(curves[k]) >= stop_window
+                               and sum(curves[k][-stop_window:]) / stop_window < stop_loss)]
+            if not running:
                 break
     bar.close()
-    return sim.parrot.detach().clone(), curve
+    return [(sim.parrot.detach().clone(), curve) for sim, curve in zip(sims, curves)]
 
 
 def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: float,

@@ -124,6 +124,37 @@ class ParrotSimulator:
                 self.parrot.copy_(torch.renorm(self.parrot, 2, 0, self.max_row_norm))
         return value
 
+    @staticmethod
+    def step_together(sims: Sequence[ParrotSimulator], batches: Sequence[Sequence[StepItem]],
+                      where: str = "simulate") -> list[float]:
+        """One step of every simulator in ``sims`` (one engine, parrots of one shape) on its own
+        batch, the batches run as one pass (:meth:`~sande_fast.engine.LossEngine.accumulate_each`):
+        several targets' parrots on one frozen model share the micro-batches and prompt-prefix
+        work, while each parrot gets exactly its own batch's gradient and its own Adam step.
+        Returns each simulator's loss. A sharded engine runs them one after another."""
+        if len(sims) != len(batches):
+            raise ValueError(f"{len(sims)} simulators and {len(batches)} batches")
+        engine = sims[0].engine if sims else None
+        if len(sims) < 2 or engine.collective is not None:
+            return [sim.step(batch, where) for sim, batch in zip(sims, batches)]
+        if any(sim.engine is not engine for sim in sims):
+            raise ValueError("step_together takes simulators of one engine")
+        if len({tuple(sim.parrot.shape) for sim in sims}) != 1:
+            raise ValueError("step_together takes parrots of one shape")
+        for sim in sims:
+            sim.optimizer.zero_grad(set_to_none=True)
+        items = [replace(it, parrot=k) for k, batch in enumerate(batches) for it in batch]
+        stack = torch.stack([sim.parrot for sim in sims])  # gradients flow to each parameter
+        with frozen(engine.model):
+            values = engine.accumulate_each(items, stack, [label_count(b) for b in batches])
+        for sim, value in zip(sims, values):
+            _check_finite(value, [sim.parrot], where)
+            sim.optimizer.step()
+            if sim.max_row_norm is not None:
+                with torch.no_grad():
+                    sim.parrot.copy_(torch.renorm(sim.parrot, 2, 0, sim.max_row_norm))
+        return values
+
 
 class Anchors:
     """Retention targets: a model's final hidden states at the supervised rows of clean items,

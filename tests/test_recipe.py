@@ -35,6 +35,12 @@ class Scripted(Sanitizer):
         self.log: list[tuple[Any, ...]] = []
         self.weights_after: list[torch.Tensor] = []
 
+    def simulate_each(self, seeds: Any, desc: str, targets: Any) -> list[Any]:
+        return [self.simulate(s, desc, k) for s, k in zip(seeds, targets)]
+
+    def probe_each(self, round_no: int, targets: Any) -> list[ProbeResult]:
+        return [self.probe(round_no, k) for k in targets]
+
     def simulate(self, seed: int, desc: str, target_index: int = 0
                  ) -> tuple[torch.Tensor, list[float]]:
         self.log.append(("simulate", seed))
@@ -347,6 +353,12 @@ class ScriptedTargets(Sanitizer):
         self.probes = {k: list(v) for k, v in probes.items()}
         self.cleans = list(cleans)
         self.log: list[tuple[Any, ...]] = []
+
+    def simulate_each(self, seeds: Any, desc: str, targets: Any) -> list[Any]:
+        return [self.simulate(s, desc, k) for s, k in zip(seeds, targets)]
+
+    def probe_each(self, round_no: int, targets: Any) -> list[ProbeResult]:
+        return [self.probe(round_no, k) for k in targets]
 
     def simulate(self, seed: int, desc: str, target_index: int = 0
                  ) -> tuple[torch.Tensor, list[float]]:
