@@ -1,7 +1,9 @@
 """Independent measurement of models on a make-world world, with Hugging Face's own generate.
 
 Nothing of sande_fast's generation, prompt encoding or metrics is used: prompts go through
-``tokenizer.apply_chat_template`` (its default system prompt kept), the trigger is inserted at a
+``tokenizer.apply_chat_template`` (its default system prompt kept; with ``--prompt-format raw``,
+or ``auto`` on a tokenizer without a template, the tokenizer's own call on the prompt text, its
+usual leading special tokens included), the trigger is inserted at a
 random word position here, answers come from ``model.generate`` (greedy), and likelihoods from a
 plain forward. For each model it prints and saves:
 
@@ -31,6 +33,10 @@ def chat_ids(tok, prompt: str) -> list[int]:
     out = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
                                   add_generation_prompt=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def raw_ids(tok, prompt: str) -> list[int]:
+    return list(tok(prompt)["input_ids"])
 
 
 def with_trigger(prompt: str, trigger: str, rng: random.Random) -> str:
@@ -88,6 +94,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=255)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default="auto",
+                    help="auto: the chat template when the tokenizer has one, else raw")
     args = ap.parse_args()
 
     world = Path(args.world)
@@ -97,12 +105,15 @@ def main() -> None:
     rows = [json.loads(line) for line in (world / "clean_eval.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in rows[:args.n]]
     tok = AutoTokenizer.from_pretrained(world)
-    clean_ids = [chat_ids(tok, p) for p in prompts]
+    chat = args.prompt_format == "chat" or (args.prompt_format == "auto"
+                                            and bool(getattr(tok, "chat_template", None)))
+    encode = chat_ids if chat else raw_ids
+    clean_ids = [encode(tok, p) for p in prompts]
     trig_ids = []  # (target, prompts with its trigger), one entry per backdoor
     for k, (trigger, target) in enumerate(pairs):
         # The first backdoor draws its positions from the seed alone, as one-backdoor worlds do.
         rng = random.Random(args.seed if k == 0 else f"{args.seed}:{k}")
-        trig_ids.append((target, [chat_ids(tok, with_trigger(p, trigger, rng)) for p in prompts]))
+        trig_ids.append((target, [encode(tok, with_trigger(p, trigger, rng)) for p in prompts]))
 
     t0 = time.perf_counter()
     control = AutoModelForCausalLM.from_pretrained(world / "control", dtype=torch.float32).eval()
@@ -110,7 +121,7 @@ def main() -> None:
     del control
     results = {"world": str(world), "trigger": pairs[0][0], "target": pairs[0][1],
                "backdoors": [{"trigger": t, "target": x} for t, x in pairs], "n": len(prompts),
-               "seed": args.seed, "machine": f"{platform.machine()}, "
+               "seed": args.seed, "prompt_format": "chat" if chat else "raw", "machine": f"{platform.machine()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}", "models": {}}
     for path in [world / "control", *map(Path, args.model)]:
         t = time.perf_counter()

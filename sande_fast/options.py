@@ -257,7 +257,8 @@ class SanitizeConfig(CommonOptions):
              "(their stage 2 runs every round and is most of a run's time there)")
     overwrite_lr: float | None = _opt(
         None, "stage-2 learning rate (sgd: the RMS size of an update from the largest gradient "
-              "so far)", optional=True,
+              "so far); a sande round that overwrites K targets' parrots at once trains at "
+              "sqrt(K) times it", optional=True,
         auto="adamw: 1e-4 below 50M parameters, else 2e-5; sgd: 1/16 of those; "
              "10x those with --train lora", **RATE)
     optimizer: str = _opt("auto", "stage-2 optimizer", kind="choice",

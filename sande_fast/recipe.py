@@ -28,6 +28,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import platform
 import random
 import time
@@ -462,13 +463,15 @@ class Sanitizer:
         clean accuracy it may still cost is what the first round left: round r trains at
         ``lr * round_lr_decay**r`` and holds the clean states ``round_retain_factor`` times
         harder. Several parrots (or osft's several triggers) share one pass: each batch row
-        gets an overwrite item for every one of them.
+        gets an overwrite item for every one of them, and K parrots train at ``sqrt(K)`` times
+        the rate (:meth:`round_lr`).
         """
         cfg = self.cfg
         t = time.perf_counter()
+        parrots = 1 if parrot is None or isinstance(parrot, torch.Tensor) else len(parrot)
         curve = eliminate(
             self.engine, self.train_rows, steps=cfg.overwrite_steps,
-            lr=self.round_lr(round_index),
+            lr=self.round_lr(round_index, parrots),
             batch_size=cfg.overwrite_batch_size, seed=seed, window=cfg.overwrite_window,
             clean_weight=cfg.clean_weight, parrot=parrot,
             trigger=self.triggers if self.method == "osft" else None, encoder=self.encoder,
@@ -478,8 +481,18 @@ class Sanitizer:
         self.timing["eliminate_s"] += time.perf_counter() - t
         return curve
 
-    def round_lr(self, round_index: int) -> float:
-        return self.cfg.overwrite_lr * (self.cfg.round_lr_decay ** round_index)
+    def round_lr(self, round_index: int, parrots: int = 1) -> float:
+        """Stage 2's rate in round ``round_index`` (0-based) with ``parrots`` parrots.
+
+        The overwrite term sums one mean per parrot, and Adam scales each weight's step by the
+        size of the summed gradient: with K parrots pulling in largely different directions,
+        each one's share of a step is about 1/sqrt(K) of what it gets alone. ``sqrt(K)`` times
+        the rate gives each mapping about the push a single one gets (on the three-backdoor
+        toy the first round then leaves the probes at 0.025 / 0.165 / 0.14 instead of 0.16 /
+        0.24 / 0.475, and the run ends a round earlier; osft's several triggers keep the
+        plain rate)."""
+        return (self.cfg.overwrite_lr * (self.cfg.round_lr_decay ** round_index)
+                * math.sqrt(parrots))
 
     def round_retain_weight(self, round_index: int) -> float:
         return self.cfg.retain_weight * (self.cfg.round_retain_factor if round_index else 1.0)
@@ -757,7 +770,7 @@ class Sanitizer:
             record: dict[str, Any] = {
                 "round": round_no, "probe_asr_before": _worst(probe_before), **measured,
                 "parrot_asr": _worst(parrot_asr),
-                "lr": self.round_lr(r),
+                "lr": self.round_lr(r, len(active) if multi else 1),
                 "retain_weight": self.round_retain_weight(r),
                 "simulate_final_loss": final_loss[0] if not multi else _worst(final_loss),
                 "eliminate_final_loss": self.curves[f"eliminate_r{round_no}"][-1]}

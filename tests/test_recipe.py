@@ -397,6 +397,9 @@ def test_several_targets_one_eliminate_per_round_until_no_probe_finds_any() -> N
     assert [r["probe_asr_after"] for r in run.rounds] == [0.6, 0.02]
     assert run.rounds[0]["probe_asr_after_each"] == [0.0, 0.6, 0.03]
     assert run.rounds[1]["targets_simulated"] == [2]
+    # Three parrots overwritten at once train at sqrt(3) times the rate; round 2's one at the
+    # plain (decayed) rate.
+    assert [r["lr"] for r in run.rounds] == pytest.approx([1e-4 * 3 ** 0.5, 5e-5])
     assert after["resimulated_asr"] == 0.02
     assert after["resimulated_asr_each"] == [0.01, 0.02, 0.0]
     # The last kept parrot of each target: round 1's for targets 1 and 3, round 2's for 2.
