@@ -25,7 +25,7 @@ import torch
 
 from .adapter import context_length
 from .data import (EncodedPrompt, PromptEncoder, check_model_and_tokenizer, load_rows,
-                   model_stop_ids)
+                   model_stop_ids, text_list)
 from .errors import BadInputError
 from .evaluate import pad_token_id, parrot_attack_success
 from .io import resolve_device
@@ -129,9 +129,11 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str,
         BadInputError: bad target, options or data.
     """
     cfg = config if config is not None else from_keywords(ProbeConfig, options)
-    if not isinstance(target, str):
-        return _probe_each(model, tokenizer, data, target, cfg, progress)
-    if not target.strip():
+    single = isinstance(target, str)
+    if single and not target.strip():
+        raise BadInputError("--target must be a non-empty text")
+    targets = [target] if single else text_list(target, "--target")
+    if not targets:
         raise BadInputError("--target must be a non-empty text")
     check_model_and_tokenizer(model, tokenizer)
     progress = (not cfg.quiet) if progress is None else progress
@@ -145,29 +147,23 @@ def probe(model: Any, tokenizer: Any, data: Any, target: str,
     train = [TrainRow(r.prompt, encoder.encode_prompt(r.prompt, r.context), (), r.context)
              for r in rows]
     prompts = [t.prompt for t in train[:cfg.eval_rows]]
-    target_ids = encoder.encode_response(target, add_eos=False)[:window]
-    if not target_ids:
+    id_lists = [encoder.encode_response(t, add_eos=False)[:window] for t in targets]
+    if not all(id_lists):
         raise BadInputError("--target tokenises to nothing")
     engine = build_engine(model, max_batch=cfg.batch_size, pad_id=pad_token_id(tokenizer))
-    result = probe_parrots(
-        engine, train, target_ids, parrot_measure(model, encoder, prompts, target, cfg),
-        seed=cfg.seed, tries=cfg.tries, steps=cfg.steps, lr=cfg.lr, n_tokens=cfg.parrot_tokens,
-        batch_size=cfg.batch_size, max_norm=cfg.parrot_max_norm or None, progress=progress)
-    return {"probe_asr_max": result.asr_max, "probe_asr_mean": sum(result.asr) / len(result.asr),
-            "probe_asr": result.asr, "final_loss": [c[-1] for c in result.curves],
-            "steps": cfg.steps, "tries": cfg.tries, "target": target}
-
-
-def _probe_each(model: Any, tokenizer: Any, data: Any, targets: Sequence[str],
-                cfg: ProbeConfig, progress: bool | None) -> dict[str, Any]:
-    """:func:`probe` for every target of a list, each with the same seeds: ``targets`` holds
-    each one's result; ``probe_asr_max`` is the worst target's, named by ``worst_target``."""
-    from .data import text_list
-
-    targets = text_list(targets, "--target")
-    if not targets:
-        raise BadInputError("--target must be a non-empty text")
-    each = [probe(model, tokenizer, data, t, cfg, progress=progress) for t in targets]
+    # Every target gets the seeds it would get alone; their parrots train in one pass per step.
+    results = probe_parrots_many(
+        engine, train, id_lists, [parrot_measure(model, encoder, prompts, t, cfg)
+                                  for t in targets],
+        seeds=[cfg.seed] * len(targets), tries=cfg.tries, steps=cfg.steps, lr=cfg.lr,
+        n_tokens=cfg.parrot_tokens, batch_size=cfg.batch_size,
+        max_norm=cfg.parrot_max_norm or None, progress=progress)
+    each = [{"probe_asr_max": r.asr_max, "probe_asr_mean": sum(r.asr) / len(r.asr),
+             "probe_asr": r.asr, "final_loss": [c[-1] for c in r.curves],
+             "steps": cfg.steps, "tries": cfg.tries, "target": t}
+            for t, r in zip(targets, results)]
+    if single:
+        return each[0]
     worst = max(range(len(each)), key=lambda k: each[k]["probe_asr_max"])
     return {"probe_asr_max": each[worst]["probe_asr_max"],
             "probe_asr_mean": max(r["probe_asr_mean"] for r in each),

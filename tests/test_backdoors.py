@@ -131,7 +131,8 @@ def test_probe_reports_each_target_and_the_worst(model_dir: Path, data_file: Pat
     assert [r["target"] for r in res["targets"]] == [TARGET, SECOND]
     assert res["probe_asr_max"] == max(r["probe_asr_max"] for r in res["targets"])
     assert res["worst_target"] in (TARGET, SECOND)
-    # Each target's entry is the single-target probe with the same options.
+    # Each target's entry is the single-target probe with the same options (the targets'
+    # parrots train in one pass, each exactly as alone).
     model, tok = load_model(model_dir, torch.device("cpu"))
     one = probe(model, tok, str(data_file), SECOND, steps=3, tries=2, eval_rows=4,
                 max_new_tokens=4, quiet=True, device="cpu")
