@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=255)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--skip-control", action="store_true",
+                    help="measure only the --model folders (the control still answers the "
+                         "clean prompts: agreement and NLL are against its answers)")
     ap.add_argument("--prompt-format", choices=("auto", "chat", "raw"), default="auto",
                     help="auto: the chat template when the tokenizer has one, else raw")
     args = ap.parse_args()
@@ -123,7 +126,7 @@ def main() -> None:
                "backdoors": [{"trigger": t, "target": x} for t, x in pairs], "n": len(prompts),
                "seed": args.seed, "prompt_format": "chat" if chat else "raw", "machine": f"{platform.machine()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}", "models": {}}
-    for path in [world / "control", *map(Path, args.model)]:
+    for path in [*([] if args.skip_control else [world / "control"]), *map(Path, args.model)]:
         t = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         by_target: dict[str, float] = {}
