@@ -160,19 +160,32 @@ class ModelAdapter(nn.Module):
                 pass
         return cache_tensors(cache)
 
+    def embed_scale(self) -> float:
+        """The factor the input embedding's forward multiplies its rows by: ``sqrt(hidden)`` for
+        the Gemma family (``embed_scale``), 1 for a plain ``nn.Embedding``. Token rows enter the
+        decoder scaled, so a parrot lives at that scale too."""
+        scale = getattr(self.embed, "embed_scale", None)
+        return 1.0 if scale is None else float(scale)
+
     def embedding_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` of the input embedding matrix (detached), also when it is sharded."""
+        """Rows ``index`` of the input embeddings as the decoder receives them (the embedding's
+        scale applied, detached), also when the matrix is sharded."""
         weight = self.embed.weight.detach()
         if self.collective is not None:
-            return self.collective.embedding_rows(weight, index)
-        return weight[index.to(weight.device)]
+            rows = self.collective.embedding_rows(weight, index)
+        else:
+            rows = weight[index.to(weight.device)]
+        scale = self.embed_scale()
+        return rows if scale == 1.0 else rows * scale
 
     def max_embedding_norm(self) -> float:
-        """Largest L2 norm of a row of the input embedding matrix, also when it is sharded."""
+        """Largest L2 norm of an input embedding row as the decoder receives it (the
+        embedding's scale applied), also when the matrix is sharded."""
         weight = self.embed.weight.detach()
         local = weight.to_local() if hasattr(weight, "to_local") else weight
         value = float(local.float().norm(dim=1).max()) if local.numel() else 0.0
-        return self.collective.max_float(value) if self.collective is not None else value
+        value = self.collective.max_float(value) if self.collective is not None else value
+        return value * self.embed_scale()
 
     def forward(self, request: Request) -> Any:
         """Runs ``request``; every use of the root parameters goes through here.

@@ -66,3 +66,52 @@ def test_forward_dispatches_on_the_request_type() -> None:
     assert torch.equal(ad(FastLoss(rows, 7.0, "torch")), split)
     with pytest.raises(TypeError, match="request"):
         ad("embed")
+
+
+def _tiny_gemma3() -> torch.nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=97, hidden_size=36, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=128, sliding_window=64)).float().eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_embedding_rows_are_what_the_embedding_module_feeds_the_decoder(arch: str) -> None:
+    # Gemma scales token rows by sqrt(hidden) inside its embedding's forward: parrots start
+    # from, and are capped at the norm of, the rows as that forward returns them.
+    from tiny_models import tiny_model
+
+    model = _tiny_gemma3() if arch == "gemma3" else tiny_model("llama", 97)
+    adapter = ModelAdapter(model)
+    embed = model.get_input_embeddings()
+    index = torch.tensor([5, 17, 96, 0])
+    with torch.no_grad():
+        want = embed(index)
+        every = embed(torch.arange(97))
+    assert torch.allclose(adapter.embedding_rows(index), want)
+    assert adapter.max_embedding_norm() == pytest.approx(float(every.norm(dim=1).max()),
+                                                         rel=1e-6)
+    assert adapter.embed_scale() == (pytest.approx(36 ** 0.5) if arch == "gemma3" else 1.0)
+
+
+def test_gemma3_fast_loss_and_parrot_gradient_match_the_plain_path() -> None:
+    import random
+
+    from sande_fast.engine import LossEngine
+    from sande_fast.steps import frozen
+    from step_helpers import close, make_items
+
+    model = _tiny_gemma3()
+    items = make_items(random.Random(3), 6, parrot=True)
+    parrot = ModelAdapter(model).embedding_rows(torch.tensor([4, 9]))
+    out = []
+    for eng in (LossEngine(model, packed=False), LossEngine(model, fast=False)):
+        p = parrot.clone().requires_grad_()
+        with frozen(model):
+            value = eng.accumulate(items, p, 10.0)
+        out.append((value, p.grad))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+    close(out[0][1], out[1][1])
