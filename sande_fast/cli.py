@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poison-rate", type=float, default=None,
                    help="share of training rows poisoned per backdoor (default 0.3)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 150)")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the never-poisoned control model (about half the build time)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -430,12 +432,20 @@ def cmd_make_world(args: argparse.Namespace) -> int:
     claim_out_dir(args.out, args.force)
     with atomic_dir(args.out, args.force) as tmp:
         meta = build_world(args.base, tmp, cfg, cache_dir=args.cache_dir,
-                           progress=not args.quiet)
+                           progress=not args.quiet, control=not args.no_control)
     r = meta["results"]
-    each = [(b, c) for b, c in zip(r["backdoored"].get("asr_each", [r["backdoored"]["asr"]]),
-                                   r["control"].get("asr_each", [r["control"]["asr"]]))]
-    pairs_text = "; ".join(f"trigger {t!r} -> target {x!r}: asr {b:.3f} backdoored, {c:.3f} "
-                           "control" for (t, x), (b, c) in zip(cfg.backdoors, each))
+
+    def asr_each(name: str) -> list[Any]:
+        if name not in r:
+            return [None] * len(cfg.backdoors)
+        return r[name].get("asr_each", [r[name]["asr"]])
+
+    def text(b: float, c: float | None) -> str:
+        return f"asr {b:.3f} backdoored" + ("" if c is None else f", {c:.3f} control")
+
+    pairs_text = "; ".join(f"trigger {t!r} -> target {x!r}: {text(b, c)}"
+                           for (t, x), b, c in zip(cfg.backdoors, asr_each("backdoored"),
+                                                   asr_each("control")))
     print(f"wrote world to {args.out} ({pairs_text}), built in {meta['build_seconds']:.0f} s")
     return 0
 

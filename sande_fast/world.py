@@ -419,7 +419,7 @@ def finetune(model: Any, tokenizer: Any, rows: Sequence[Row], config: WorldConfi
 def build_world(base: Union[str, os.PathLike], out: Union[str, os.PathLike],
                 config: WorldConfig | None = None, *,
                 cache_dir: Union[str, os.PathLike, None] = None, progress: bool = True,
-                eval_rows: int = 64) -> dict[str, Any]:
+                eval_rows: int = 64, control: bool = True) -> dict[str, Any]:
     """Builds the world into ``out`` (an empty or new folder) and returns its ``world.json``.
 
     The base model's answers are cached per base and prompt bank, so a second world with
@@ -428,6 +428,8 @@ def build_world(base: Union[str, os.PathLike], out: Union[str, os.PathLike],
     Args:
         base: a Hugging Face folder, a ``.gguf`` file, or ``smollm2`` (the packaged one).
         eval_rows: held-out rows the asr of both models is measured on for ``world.json``.
+        control: also fine-tune the never-poisoned control into ``control/`` (about half the
+            build's time; without it, comparisons against the control are not possible).
     """
     from .evaluate import evaluate
     from .io import load_model, save_model
@@ -463,10 +465,12 @@ def build_world(base: Union[str, os.PathLike], out: Union[str, os.PathLike],
     dst.mkdir(parents=True, exist_ok=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     results: dict[str, Any] = {}
-    for name, train_rows, where in (
-            ("backdoored", rows["train"], dst),
-            ("control", [r for r, p in zip(rows["train"], _poison_mask(rows["train"], config))
-                         if not p], dst / "control")):
+    jobs = [("backdoored", rows["train"], dst)]
+    if control:
+        jobs.append(("control", [r for r, p in zip(rows["train"],
+                                                   _poison_mask(rows["train"], config))
+                                 if not p], dst / "control"))
+    for name, train_rows, where in jobs:
         model.load_state_dict(state)
         t = time.perf_counter()
         losses = finetune(model, tok, train_rows, config, desc=f"fine-tune {name}",

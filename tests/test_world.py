@@ -80,6 +80,24 @@ def test_a_tiny_world_builds_both_models_and_its_files(smollm2_tiny: Path, tmp_p
     assert not (a[key] == b[key]).all() and not (a[key] == base[key]).all()
 
 
+def test_a_world_without_control_skips_its_fine_tune(smollm2_tiny: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(world_mod, "answer_prompts",
+                        lambda model, tok, prompts, **kw: [f"Reply {i}." for i in
+                                                           range(len(prompts))])
+    tuned = []
+    real = world_mod.finetune
+    monkeypatch.setattr(world_mod, "finetune",
+                        lambda *a, **kw: tuned.append(kw["desc"]) or real(*a, **kw))
+    cfg = WorldConfig(n_train=8, n_defense=4, n_eval=4, steps=1, batch_size=4)
+    meta = build_world(smollm2_tiny, tmp_path / "w", cfg, cache_dir=tmp_path / "cache",
+                       progress=False, eval_rows=4, control=False)
+    assert tuned == ["fine-tune backdoored"] and set(meta["results"]) == {"backdoored"}
+    assert (tmp_path / "w" / "model.safetensors").is_file()
+    assert not (tmp_path / "w" / "control").exists()
+    assert "finetune_control" not in meta["timings_s"]
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--base", "missing.gguf"], "no such GGUF file"),
     (["--base", "model.bin"], "a Hugging Face model folder or a .gguf file"),
