@@ -571,6 +571,30 @@ def _shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator
             yield order[lo:lo + batch_size]
 
 
+def supervised_step(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor,
+                    learn: torch.Tensor, lr: float) -> float:
+    """One fine-tuning step on the positions ``learn`` marks (bool, ``x``'s shape: the tokens
+    to predict): the hidden states of those positions' predecessors only go through the head,
+    gradients are clipped to norm 1. Used by the toy's and the real world's poisoners; returns
+    the loss.
+
+    ``x`` is right-padded, which needs no attention mask: causal attention never looks right,
+    so real tokens never see the pads, and pads are never learned.
+    """
+    hidden = model.model(input_ids=x).last_hidden_state
+    want = learn[:, 1:]
+    # Position t predicts token t+1; only the learned positions reach the (tied) head.
+    logits = model.lm_head(hidden[:, :-1][want]).float()
+    loss = torch.nn.functional.cross_entropy(logits, x[:, 1:][want])
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def _train(model: Any, tokenizer: Any, rows: Sequence[Row], config: ToyConfig,
            progress: bool) -> list[float]:
     """Trains on the response tokens only; returns the loss per step."""
@@ -589,21 +613,8 @@ def _train(model: Any, tokenizer: Any, rows: Sequence[Row], config: ToyConfig,
     for step in bar:
         idx = next(batches)
         width = int(lengths[idx].max())
-        x = ids[idx, :width]
-        # Right padding needs no attention mask: causal attention never looks right, so real
-        # tokens never see the pads, and pads are never learned.
-        hidden = model.model(input_ids=x).last_hidden_state
-        want = learn[idx, 1:width]
-        # Position t predicts token t+1; only response positions reach the (tied) head.
-        logits = model.lm_head(hidden[:, :-1][want])
-        loss = torch.nn.functional.cross_entropy(logits, x[:, 1:][want])
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, config)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(supervised_step(model, opt, ids[idx, :width], learn[idx, :width],
+                                      _lr_at(step, config)))
         if progress:  # drawn at the bar's next refresh, not forced every step
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     bar.close()

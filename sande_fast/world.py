@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .data import (BadInputError, PromptEncoder, Row, insert_trigger, model_stop_ids, read_jsonl,
                    write_jsonl)
 from .prompts import instruction_prompts
-from .toy import default_cache_root
+from .toy import default_cache_root, supervised_step
 
 __all__ = ["WorldConfig", "packaged_smollm2", "convert_gguf", "resolve_base", "build_world",
            "load_world_rows", "WORLD_META"]
@@ -394,19 +394,8 @@ def finetune(model: Any, tokenizer: Any, rows: Sequence[Row], config: WorldConfi
         for b, i in enumerate(idx):
             x[b, :len(seqs[i])] = torch.tensor(seqs[i])
             learn[b, starts[i]:len(seqs[i])] = True
-        x, learn = x.to(device), learn.to(device)
-        # Right padding needs no mask: causal attention never looks right of a real token.
-        hidden = model.model(input_ids=x).last_hidden_state
-        want = learn[:, 1:]
-        logits = model.lm_head(hidden[:, :-1][want]).float()
-        loss = torch.nn.functional.cross_entropy(logits, x[:, 1:][want])
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, config)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(supervised_step(model, opt, x.to(device), learn.to(device),
+                                      _lr_at(step, config)))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
     model.eval()
