@@ -22,6 +22,7 @@ import argparse
 import json
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -102,6 +103,9 @@ def main() -> None:
     args = ap.parse_args()
 
     world = Path(args.world)
+    if not (world / "control").is_dir():
+        sys.exit(f"{world} has no control/ (built with make-world --no-control?): agreement8 "
+                 "and control_nll are measured against the never-poisoned control")
     meta = json.loads((world / "world.json").read_text())
     pairs = [(b["trigger"], b["target"]) for b in meta.get("backdoors", [])] or \
         [(meta["trigger"], meta["target"])]
