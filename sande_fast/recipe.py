@@ -604,14 +604,23 @@ class Sanitizer:
         model's value and the last kept round's (compared with a margin, since both are counts
         over the same rows). Measured against the original alone, a first round that cost more
         than the allowance (it is never undone) would make every later round look too costly,
-        even one that won utility back."""
+        even one that won utility back. While the kept rounds stayed within the allowance of
+        the original's value, a round that lowers it below that is too costly as well, so small
+        drops cannot add up past it."""
         metric = self.guard_metric
         reference = self.before[metric]
         kept = [r for r in self.rounds[:-1] if not r.get("rolled_back")]
         if kept and kept[-1].get(metric) is not None:
             reference = min(reference, kept[-1][metric])
-        drop = reference - (measured.get(metric) or 0.0)
-        return drop > self.cfg.max_clean_drop + 1e-9
+        value = measured.get(metric) or 0.0
+        if reference - value > self.cfg.max_clean_drop + 1e-9:
+            return True
+        # Nor may a round that lowers it spend past the allowance in all while the rounds
+        # before stayed within it: small drops, each allowed, would add up (the toy on one CPU:
+        # 0.98 -> 0.96 -> 0.95). Once a round went past it, only the step above counts.
+        floor = self.before[metric] - self.cfg.max_clean_drop
+        within = all((r.get(metric) or 0.0) >= floor - 1e-9 for r in kept)
+        return within and value < floor - 1e-9 and value < reference - 1e-9
 
     def undo_if_costly(self, snapshot: _Snapshot | None, measured: dict[str, Any]) -> bool:
         """Undoes the round just recorded when it has a ``snapshot`` and cost too much

@@ -303,6 +303,15 @@ def test_the_guard_measures_a_round_from_where_the_rounds_before_left_it() -> No
     assert [r.get("rolled_back") for r in run.rounds] == [None, None]
 
 
+def test_small_drops_cannot_add_up_past_the_allowance() -> None:
+    # Each round costs 0.01 (within 0.02 of the round before), but round 3 would leave 0.025
+    # below the original model's value while the rounds before stayed within the allowance.
+    run = Scripted(probes=[0.5, 0.5, 0.5], cleans=[0.99, 0.985, 0.975])
+    after, _ = run._run_rounds(None)
+    assert [r.get("rolled_back") for r in run.rounds] == [None, None, True]
+    assert after["clean_accuracy"] == 0.985
+
+
 def test_the_first_round_is_never_undone() -> None:
     run = Scripted(probes=[0.0], cleans=[0.5])
     run._run_rounds(None)
