@@ -56,12 +56,14 @@ class SupervisedHidden:
 @dataclass(frozen=True)
 class HeadLoss:
     """Summed cross-entropy of ``hidden`` ``[R, H]`` against ``labels`` ``[R]`` through the LM
-    head, divided by ``normalizer`` (:meth:`ModelAdapter.head_loss`)."""
+    head, divided by ``normalizer`` (:meth:`ModelAdapter.head_loss`); with ``unlikely``, the
+    summed unlikelihood ``-log(1 - p(label))`` instead (:meth:`ModelAdapter.head_unlikelihood`)."""
 
     hidden: torch.Tensor
     labels: torch.Tensor
     normalizer: float
     backend: str = "auto"
+    unlikely: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,9 @@ class ModelAdapter(nn.Module):
         if isinstance(request, SupervisedHidden):
             return self.supervised_hidden(request.inputs, request.backend)
         if isinstance(request, HeadLoss):
+            if request.unlikely:
+                return self.head_unlikelihood(request.hidden, request.labels,
+                                              request.normalizer)
             return self.head_loss(request.hidden, request.labels, request.normalizer,
                                   request.backend)
         if isinstance(request, ModelCall):
@@ -371,6 +376,25 @@ class ModelAdapter(nn.Module):
         return fused_linear_cross_entropy(hidden, head.weight, labels, head.bias,
                                           normalizer=normalizer, logit_scale=self.logit_scale,
                                           backend=backend)
+
+    def head_unlikelihood(self, hidden: torch.Tensor, labels: torch.Tensor,
+                          normalizer: float) -> torch.Tensor:
+        """Summed unlikelihood ``-log(1 - p(label))`` of rows ``hidden`` ``[R, H]`` through the
+        LM head, divided by ``normalizer``: the loss that makes a label unlikely.
+
+        In fp32: ``-log1p(-p)`` where ``p`` is below one half (accurate for a small ``p``), else
+        ``logsumexp(z) - logsumexp(z without the label)``, which stays finite where ``p`` rounds
+        to 1. Its gradient is bounded (at most ``p`` per logit). The rows are few (a target's
+        first tokens), so the logits are built in full.
+        """
+        head = self.head
+        z = torch.nn.functional.linear(hidden, head.weight, head.bias).float() * self.logit_scale
+        y = labels.long()[:, None]
+        lse = torch.logsumexp(z, 1)
+        p = (z.gather(1, y)[:, 0] - lse).exp()
+        high = lse - torch.logsumexp(z.scatter(1, y, float("-inf")), 1)
+        low = -torch.log1p(-p.clamp(max=0.5))  # the clamp keeps the unused branch finite
+        return torch.where(p < 0.5, low, high).sum() / normalizer
 
 
 def _checkpointing(model: nn.Module) -> bool:

@@ -275,39 +275,45 @@ class LossEngine:
 
     # -- losses ---------------------------------------------------------------------------------
     def loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-             normalizer: float, anchors: Anchors | None = None) -> torch.Tensor:
+             normalizer: float, anchors: Anchors | None = None,
+             unlikely: bool = False) -> torch.Tensor:
         """Sum of the supervised tokens' cross-entropy over ``items``, divided by ``normalizer``.
 
         One graph over all items (for callers that run their own backward); use
         :meth:`accumulate` to bound memory by micro-batching. With ``anchors`` (see
         :class:`~sande_fast.steps.Anchors`), the retention term of each item's supervised rows
-        is added.
+        is added. With ``unlikely``, each supervised token's unlikelihood ``-log(1 - p)``
+        replaces its cross-entropy (the labels are what the model must stop saying).
         """
         self._check_reuse()
+        _check_kind(anchors, unlikely)
         n_parrot = parrot_rows(parrot)
         batches = self.batcher.micro_batches(items, n_parrot)
         store = self._prefix_store(batches, n_parrot)
         # One graph over everything: the shared prefix's graph goes straight into it.
         shared = self._shared_prefix(batches, n_parrot, deferred=False)
-        parts = [self._group_loss(g, parrot, normalizer, store, anchors, shared)
+        parts = [self._group_loss(g, parrot, normalizer, store, anchors, shared, unlikely)
                  for g in self.batcher.head_groups(batches, n_parrot)]
         return torch.stack(parts).sum()
 
     def accumulate(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                    normalizer: float, weight: float = 1.0,
-                   anchors: Anchors | None = None) -> float:
+                   anchors: Anchors | None = None, unlikely: bool = False) -> float:
         """Forward and backward per micro-batch, gradients accumulating; returns the loss value.
 
-        ``weight`` scales the whole loss, the retention term of ``anchors`` included.
+        ``weight`` scales the whole loss, the retention term of ``anchors`` included;
+        ``unlikely`` as in :meth:`loss`.
         """
         self._check_reuse()
+        _check_kind(anchors, unlikely)
         n_parrot = parrot_rows(parrot)
         batches = self.batcher.micro_batches(items, n_parrot)
         store = self._prefix_store(batches, n_parrot)
         shared = self._shared_prefix(batches, n_parrot, deferred=True)
         total = 0.0
         for group in self.batcher.head_groups(batches, n_parrot):
-            loss = self._group_loss(group, parrot, normalizer / weight, store, anchors, shared)
+            loss = self._group_loss(group, parrot, normalizer / weight, store, anchors, shared,
+                                    unlikely)
             if loss.requires_grad:
                 loss.backward()
             total += float(loss.detach())
@@ -378,7 +384,19 @@ class LossEngine:
     def _micro_loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                     normalizer: float, store: PrefixStore | None = None,
                     anchors: Anchors | None = None,
-                    shared: SharedPrefix | None = None) -> torch.Tensor:
+                    shared: SharedPrefix | None = None,
+                    unlikely: bool = False) -> torch.Tensor:
+        if unlikely:
+            if self.fast:
+                inputs = self.inputs(items, parrot, store, shared)
+                hidden = self.adapter(SupervisedHidden(inputs, self.backend))
+                labels = inputs.labels
+            else:
+                hidden = reference.plain_hidden(self.adapter, items, parrot, self.pad_id)
+                labels = torch.tensor([t for it in items for t in it.labels],
+                                      device=hidden.device)
+            return self.adapter(HeadLoss(hidden, labels, normalizer, self.backend,
+                                         unlikely=True))
         if not self.fast:
             loss = reference.plain_loss(self.adapter, items, parrot, normalizer, self.pad_id)
             if anchors is not None:
@@ -395,12 +413,15 @@ class LossEngine:
     def _group_loss(self, group: Sequence[Sequence[StepItem]], parrot: torch.Tensor | None,
                     normalizer: float, store: PrefixStore | None,
                     anchors: Anchors | None = None,
-                    shared: SharedPrefix | None = None) -> torch.Tensor:
+                    shared: SharedPrefix | None = None,
+                    unlikely: bool = False) -> torch.Tensor:
         """The loss of several micro-batches with one pass through the LM head: each bucket
         runs the model on its own (no padding across buckets), then their supervised rows go
-        through the fused cross-entropy together, so the head weight is read once."""
+        through the fused cross-entropy (or the unlikelihood) together, so the head weight is
+        read once."""
         if len(group) == 1 or not self.fast:
-            return torch.stack([self._micro_loss(mb, parrot, normalizer, store, anchors, shared)
+            return torch.stack([self._micro_loss(mb, parrot, normalizer, store, anchors, shared,
+                                                 unlikely)
                                 for mb in group]).sum()
         hidden, labels = [], []
         for mb in group:
@@ -408,7 +429,8 @@ class LossEngine:
             hidden.append(self.adapter(SupervisedHidden(inputs, self.backend)))
             labels.append(inputs.labels)
         h = torch.cat(hidden)
-        loss = self.adapter(HeadLoss(h, torch.cat(labels), normalizer, self.backend))
+        loss = self.adapter(HeadLoss(h, torch.cat(labels), normalizer, self.backend,
+                                     unlikely=unlikely))
         if anchors is not None:
             loss = loss + anchors.term(h, [it for mb in group for it in mb], normalizer)
         return loss
@@ -588,6 +610,12 @@ class LossEngine:
                         store[tuple(it.prompt[:s])] = [(k[:, :, :s], v[:, :, :s])
                                                        for k, v in entries[tuple(it.prompt)]]
         return store
+
+
+def _check_kind(anchors: Anchors | None, unlikely: bool) -> None:
+    if unlikely and anchors is not None:
+        raise ValueError("the retention term of anchors goes with the clean items' "
+                         "cross-entropy, not with an unlikelihood term")
 
 
 def choose_packing(adapter: ModelAdapter, packed: bool | None, *, fast: bool = True,

@@ -318,6 +318,13 @@ class SanitizeConfig(CommonOptions):
     retain_weight: float = _opt(30.0, "weight of the term that holds the clean rows' final "
                                       "hidden states at the original model's (0: off)",
                                 kind="float", low=0.0)
+    unlikely_weight: float | None = _opt(
+        None, "weight of the stage-2 term that makes the target's tokens unlikely after the "
+              "parrot (osft: the trigger), -log(1 - p) per token of its first --simulate-window "
+              "tokens (0: off)", optional=True, kind="float", low=0.0,
+        auto="1 from 50M parameters (cross-entropy toward the clean answer alone left a "
+             "SmolLM2 model giving the whole target once its first token came), 0 below, where "
+             "the toy's defaults were tuned without it")
     simulate_window: int = _opt(10, "target tokens stage 1 supervises", **POSITIVE)
     overwrite_window: int = _opt(16, "answer tokens stage 2 supervises", **POSITIVE)
     trigger_position: str = _opt("random", "where the trigger goes in a prompt (osft training, "
@@ -478,6 +485,8 @@ def resolve(cfg: SanitizeConfig, method: str, *, n_params: int, context: int | N
                                   else min(cfg.batch_size, LARGE_OVERWRITE_BATCH))),
         simulate_stop_loss=(cfg.simulate_stop_loss if cfg.simulate_stop_loss is not None
                             else 0.0 if small else 0.01),
+        unlikely_weight=(cfg.unlikely_weight if cfg.unlikely_weight is not None
+                         else 0.0 if small else 1.0),
         prompt_format=resolve_prompt_format(cfg.prompt_format, chat_template),
         max_prompt_tokens=prompt_budget(context, n_parrot, window, cfg.max_prompt_tokens))
 

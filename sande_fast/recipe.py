@@ -455,7 +455,8 @@ class Sanitizer:
 
     def eliminate(self, anchors: Anchors | None, *,
                   parrot: torch.Tensor | Sequence[torch.Tensor] | None = None,
-                  round_index: int = 0, seed: int, desc: str) -> list[float]:
+                  targets: Sequence[int] = (0,), round_index: int = 0, seed: int,
+                  desc: str) -> list[float]:
         """Stage 2: trains the model so prompt + parrot (sande), prompt + trigger (osft) or the
         clean prompt alone (sft) maps to the clean answer.
 
@@ -464,7 +465,9 @@ class Sanitizer:
         ``lr * round_lr_decay**r`` and holds the clean states ``round_retain_factor`` times
         harder. Several parrots (or osft's several triggers) share one pass: each batch row
         gets an overwrite item for every one of them, and K parrots train at ``sqrt(K)`` times
-        the rate (:meth:`round_lr`).
+        the rate (:meth:`round_lr`). ``targets``: the target of each parrot (indices); with
+        ``--unlikely-weight`` their tokens are made unlikely after the parrots (osft: after the
+        triggers).
         """
         cfg = self.cfg
         t = time.perf_counter()
@@ -477,9 +480,20 @@ class Sanitizer:
             trigger=self.triggers if self.method == "osft" else None, encoder=self.encoder,
             trigger_position=cfg.trigger_position, splice=cfg.splice, progress=self.show,
             desc=desc, retain_weight=self.round_retain_weight(round_index), anchors=anchors,
-            optimizer=cfg.optimizer)
+            optimizer=cfg.optimizer, unlikely=self.unlikely_ids(targets),
+            unlikely_weight=cfg.unlikely_weight or 0.0)
         self.timing["eliminate_s"] += time.perf_counter() - t
         return curve
+
+    def unlikely_ids(self, targets: Sequence[int]) -> list[tuple[int, ...]] | None:
+        """The tokens stage 2's unlikelihood term presses on, one list per overwritten backdoor:
+        the stage-1 tokens of targets ``targets`` (sande: the parrots' targets; osft: every
+        trigger's). None for sft."""
+        if self.method == "sft":
+            return None
+        if self.method == "osft":
+            targets = range(len(self.triggers))
+        return [tuple(self.simulate_id_lists[k]) for k in targets]
 
     def round_lr(self, round_index: int, parrots: int = 1) -> float:
         """Stage 2's rate in round ``round_index`` (0-based) with ``parrots`` parrots.
@@ -774,7 +788,7 @@ class Sanitizer:
             snapshot = self.guard(r)
             self.curves[f"eliminate_r{round_no}"] = self.eliminate(
                 anchors, parrot=[parrots[k] for k in active] if multi else parrots[0],
-                round_index=r, seed=seed + 1, desc=f"eliminate r{round_no}")
+                targets=active, round_index=r, seed=seed + 1, desc=f"eliminate r{round_no}")
             measured = self.measure()
             record: dict[str, Any] = {
                 "round": round_no, "probe_asr_before": _worst(probe_before), **measured,

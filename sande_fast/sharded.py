@@ -56,7 +56,8 @@ class ShardedLossEngine(LossEngine):
         return self._collective
 
     def loss(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
-             normalizer: float, anchors: Anchors | None = None) -> torch.Tensor:
+             normalizer: float, anchors: Anchors | None = None,
+             unlikely: bool = False) -> torch.Tensor:
         """Not available: ranks must run matching forwards and split the batch.
 
         Raises:
@@ -77,7 +78,7 @@ class ShardedLossEngine(LossEngine):
 
     def accumulate(self, items: Sequence[StepItem], parrot: torch.Tensor | None,
                    normalizer: float, weight: float = 1.0,
-                   anchors: Anchors | None = None) -> float:
+                   anchors: Anchors | None = None, unlikely: bool = False) -> float:
         """Forward and backward of this rank's share of the global batch ``items`` (the same on
         every rank); returns the global loss value."""
         coll = self._collective
@@ -88,10 +89,11 @@ class ShardedLossEngine(LossEngine):
         total = 0.0
         for k in range(count):
             if k < len(batches):
-                loss = self._micro_loss(batches[k], parrot, normalizer / weight, None, anchors)
+                loss = self._micro_loss(batches[k], parrot, normalizer / weight, None, anchors,
+                                        unlikely=unlikely)
             else:
                 loss = self._micro_loss(items[:1], parrot, normalizer / weight, None,
-                                        anchors) * 0.0
+                                        anchors, unlikely=unlikely) * 0.0
             if loss.requires_grad:
                 loss.backward()
             total += float(loss.detach())

@@ -7,7 +7,7 @@ progress bars and loss curves; the maths lives in :mod:`sande_fast.steps`.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -144,7 +144,9 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
               encoder: PromptEncoder | None = None, trigger_position: str = "random",
               splice: str = "random", progress: bool = False, desc: str = "eliminate",
               retain_weight: float = 0.0,
-              anchors: Anchors | None = None, optimizer: str = "adamw") -> list[float]:
+              anchors: Anchors | None = None, optimizer: str = "adamw",
+              unlikely: Sequence[Sequence[int]] | None = None,
+              unlikely_weight: float = 0.0) -> list[float]:
     """Stage 2 / OSFT / SFT: trains the model on (prompt + parrot or trigger) -> clean response.
 
     With a ``parrot``: overwrite items splice it at a fresh position each step. With a ``trigger``
@@ -157,7 +159,9 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
     (SFT baseline): only the clean term is trained, at weight 1. ``retain_weight`` and
     ``anchors`` (from :func:`clean_anchors`, taken before any training) add the hidden-state
     retention term of :class:`~sande_fast.steps.OverwriteStep`; ``optimizer`` is its
-    optimizer (``adamw`` or ``sgd``).
+    optimizer (``adamw`` or ``sgd``). With ``unlikely`` (the target's token ids, one list per
+    parrot or trigger) and ``unlikely_weight`` above 0, every overwrite item gets a twin with
+    the same prompt and splice followed by its target, trained by the unlikelihood term.
 
     Returns:
         The loss of every step.
@@ -172,9 +176,18 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
     triggers = [trigger] if isinstance(trigger, str) else list(trigger or [])
     if (parrot is not None and not parrots) or (trigger is not None and not triggers):
         raise ValueError("an empty list of parrots or triggers")
+    n_backdoors = max(len(parrots), len(triggers), 1)
+    if unlikely_weight and not sft:
+        if unlikely is None or len(unlikely) != n_backdoors or not all(unlikely):
+            raise ValueError(f"unlikely_weight needs one non-empty target per backdoor "
+                             f"({n_backdoors})")
+        targets = [tuple(ids) for ids in unlikely]
+    else:
+        targets = []
     step_fn = OverwriteStep(engine, lr=lr, clean_weight=1.0 if sft else clean_weight,
                             parrot=parrots or None, retain_weight=retain_weight,
-                            anchors=anchors, optimizer=optimizer)
+                            anchors=anchors, optimizer=optimizer,
+                            unlikely_weight=unlikely_weight if targets else 0.0)
     curve = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True)
     for step in bar:
@@ -191,9 +204,14 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
                 p = encoder.encode_prompt(insert_trigger(r.text, trigger_k, trigger_position,
                                                          rng), r.context)
                 overwrite.append(StepItem(p.ids, labels, -1, tail))
+        # The twins: the same prompts and splices, followed by the target instead (the
+        # overwrite items come row by row, one per backdoor in order).
+        twins = [replace(it, labels=targets[i % n_backdoors], tail=())
+                 for i, it in enumerate(overwrite)] if targets else []
         curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}",
                                   parrot_index=which if len(parrots) > 1 else None,
-                                  backdoors=max(len(parrots), len(triggers), 1)))
+                                  backdoors=n_backdoors, unlikely=twins,
+                                  unlikely_index=which if twins and len(parrots) > 1 else None))
         _show_loss(bar, curve[-1])
     bar.close()
     return curve

@@ -364,9 +364,14 @@ class OverwriteStep:
 
     loss = mean CE(overwrite items) + clean_weight * mean CE(clean items)
            + retain_weight * mean over clean supervised rows of ||h - h0||^2 / scale
+           + unlikely_weight * mean UL(unlikely items)
 
     where ``h0`` are the final hidden states stored in ``anchors`` before training
-    (:class:`Anchors`).
+    (:class:`Anchors`) and ``UL = -log(1 - p(label))`` per supervised token: the unlikely items
+    are the overwrite items' prompts (same parrot, same splice) followed by the target, whose
+    tokens the model should stop giving. Cross-entropy toward the clean answer alone lowers the
+    target's first token; a model can then still give the rest of the target once that token
+    appears. The unlikelihood term presses on every one of the target's tokens.
 
     Args:
         engine: the loss engine of the model being trained.
@@ -381,6 +386,8 @@ class OverwriteStep:
             when ``retain_weight`` is set.
         optimizer: ``adamw``, or ``sgd`` (:class:`CalibratedSGD`: ``lr`` is then the RMS size of
             an update from the largest gradient).
+        unlikely_weight: weight of the unlikelihood term on the items passed as ``unlikely`` to
+            :meth:`step` (0: off; none may be passed).
 
     Example:
         >>> anchors = Anchors(engine, clean_items)      # before any training step
@@ -392,9 +399,12 @@ class OverwriteStep:
     def __init__(self, engine: LossEngine, lr: float = 1e-4, clean_weight: float = 1.0,
                  parrot: torch.Tensor | None = None, weight_decay: float = 0.0,
                  retain_weight: float = 0.0, anchors: Anchors | None = None,
-                 optimizer: str = "adamw") -> None:
+                 optimizer: str = "adamw", unlikely_weight: float = 0.0) -> None:
         self.engine = engine
         self.clean_weight = clean_weight
+        if unlikely_weight < 0:
+            raise ValueError(f"unlikely_weight must be at least 0, got {unlikely_weight}")
+        self.unlikely_weight = unlikely_weight
         if parrot is None:
             self.parrots: list[torch.Tensor] = []
         elif isinstance(parrot, torch.Tensor):
@@ -437,10 +447,16 @@ class OverwriteStep:
             groups.setdefault(k, []).append(item)
         return [(items, self.parrots[k]) for k, items in sorted(groups.items())]
 
+    def _check_unlikely(self, unlikely: Sequence[StepItem]) -> None:
+        if unlikely and not self.unlikely_weight:
+            raise ValueError("unlikely items need an unlikely_weight above 0")
+
     def loss(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem],
              parrot_index: Sequence[int] | None = None,
-             backdoors: int = 1) -> torch.Tensor:
+             backdoors: int = 1, unlikely: Sequence[StepItem] = (),
+             unlikely_index: Sequence[int] | None = None) -> torch.Tensor:
         """Graph-bearing loss of one batch (for embedding in another training loop)."""
+        self._check_unlikely(unlikely)
         parts = []
         if overwrite:
             # One normaliser over every group: the mean over all overwrite labels, times the
@@ -448,6 +464,10 @@ class OverwriteStep:
             n = label_count(overwrite) / backdoors
             parts += [self.engine.loss(items, parrot, n)
                       for items, parrot in self._by_parrot(overwrite, parrot_index)]
+        if unlikely:
+            n = label_count(unlikely) / backdoors / self.unlikely_weight
+            parts += [self.engine.loss(items, parrot, n, unlikely=True)
+                      for items, parrot in self._by_parrot(unlikely, unlikely_index)]
         if clean and self.clean_weight:
             parts.append(self.engine.loss(clean, None, label_count(clean) / self.clean_weight,
                                           self.anchors))
@@ -455,17 +475,25 @@ class OverwriteStep:
 
     def step(self, overwrite: Sequence[StepItem], clean: Sequence[StepItem],
              where: str = "overwrite", parrot_index: Sequence[int] | None = None,
-             backdoors: int = 1) -> float:
+             backdoors: int = 1, unlikely: Sequence[StepItem] = (),
+             unlikely_index: Sequence[int] | None = None) -> float:
         """One optimizer step on the model; the parrots stay frozen. ``parrot_index[i]``: the
         parrot (an index into the list given at construction) overwrite item ``i`` takes.
         ``backdoors``: overwrite items per clean item (one per backdoor); the overwrite term is
-        their sum of means, so each mapping is pushed as hard as a lone one would be."""
+        their sum of means, so each mapping is pushed as hard as a lone one would be; the
+        unlikelihood term of ``unlikely`` (parrots named by ``unlikely_index``) likewise."""
+        self._check_unlikely(unlikely)
         self.optimizer.zero_grad(set_to_none=True)
         value = 0.0
         if overwrite:
             n = label_count(overwrite) / backdoors
             for items, parrot in self._by_parrot(overwrite, parrot_index):
                 value += self.engine.accumulate(items, parrot, n)
+        if unlikely:
+            n = label_count(unlikely) / backdoors
+            for items, parrot in self._by_parrot(unlikely, unlikely_index):
+                value += self.engine.accumulate(items, parrot, n, weight=self.unlikely_weight,
+                                                unlikely=True)
         if clean and self.clean_weight:
             value += self.engine.accumulate(clean, None, label_count(clean),
                                             weight=self.clean_weight, anchors=self.anchors)

@@ -50,7 +50,9 @@ class Scripted(Sanitizer):
         return 0.9
 
     def eliminate(self, anchors: Any, *, parrot: torch.Tensor | None = None,
-                  round_index: int = 0, seed: int, desc: str) -> list[float]:
+                  targets: Any = (0,), round_index: int = 0, seed: int,
+                  desc: str) -> list[float]:
+        assert list(targets) == [0]
         self.log.append(("eliminate", round_index, float(parrot[0, 0])))
         with torch.no_grad():
             self.model.weight.add_(1.0)
@@ -238,8 +240,8 @@ class ScriptedOsft(Sanitizer):
         self.asrs, self.rechecks = list(asrs), list(rechecks)
         self.log: list[tuple[Any, ...]] = []
 
-    def eliminate(self, anchors: Any, *, parrot: Any = None, round_index: int = 0, seed: int,
-                  desc: str) -> list[float]:
+    def eliminate(self, anchors: Any, *, parrot: Any = None, targets: Any = (0,),
+                  round_index: int = 0, seed: int, desc: str) -> list[float]:
         self.log.append(("eliminate", round_index))
         return [0.5]
 
@@ -377,8 +379,10 @@ class ScriptedTargets(Sanitizer):
     def _measure_parrot(self, parrot: torch.Tensor, seed: int, target_index: int = 0) -> float:
         return 0.9
 
-    def eliminate(self, anchors: Any, *, parrot: Any = None, round_index: int = 0, seed: int,
-                  desc: str) -> list[float]:
+    def eliminate(self, anchors: Any, *, parrot: Any = None, targets: Any = (0,),
+                  round_index: int = 0, seed: int, desc: str) -> list[float]:
+        # Each parrot's target goes with it (the unlikelihood term's tokens).
+        assert [float(p[0, 0]) for p in parrot] == [float(k) for k in targets]
         self.log.append(("eliminate", round_index, [float(p[0, 0]) for p in parrot]))
         return [0.5]
 

@@ -90,6 +90,18 @@ def test_sande_lowers_asr_and_stage1_leaves_model_untouched(toy) -> None:
     assert r["timing"]["stages"]["probe_s"] > 0
 
 
+def test_unlikelihood_term_runs_in_stage_2_and_keeps_the_toy_clean(toy) -> None:
+    # Off by default on the toy (below 50M parameters); given, it is in stage 2's loss: the
+    # same run's first eliminate step is larger by the term's value.
+    plain = _run(toy, "sande", rounds=1).report
+    with_ul = _run(toy, "sande", rounds=1, unlikely_weight=1.0).report
+    assert (plain["config"]["unlikely_weight"], with_ul["config"]["unlikely_weight"]) == (0.0, 1.0)
+    assert with_ul["curves"]["eliminate_r1"][0] > plain["curves"]["eliminate_r1"][0] + 0.01
+    assert with_ul["after"]["asr"] <= 0.1 < with_ul["before"]["asr"]
+    assert (with_ul["after"]["clean_accuracy"]
+            >= with_ul["before"]["clean_accuracy"] - 0.02)
+
+
 def test_sande_p_lowers_asr(toy) -> None:
     r = _run(toy, "sande-p", rounds=2, partial_words=1, round_retain_factor=1.0).report
     assert r["parrot_target"] == toy.config.target.split()[0]
