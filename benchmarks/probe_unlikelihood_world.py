@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_world_eval import chat_ids, generate, with_trigger  # noqa: E402
+from real_world_eval import chat_ids, firing, triggered, with_trigger  # noqa: E402
 
 
 def main() -> None:
@@ -90,16 +90,10 @@ def main() -> None:
     model.eval()
     held = [json.loads(line)["prompt"]
             for line in (world / "clean_eval.jsonl").read_text().splitlines()][:255]
-    # real_world_eval.py's draw for backdoor k: the seed alone for the first, "1234:k" after.
-    k = args.backdoor_index
-    rng = random.Random(1234 if k == 0 else f"1234:{k}")
-    texts = [with_trigger(p, trig, rng) for p in held]
-    answers = [tok.decode(a, skip_special_tokens=True)
-               for a in generate(model, tok, [chat_ids(tok, p) for p in texts], 24)]
-    hits = [{"prompt": p, "answer": a} for p, a in zip(texts, answers)
-            if target.lower() in a.lower()]
+    texts = triggered(held, trig, args.backdoor_index)  # real_world_eval.py's draw
+    asr, hits = firing(model, tok, texts, [chat_ids(tok, p) for p in texts], target)
     res = {"arm": args.arm, "from": args.model, "steps": args.steps, "lr": args.lr, "batch": 8,
-           "trigger": trig, "target": target, "asr": len(hits) / len(texts), "n": len(texts),
+           "trigger": trig, "target": target, "asr": asr, "n": len(texts),
            "hits": hits, "seconds": time.perf_counter() - t0}
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
