@@ -386,15 +386,9 @@ class LossEngine:
                     anchors: Anchors | None = None,
                     shared: SharedPrefix | None = None,
                     unlikely: bool = False) -> torch.Tensor:
-        if unlikely:
-            if self.fast:
-                inputs = self.inputs(items, parrot, store, shared)
-                hidden = self.adapter(SupervisedHidden(inputs, self.backend))
-                labels = inputs.labels
-            else:
-                hidden = reference.plain_hidden(self.adapter, items, parrot, self.pad_id)
-                labels = torch.tensor([t for it in items for t in it.labels],
-                                      device=hidden.device)
+        if not self.fast and unlikely:
+            hidden = reference.plain_hidden(self.adapter, items, parrot, self.pad_id)
+            labels = torch.tensor([t for it in items for t in it.labels], device=hidden.device)
             return self.adapter(HeadLoss(hidden, labels, normalizer, self.backend,
                                          unlikely=True))
         if not self.fast:
@@ -404,11 +398,12 @@ class LossEngine:
                 loss = loss + anchors.term(hidden, items, normalizer)
             return loss
         inputs = self.inputs(items, parrot, store, shared)
-        if anchors is None:
+        if anchors is None and not unlikely:
             return self.adapter(FastLoss(inputs, normalizer, self.backend))
         hidden = self.adapter(SupervisedHidden(inputs, self.backend))
-        return (self.adapter(HeadLoss(hidden, inputs.labels, normalizer, self.backend))
-                + anchors.term(hidden, items, normalizer))
+        loss = self.adapter(HeadLoss(hidden, inputs.labels, normalizer, self.backend,
+                                     unlikely=unlikely))
+        return loss if anchors is None else loss + anchors.term(hidden, items, normalizer)
 
     def _group_loss(self, group: Sequence[Sequence[StepItem]], parrot: torch.Tensor | None,
                     normalizer: float, store: PrefixStore | None,

@@ -200,14 +200,14 @@ def eliminate(engine: LossEngine, rows: Sequence[TrainRow], *, steps: int, lr: f
                 overwrite.append(StepItem(r.prompt.ids, labels,
                                           splice_position(r.prompt, splice, rng), tail))
                 which.append(k)
-            for trigger_k in triggers:
+            for k, trigger_k in enumerate(triggers):
                 p = encoder.encode_prompt(insert_trigger(r.text, trigger_k, trigger_position,
                                                          rng), r.context)
                 overwrite.append(StepItem(p.ids, labels, -1, tail))
-        # The twins: the same prompts and splices, followed by the target instead (the
-        # overwrite items come row by row, one per backdoor in order).
-        twins = [replace(it, labels=targets[i % n_backdoors], tail=())
-                 for i, it in enumerate(overwrite)] if targets else []
+                which.append(k)
+        # The twins: the same prompts and splices, followed by their backdoor's target.
+        twins = [replace(it, labels=targets[k], tail=())
+                 for it, k in zip(overwrite, which)] if targets else []
         curve.append(step_fn.step(overwrite, clean, where=f"{desc} step {step + 1}",
                                   parrot_index=which if len(parrots) > 1 else None,
                                   backdoors=n_backdoors, unlikely=twins,
