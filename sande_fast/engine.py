@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
@@ -37,12 +38,13 @@ from .adapter import FastLoss, HeadLoss, ModelAdapter, Prefix, SupervisedHidden
 from .batching import Batcher, StepItem, fast_length, parrot_rows, right_padded
 from .inputs import KV, PrefixStore, Rows, prefixed_rows, shared_prefix_rows, token_rows
 from .kernels import kernel_backend
+from .trees import group_trees, item_tokens, mask_dtype_for, tree_rows, trees_are_exact
 
 if TYPE_CHECKING:
     from .steps import Anchors
 
-__all__ = ["LossEngine", "FrozenPrefixCache", "SharedPrefix", "packing_is_exact", "choose_packing",
-           "DEFAULT_REUSE_BUDGET"]
+__all__ = ["LossEngine", "FrozenPrefixCache", "SharedPrefix", "Term", "packing_is_exact",
+           "choose_packing", "DEFAULT_REUSE_BUDGET"]
 
 # Bytes of prompt keys and values a frozen-prefix reuse scope keeps by default: a few hundred
 # rows of a 1B model's prompts, a few dozen of a 7B model's; the least recently used go first.
@@ -106,6 +108,20 @@ def _kv_bytes(kv: KV) -> int:
 
 def _kv_length(kv: KV) -> int:
     return kv[0][0].shape[2]
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term of a step's loss, as :meth:`LossEngine.accumulate` takes it:
+    ``weight * (summed loss of items' supervised tokens [+ retention of anchors]) /
+    normalizer``, cross-entropy or (``unlikely``) unlikelihood."""
+
+    items: Sequence[StepItem]
+    parrot: torch.Tensor | None
+    normalizer: float
+    weight: float = 1.0
+    anchors: Anchors | None = None
+    unlikely: bool = False
 
 
 class SharedPrefix:
@@ -177,13 +193,18 @@ class LossEngine:
             this many prompt tokens (a chat template's system block) before any splice, they
             run once for all its micro-batches, with a graph when the model trains, and the
             rows attend to their keys and values. Exact. 0: off.
+        trees: fast path, padded buckets, one process: :meth:`accumulate_terms` runs the terms'
+            sequences that start alike (a stage-2 item, its unlikelihood twin and its clean
+            item) as token trees (:mod:`sande_fast.trees`), their shared tokens once. Exact;
+            used only where the model honours the trees' mask (checked once).
     """
 
     def __init__(self, model: nn.Module, *, fast: bool = True, token_budget: int = 8192,
                  max_waste: float = 0.1, max_batch: int = 64, packed: bool | None = None,
                  pad_id: int = 0, backend: str = "auto", frozen_prefix: bool = True,
                  last_layer_tail: bool = True, min_frozen_prefix: int = 16,
-                 reuse_budget: int = DEFAULT_REUSE_BUDGET, min_shared_prefix: int = 16) -> None:
+                 reuse_budget: int = DEFAULT_REUSE_BUDGET, min_shared_prefix: int = 16,
+                 trees: bool = True) -> None:
         self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
         self.fast = fast
         self.pad_id = pad_id
@@ -206,6 +227,8 @@ class LossEngine:
         self.min_shared_prefix = min_shared_prefix
         self._reuse: FrozenPrefixCache | None = None
         self._reuse_depth = 0
+        self.trees = trees
+        self._trees_exact: bool | None = None  # checked on first use
 
     @property
     def model(self) -> nn.Module:
@@ -320,6 +343,110 @@ class LossEngine:
         if shared is not None:
             shared.backward()
         return total
+
+    def accumulate_terms(self, terms: Sequence[Term]) -> float:
+        """:meth:`accumulate` of every term, gradients summing; returns the summed value.
+
+        Where the fast path can (see :meth:`_tree_plan`), the terms' sequences that start
+        alike run as token trees: one row per group, every shared token once, each sequence
+        seeing exactly its own tokens, and the supervised rows of each term going through the
+        LM head with that term's loss. Otherwise the terms run one after another.
+        """
+        self._check_reuse()
+        terms = [t for t in terms if t.items]
+        for t in terms:
+            _check_kind(t.anchors, t.unlikely)
+        plan = self._tree_plan(terms)
+        if plan is None:
+            return sum(self.accumulate(t.items, t.parrot, t.normalizer, t.weight, t.anchors,
+                                       t.unlikely) for t in terms)
+        parrot, shared, rows, sizes = plan
+        pairs = [(k, it) for k, t in enumerate(terms) for it in t.items]
+        mask_dtype = mask_dtype_for(self.model)
+        total = 0.0
+        for group in self._tree_groups(sizes):
+            hidden: list[list[torch.Tensor]] = [[] for _ in terms]
+            labels: list[list[torch.Tensor]] = [[] for _ in terms]
+            items: list[list[StepItem]] = [[] for _ in terms]
+            for mb in group:
+                inputs = tree_rows([[pairs[i] for i in rows[r]] for r in mb], len(terms),
+                                   parrot, prefix_kv=shared.kv if shared else None,
+                                   pad_id=self.pad_id, device=self.adapter.device,
+                                   mask_dtype=mask_dtype, last_layer_tail=self.last_layer_tail)
+                h = self.adapter(SupervisedHidden(inputs, self.backend))
+                for k, (hk, yk) in enumerate(zip(h.split(inputs.sections),
+                                                 inputs.labels.split(inputs.sections))):
+                    hidden[k].append(hk)
+                    labels[k].append(yk)
+                    items[k] += inputs.term_items[k]
+            parts = []
+            for k, t in enumerate(terms):
+                if not items[k]:
+                    continue
+                hk, norm = torch.cat(hidden[k]), t.normalizer / t.weight
+                loss = self.adapter(HeadLoss(hk, torch.cat(labels[k]), norm, self.backend,
+                                             unlikely=t.unlikely))
+                if t.anchors is not None:
+                    loss = loss + t.anchors.term(hk, items[k], norm)
+                parts.append(loss)
+            loss = torch.stack(parts).sum()
+            if loss.requires_grad:
+                loss.backward()
+            total += float(loss.detach())
+        if shared is not None:
+            shared.backward()
+        return total
+
+    def _tree_plan(self, terms: Sequence[Term]) -> tuple[torch.Tensor | None,
+                                                         SharedPrefix | None,
+                                                         list[list[int]],
+                                                         list[int]] | None:
+        """How :meth:`accumulate_terms` runs ``terms`` as token trees: the parrot they share,
+        the shared prompt prefix, the rows (indices into the terms' items, term after term)
+        and each row's nodes; None where trees do not apply or save under a tenth of
+        the tokens."""
+        if not (self.trees and self.fast and not self.packed and self.collective is None
+                and len(terms) > 1 and not self._model_frozen() and not self.model.training):
+            # Dropout (training mode) would draw one mask for tokens that separate rows draw
+            # apart; a frozen model has the frozen-prefix split instead.
+            return None
+        parrots = [t.parrot for t in terms if t.parrot is not None]
+        if any(p is not parrots[0] for p in parrots):
+            return None
+        parrot = parrots[0] if parrots else None
+        n_parrot = parrot_rows(parrot)
+        items = [it for t in terms for it in t.items]
+        window = self.batcher.sliding_window
+        if isinstance(window, int) and window > 0 and \
+                max(fast_length(it, n_parrot) for it in items) >= window:
+            return None  # a custom mask replaces the model's sliding-window mask
+        if self._trees_exact is None:
+            self._trees_exact = trees_are_exact(self.adapter)
+        if not self._trees_exact:
+            return None
+        skip = self._shared_prefix_length(items, n_parrot)
+        seqs = [item_tokens(it, n_parrot, skip) for it in items]
+        rows, sizes = group_trees(seqs, min_share=2,
+                                  max_nodes=max(self.token_budget // 4, 64))
+        if sum(sizes) > 0.9 * sum(len(s) for s in seqs):
+            return None
+        shared = self._prefix_kv(items[0].prompt[:skip], deferred=True) if skip else None
+        return parrot, shared, rows, sizes
+
+    def _tree_groups(self, sizes: Sequence[int]) -> list[list[list[int]]]:
+        """Tree rows (by index) in length buckets (micro-batches); consecutive buckets whose
+        padded tokens fit the token budget share one pass through the LM head."""
+        groups: list[list[list[int]]] = []
+        used = 0
+        for bucket in self.batcher.buckets(sizes):
+            mb = [int(r) for r in bucket]
+            cost = len(mb) * max(sizes[r] for r in mb)
+            if not groups or used + cost > self.token_budget:
+                groups.append([])
+                used = 0
+            groups[-1].append(mb)
+            used += cost
+        return groups
 
     def accumulate_each(self, items: Sequence[StepItem], parrot: torch.Tensor,
                         normalizers: Sequence[float]) -> list[float]:
@@ -481,8 +608,11 @@ class LossEngine:
         length = self._shared_prefix_length(items, n_parrot)
         if not length:
             return None
-        ids = torch.tensor([list(items[0].prompt[:length])], dtype=torch.long,
-                           device=self.adapter.device)
+        return self._prefix_kv(items[0].prompt[:length], deferred)
+
+    def _prefix_kv(self, prefix: Sequence[int], deferred: bool) -> SharedPrefix:
+        """:class:`SharedPrefix` of the tokens ``prefix`` (see :meth:`_shared_prefix`)."""
+        ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.adapter.device)
         kv = self.adapter(Prefix(ids, graph=True))
         if not (deferred and any(t.requires_grad for pair in kv for t in pair)):
             return SharedPrefix(kv)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .batching import StepItem, label_count
-from .engine import LossEngine
+from .engine import LossEngine, Term
 
 __all__ = ["StepItem", "LossEngine", "ParrotSimulator", "OverwriteStep", "Anchors", "frozen",
            "NonFiniteError", "CalibratedSGD", "MasterWeights", "OPTIMIZERS",
@@ -484,19 +484,21 @@ class OverwriteStep:
         unlikelihood term of ``unlikely`` (parrots named by ``unlikely_index``) likewise."""
         self._check_unlikely(unlikely)
         self.optimizer.zero_grad(set_to_none=True)
-        value = 0.0
+        # One call for all terms: the engine runs an item, its twin and its clean item as one
+        # token tree where it can (they share the prompt's tokens).
+        terms = []
         if overwrite:
             n = label_count(overwrite) / backdoors
-            for items, parrot in self._by_parrot(overwrite, parrot_index):
-                value += self.engine.accumulate(items, parrot, n)
+            terms += [Term(items, parrot, n) for items, parrot in
+                      self._by_parrot(overwrite, parrot_index)]
         if unlikely:
             n = label_count(unlikely) / backdoors
-            for items, parrot in self._by_parrot(unlikely, unlikely_index):
-                value += self.engine.accumulate(items, parrot, n, weight=self.unlikely_weight,
-                                                unlikely=True)
+            terms += [Term(items, parrot, n, weight=self.unlikely_weight, unlikely=True)
+                      for items, parrot in self._by_parrot(unlikely, unlikely_index)]
         if clean and self.clean_weight:
-            value += self.engine.accumulate(clean, None, label_count(clean),
-                                            weight=self.clean_weight, anchors=self.anchors)
+            terms.append(Term(clean, None, label_count(clean), weight=self.clean_weight,
+                              anchors=self.anchors))
+        value = self.engine.accumulate_terms(terms)
         _check_finite(value, self.params, where, self.engine.collective)
         self.optimizer.step()
         return value
