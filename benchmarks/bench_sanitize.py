@@ -774,6 +774,8 @@ def ablation_engines(model: nn.Module, args: argparse.Namespace,
         "ours": {},
         "no_frozen_prefix": {"frozen_prefix": False},
         "no_last_layer_tail": {"last_layer_tail": False},
+        # stage 2: the overwrite and clean items as separate rows, not token trees
+        "no_trees": {"trees": False},
         # one padded bucket per token budget instead of buckets of at most 10 % padding
         "no_bucketing": {"max_waste": 1.0},
         # packing flipped: padded buckets where ours packs (CUDA), packed rows where it pads

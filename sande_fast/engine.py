@@ -18,7 +18,10 @@ a normaliser.
   (:class:`FrozenPrefixCache`): the splice moves every step, but the prompt before it does not
   change while the model is frozen, so a row's prompt runs at most about twice per run. A
   prompt prefix every sequence of a call shares (a chat template's system block) runs once for
-  all its micro-batches, with a graph when the model trains (:class:`SharedPrefix`).
+  all its micro-batches, with a graph when the model trains (:class:`SharedPrefix`). A stage-2
+  step's terms go through :meth:`LossEngine.accumulate_terms` together: an overwrite item, its
+  unlikelihood twin and its clean item start with the same tokens, and run as one token tree
+  row (:mod:`sande_fast.trees`), each shared token once.
 
 :func:`sande_fast.engines.build_engine` makes an engine; with a ``collective`` (a model sharded
 by :func:`sande_fast.distributed.shard`) it is the sharded variant of :mod:`sande_fast.sharded`.
@@ -228,6 +231,9 @@ class LossEngine:
         self._reuse: FrozenPrefixCache | None = None
         self._reuse_depth = 0
         self.trees = trees
+        # Trees run when their rows hold at most this share of the separate rows' tokens
+        # (a custom mask costs SDPA its fused causal kernel, so a small saving is not worth it).
+        self.tree_max_share = 0.95
         self._trees_exact: bool | None = None  # checked on first use
 
     @property
@@ -403,8 +409,8 @@ class LossEngine:
                                                          list[int]] | None:
         """How :meth:`accumulate_terms` runs ``terms`` as token trees: the parrot they share,
         the shared prompt prefix, the rows (indices into the terms' items, term after term)
-        and each row's nodes; None where trees do not apply or save under a tenth of
-        the tokens."""
+        and each row's nodes; None where trees do not apply or would run more than
+        ``tree_max_share`` of the separate rows' tokens."""
         if not (self.trees and self.fast and not self.packed and self.collective is None
                 and len(terms) > 1 and not self._model_frozen() and not self.model.training):
             # Dropout (training mode) would draw one mask for tokens that separate rows draw
@@ -428,7 +434,7 @@ class LossEngine:
         seqs = [item_tokens(it, n_parrot, skip) for it in items]
         rows, sizes = group_trees(seqs, min_share=2,
                                   max_nodes=max(self.token_budget // 4, 64))
-        if sum(sizes) > 0.9 * sum(len(s) for s in seqs):
+        if sum(sizes) > self.tree_max_share * sum(len(s) for s in seqs):
             return None
         shared = self._prefix_kv(items[0].prompt[:skip], deferred=True) if skip else None
         return parrot, shared, rows, sizes

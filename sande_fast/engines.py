@@ -16,7 +16,7 @@ def build_engine(model: nn.Module, *, fast: bool = True, token_budget: int = 819
                  max_batch: int = 64, packed: bool | None = None, pad_id: int = 0,
                  backend: str = "auto", collective: Any = None, max_waste: float = 0.1,
                  frozen_prefix: bool = True, last_layer_tail: bool = True,
-                 min_frozen_prefix: int = 16) -> LossEngine:
+                 min_frozen_prefix: int = 16, trees: bool = True) -> LossEngine:
     """A loss engine for ``model`` (a Hugging Face causal LM or its adapter).
 
     With ``collective`` (what :func:`sande_fast.distributed.shard` returned for the adapter) the
@@ -34,5 +34,5 @@ def build_engine(model: nn.Module, *, fast: bool = True, token_budget: int = 819
                     frozen_prefix=frozen_prefix, last_layer_tail=last_layer_tail,
                     min_frozen_prefix=min_frozen_prefix)
     if collective is None:
-        return LossEngine(model, **settings)
+        return LossEngine(model, trees=trees, **settings)
     return ShardedLossEngine(model, collective, **settings)
