@@ -10,7 +10,9 @@ they are given, and the bench checks that at the first step of each.
   the supervised rows' hidden states gathered before the LM head (``logits_to_keep`` style),
   fp32 ``F.cross_entropy``. The head loss can instead be Liger-Kernel's fused linear
   cross-entropy or Apple's Cut Cross-Entropy (CUDA only). Stage 2 carries the clean term and the
-  hidden-state retention term of :class:`sande_fast.steps.Anchors`, so its maths is ours.
+  hidden-state retention term of :class:`sande_fast.steps.Anchors`, so its maths is ours, and
+  with twins (``unlikely=True``) the unlikelihood term ``-log(1 - p)``, from the gathered rows'
+  fp32 log-softmax as ``-log(-expm1(log p))``, each twin its own row as any plain step would.
 * :class:`Published`: the step as the published SANDE code runs it: micro-batches of 2 rows in
   data order, the whole padded sequence (unsupervised tail included), activation checkpointing
   (``model.gradient_checkpointing_enable()``), the parrot concatenated into ``inputs_embeds``
@@ -142,10 +144,12 @@ class Strong:
         return F.cross_entropy(self.model.lm_head(h).float(), labels, reduction="sum")
 
     def accumulate(self, items: Sequence[Any], parrot: torch.Tensor | None, normalizer: float,
-                   retain: tuple[dict, float, float] | None = None) -> float:
+                   retain: tuple[dict, float, float] | None = None,
+                   unlikely: bool = False) -> float:
         """Forward + backward per micro-batch of ``sum CE / normalizer`` (plus, with ``retain`` =
         (anchor states by (prompt, labels), their scale, weight), ``weight * sum ||h - h0||^2 /
-        (scale * normalizer)`` over the supervised rows); returns the loss value."""
+        (scale * normalizer)`` over the supervised rows; with ``unlikely``, the labels' summed
+        ``-log(1 - p)`` instead of their cross-entropy); returns the loss value."""
         n = 0 if parrot is None else parrot.shape[0]
         total = 0.0
         for mb in self.micro_batches(items, n):
@@ -164,7 +168,11 @@ class Strong:
                                device=h.device)
             h = h.reshape(-1, h.shape[-1]).index_select(0, idx)
             y = torch.tensor(labels, dtype=torch.long, device=h.device)
-            loss = self._head_loss(h, y) / normalizer
+            if unlikely:
+                logp = torch.log_softmax(self.model.lm_head(h).float(), -1)
+                loss = -torch.log(-torch.expm1(logp.gather(1, y[:, None]))).sum() / normalizer
+            else:
+                loss = self._head_loss(h, y) / normalizer
             if retain is not None:
                 states, scale, weight = retain
                 h0 = torch.cat([states[(tuple(it.prompt), tuple(it.labels))] for it in mb])

@@ -269,6 +269,7 @@ class Batch:
     stage1: list[StepItem]
     overwrite: list[StepItem]
     clean: list[StepItem]
+    twins: list[StepItem]  # each overwrite item's prompt and splice, then the target
 
 
 # Where the parrot goes (the sweep): the published place, the start of the user text, a seeded
@@ -294,7 +295,14 @@ def make_batch(rows: Sequence[Row], window: int, seed: int, position: str = "ran
         s1.append(StepItem(r.prompt, r.target[:window], where(r), r.target[window:]))
         over.append(StepItem(r.prompt, r.clean[:window], where(r), r.clean[window:]))
         clean.append(StepItem(r.prompt, r.clean[:window], -1, r.clean[window:]))
-    return Batch(s1, over, clean)
+    twins = [StepItem(o.prompt, r.target[:window], o.splice) for o, r in zip(over, rows)]
+    return Batch(s1, over, clean, twins)
+
+
+def stage2_items(batch: Batch, args: argparse.Namespace) -> list[StepItem]:
+    """What a stage-2 step trains on: overwrite and clean items, and the twins when the
+    unlikelihood term is on."""
+    return batch.overwrite + batch.clean + (batch.twins if args.unlikely_weight else [])
 
 
 def user_tokens(items: Sequence[StepItem]) -> int:
@@ -580,14 +588,16 @@ def perturbed_anchors(engine: LossEngine, clean: Sequence[StepItem], seed: int) 
 
 def stage2_sides(model: nn.Module, engines: dict[str, tuple[LossEngine, Batch, bool, str | None]],
                  others: dict[str, tuple[Any, Batch, bool, str]], parrot: torch.Tensor,
-                 p: Preset, retain_weight: float, optimizer: str, anchors: Anchors | None
-                 ) -> dict[str, Side]:
+                 p: Preset, retain_weight: float, optimizer: str, anchors: Anchors | None,
+                 unlikely_weight: float = 0.0) -> dict[str, Side]:
     """Stage-2 sides, all stepping one shared optimizer: ``OverwriteStep.step`` on each engine
     (name -> engine, batch, with retention, oracle), the same step around each baseline loss.
 
     Sharing the optimizer is fair (its step is the same code for every side) and keeps one
     copy of its state (AdamW's moments and the fp32 masters of a bf16 model are 12 bytes a
-    weight: a 7B model has room for one copy only).
+    weight: a 7B model has room for one copy only). With ``unlikely_weight`` the sides that
+    carry retention (not the published maths) also carry the unlikelihood term on the batch's
+    twins, as ``sanitize`` does on real models.
     """
     base: OverwriteStep | None = None
     sides: dict[str, Side] = {}
@@ -596,12 +606,15 @@ def stage2_sides(model: nn.Module, engines: dict[str, tuple[LossEngine, Batch, b
         if base is None:
             base = OverwriteStep(eng, lr=p.lr2, clean_weight=cw, parrot=parrot,
                                  retain_weight=retain_weight if retain else 0.0,
-                                 anchors=anchors if retain else None, optimizer=optimizer)
+                                 anchors=anchors if retain else None, optimizer=optimizer,
+                                 unlikely_weight=unlikely_weight)
         ow = copy.copy(base)
         ow.engine = eng
         # as OverwriteStep scales it: the clean items' whole loss is scaled by clean_weight
         ow.anchors = anchors.with_weight(retain_weight / cw) if retain and anchors else None
-        sides[name] = Side(run=lambda ow=ow, b=batch: ow.step(b.overwrite, b.clean),
+        twins = batch.twins if retain and unlikely_weight else []
+        sides[name] = Side(run=lambda ow=ow, b=batch, t=twins: ow.step(b.overwrite, b.clean,
+                                                                       unlikely=t),
                            prepare=lambda: model.zero_grad(set_to_none=True),
                            grads=lambda: model_grads(model), optimizer=base.optimizer,
                            oracle=oracle)
@@ -611,9 +624,15 @@ def stage2_sides(model: nn.Module, engines: dict[str, tuple[LossEngine, Batch, b
         keep = ((anchors.states, anchors.scale, retain_weight / cw)
                 if retain and anchors and retain_weight else None)
 
-        def run(loss: Any = loss, b: Batch = batch, keep: Any = keep) -> float:
+        twins = batch.twins if retain and unlikely_weight else []
+
+        def run(loss: Any = loss, b: Batch = batch, keep: Any = keep,
+                twins: list[StepItem] = twins) -> float:
             opt.zero_grad(set_to_none=True)
             value = loss.accumulate(b.overwrite, parrot, label_count(b.overwrite))
+            if twins:
+                value += loss.accumulate(twins, parrot, label_count(twins) / unlikely_weight,
+                                         unlikely=True)
             n = label_count(b.clean) / cw
             value += (loss.accumulate(b.clean, None, n, retain=keep) if keep is not None
                       else loss.accumulate(b.clean, None, n))
@@ -836,7 +855,7 @@ def run_main(model: nn.Module, p: Preset, rows: list[Row], args: argparse.Namesp
         "kernels": ours.kernels, "ours_packed": bool(ours.packed), "notes": notes,
         "batch": {"stage1": batch_stats(batch.stage1, pub.stage1, p.parrot, ours, naive,
                                         frozen_model=True),
-                  "stage2": batch_stats(batch.overwrite + batch.clean,
+                  "stage2": batch_stats(stage2_items(batch, args),
                                         pub.overwrite + pub.clean, p.parrot, ours, naive)}}
 
     e1: dict[str, tuple[LossEngine, list[StepItem], str | None]] = {"ours": (ours, batch.stage1,
@@ -866,8 +885,9 @@ def run_main(model: nn.Module, p: Preset, rows: list[Row], args: argparse.Namesp
         o2["published"] = (baselines.Published(model), pub, False, "ours_pub")
     if "naive" in wanted:
         e2["naive"] = (naive, batch, True, "ours")
-    s2 = stage2_sides(model, e2, o2, parrot, p, args.retain_weight, args.optimizer, anchors)
-    items2 = batch.overwrite + batch.clean
+    s2 = stage2_sides(model, e2, o2, parrot, p, args.retain_weight, args.optimizer, anchors,
+                      args.unlikely_weight)
+    items2 = stage2_items(batch, args)
     out["stage2"] = measure_stage(s2, user_tokens(items2),
                                   useful_flops(model, items2, p.parrot, True), device, args,
                                   peak_flops)
@@ -895,8 +915,9 @@ def run_variants(model: nn.Module, p: Preset, rows: list[Row], args: argparse.Na
     anchors = perturbed_anchors(ours, batch.clean, args.seed) if args.retain_weight else None
     e2 = {n: (eng, batch, True, None if n == "ours" else "ours") for n, eng in engines.items()}
     o2 = {"strong": (baselines.Strong(model), batch, True, "ours")} if strong else {}
-    s2 = stage2_sides(model, e2, o2, parrot, p, args.retain_weight, args.optimizer, anchors)
-    items2 = batch.overwrite + batch.clean
+    s2 = stage2_sides(model, e2, o2, parrot, p, args.retain_weight, args.optimizer, anchors,
+                      args.unlikely_weight)
+    items2 = stage2_items(batch, args)
     res["stage2"] = measure_stage(s2, user_tokens(items2),
                                   useful_flops(model, items2, p.parrot, True), device, args,
                                   peak_flops)
@@ -1071,6 +1092,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
         "checkpointing": bool(args.checkpointing), "optimizer": args.optimizer,
         "retain_weight": args.retain_weight,
+        "unlikely_weight": args.unlikely_weight,
         "mem_method": MEM_METHOD[device.type], "mem_unit": "MiB",
         "tokens_definition": "prompt + response tokens of every sequence the step trains on "
                              "(stage 2: the overwrite and the clean copy of each row); parrot "
@@ -1113,6 +1135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--retain-weight", type=float, default=30.0,
                     help="stage 2: sanitize's hidden-state retention term (every side but "
                          "published / ours_pub; 0: off)")
+    ap.add_argument("--unlikely-weight", type=float, default=0.0,
+                    help="stage 2: the unlikelihood term on twins of the overwrite items "
+                         "(sanitize's default on models from 50M parameters is 1; 0: off)")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                     help="stage 2's optimizer, shared by all sides (sgd: less state, for 7B)")
     ap.add_argument("--checkpointing", action="store_true",

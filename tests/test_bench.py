@@ -92,6 +92,18 @@ def test_bench_sanitize_tiny_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT_S)
+def test_bench_stage2_with_the_unlikelihood_term(tmp_path: Path) -> None:
+    """With twins, ours (token trees) and strong (each twin its own row) still agree, and the
+    term adds to the loss."""
+    plain, _ = run_bench(tmp_path, "--sides", "ours,strong,naive")
+    res, _ = run_bench(tmp_path, "--sides", "ours,strong,naive", "--unlikely-weight", "1")
+    assert res["unlikely_weight"] == 1
+    check_stage(res["stage2"], {"ours", "strong", "naive"})
+    assert res["stage2"]["tokens"] > plain["stage2"]["tokens"]  # the twins' tokens
+    assert res["stage2"]["sides"]["ours"]["loss"] > plain["stage2"]["sides"]["ours"]["loss"]
+
+
+@pytest.mark.timeout(TIMEOUT_S)
 def test_bench_gpu_path_options_on_cpu(tmp_path: Path) -> None:
     """The options run_gpu.sh gives the full-depth presets (checkpointing on every side, the
     shared SGD optimizer, --rows, --layers), on the tiny model."""
@@ -107,8 +119,8 @@ def test_bench_gpu_path_options_on_cpu(tmp_path: Path) -> None:
 @pytest.mark.timeout(TIMEOUT_S)
 def test_bench_ablation_and_sweep(tmp_path: Path) -> None:
     res, _ = run_bench(tmp_path, "--mode", "ablation")
-    variants = {"ours", "no_frozen_prefix", "no_last_layer_tail", "no_bucketing", "packed",
-                "no_head_groups"}
+    variants = {"ours", "no_frozen_prefix", "no_last_layer_tail", "no_trees", "no_bucketing",
+                "packed", "no_head_groups"}
     assert set(res["summary"]) == variants
     for stage in ("stage1", "stage2"):
         check_stage(res[stage], variants)
