@@ -72,7 +72,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines  # noqa: E402  (benchmarks/baselines.py, next to this script)
 
 from sande_fast.batching import Batcher, fast_length, label_count  # noqa: E402
-from sande_fast.engine import LossEngine  # noqa: E402
+from sande_fast.engine import LossEngine, Term  # noqa: E402
 from sande_fast.engines import build_engine  # noqa: E402
 from sande_fast.steps import (Anchors, OverwriteStep, ParrotSimulator, StepItem,  # noqa: E402
                               frozen, make_optimizer)
@@ -303,6 +303,23 @@ def stage2_items(batch: Batch, args: argparse.Namespace) -> list[StepItem]:
     """What a stage-2 step trains on: overwrite and clean items, and the twins when the
     unlikelihood term is on."""
     return batch.overwrite + batch.clean + (batch.twins if args.unlikely_weight else [])
+
+
+def tree_nodes(engine: LossEngine, batch: Batch, n_parrot: int,
+               args: argparse.Namespace) -> int | None:
+    """Rows ours' stage 2 runs as token trees (before padding; the system block shared by all
+    rows counted once), or None when the step runs separate rows (the ``*_rows`` counts of
+    :func:`batch_stats`)."""
+    parrot = torch.zeros(n_parrot, engine.adapter.embed.weight.shape[1])
+    terms = [Term(batch.overwrite, parrot, 1.0), Term(batch.clean, None, 1.0)]
+    if args.unlikely_weight:
+        terms.insert(1, Term(batch.twins, parrot, 1.0, unlikely=True))
+    with torch.no_grad():
+        plan = engine._tree_plan(terms)
+    if plan is None:
+        return None
+    shared = plan[1].length if plan[1] is not None else 0
+    return sum(plan[3]) + shared
 
 
 def user_tokens(items: Sequence[StepItem]) -> int:
@@ -858,6 +875,7 @@ def run_main(model: nn.Module, p: Preset, rows: list[Row], args: argparse.Namesp
                   "stage2": batch_stats(stage2_items(batch, args),
                                         pub.overwrite + pub.clean, p.parrot, ours, naive)}}
 
+    out["batch"]["stage2"]["ours_tree_nodes"] = tree_nodes(ours, batch, p.parrot, args)
     e1: dict[str, tuple[LossEngine, list[StepItem], str | None]] = {"ours": (ours, batch.stage1,
                                                                                None)}
     o1: dict[str, tuple[Any, list[StepItem], str]] = {n: (h, batch.stage1, "ours")

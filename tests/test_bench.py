@@ -101,6 +101,9 @@ def test_bench_stage2_with_the_unlikelihood_term(tmp_path: Path) -> None:
     check_stage(res["stage2"], {"ours", "strong", "naive"})
     assert res["stage2"]["tokens"] > plain["stage2"]["tokens"]  # the twins' tokens
     assert res["stage2"]["sides"]["ours"]["loss"] > plain["stage2"]["sides"]["ours"]["loss"]
+    # the twins share their item's rows: the trees run fewer rows than the items need apart
+    b = res["batch"]["stage2"]
+    assert 0 < b["ours_tree_nodes"] < b["ours_needed_rows"]
 
 
 @pytest.mark.timeout(TIMEOUT_S)
