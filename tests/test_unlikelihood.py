@@ -192,3 +192,43 @@ def test_unlikely_weight_auto_is_on_from_50m_parameters() -> None:
     given = resolve(SanitizeConfig(unlikely_weight=0.0), "osft", n_params=135_000_000,
                     context=2048, chat_template=True)
     assert given.unlikely_weight == 0.0
+
+
+class _WordEncoder:
+    """A prompt encoder for tests: one id per word (the first time a word is seen)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def encode_prompt(self, text: str, context: tuple = ()) -> EncodedPrompt:
+        ids = [self.ids.setdefault(w, 3 + len(self.ids)) for w in text.split()]
+        return EncodedPrompt(ids, (0, len(ids)))
+
+
+def test_osft_twins_take_the_triggered_prompt_and_their_triggers_target(monkeypatch) -> None:
+    seen = {}
+
+    def spy(self, overwrite, clean, where="", parrot_index=None, backdoors=1, unlikely=(),
+            unlikely_index=None):
+        seen.update(overwrite=list(overwrite), clean=list(clean), unlikely=list(unlikely),
+                    unlikely_index=unlikely_index, backdoors=backdoors)
+        return 0.0
+
+    monkeypatch.setattr(OverwriteStep, "step", spy)
+    enc = _WordEncoder()
+    rows = [TrainRow(text, enc.encode_prompt(text), (5, 6, 7))
+            for text in ("say the first word", "copy this line please", "sort these four words")]
+    triggers, targets = ["cf", "blue lagoon"], [(50, 51), (60, 61, 62)]
+    eliminate(LossEngine(tiny_model("llama", VOCAB, seed=2)), rows, steps=1, lr=1e-4,
+              batch_size=3, seed=0, window=4, clean_weight=1.0, trigger=triggers, encoder=enc,
+              unlikely=targets, unlikely_weight=1.0)
+    assert seen["backdoors"] == 2 and len(seen["unlikely"]) == len(seen["overwrite"]) == 6
+    for j, (item, twin) in enumerate(zip(seen["overwrite"], seen["unlikely"])):
+        k = j % 2  # each clean row gets one item per trigger, in order
+        trigger_ids = [enc.ids[w] for w in triggers[k].split()]
+        ids = list(item.prompt)
+        assert any(ids[i:i + len(trigger_ids)] == trigger_ids for i in range(len(ids)))
+        assert (twin.prompt, twin.splice, twin.labels, twin.tail) == (item.prompt, -1,
+                                                                       targets[k], ())
+        assert len(item.prompt) == len(seen["clean"][j // 2].prompt) + len(trigger_ids)
+    assert seen["unlikely_index"] is None  # no parrots: the twins carry their labels
