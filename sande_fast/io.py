@@ -420,6 +420,12 @@ def interrupt_handlers() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         if hit:
             return
+        if _in_finalizer(frame):
+            # Python prints and drops an exception raised inside __del__ or a weakref callback
+            # ("Exception ignored in ..."), so the run would go on; the signal is sent again a
+            # moment later, to land outside the finalizer.
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
         hit.append(signum)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -427,6 +433,17 @@ def interrupt_handlers() -> Iterator[None]:
 
     with _stop_signals_to(handler):
         yield
+
+
+def _in_finalizer(frame: Any) -> bool:
+    """Whether ``frame`` runs inside an object's ``__del__`` or a weakref callback, where a
+    raised exception is dropped."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or code.co_filename.endswith(("weakref.py", "_weakrefset.py")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager

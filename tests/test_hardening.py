@@ -626,3 +626,22 @@ def test_quiet_silences_third_party_warnings(model_dir: Path, data_file: Path,
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "sande-fast: warning: UserWarning: something third-party over two lines" in err
+
+
+# ------------------------------------------------------------------------- signal in __del__
+
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run() -> None:
+    """Python drops an exception raised inside ``__del__`` ("Exception ignored in"): a stop
+    signal handled there must still stop the run, not be lost (a run would go on for good)."""
+    from sande_fast.errors import Terminated
+    from sande_fast.io import interrupt_handlers
+
+    class SignalsOnDelete:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGTERM)  # handled here, inside the finalizer
+
+    with interrupt_handlers():
+        with pytest.raises(Terminated):
+            SignalsOnDelete()  # dropped at once: __del__ runs
+            for _ in range(100):  # the run goes on; the signal must come back within it
+                time.sleep(0.02)
