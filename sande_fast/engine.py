@@ -341,11 +341,8 @@ class LossEngine:
         shared = self._shared_prefix(batches, n_parrot, deferred=True)
         total = 0.0
         for group in self.batcher.head_groups(batches, n_parrot):
-            loss = self._group_loss(group, parrot, normalizer / weight, store, anchors, shared,
-                                    unlikely)
-            if loss.requires_grad:
-                loss.backward()
-            total += float(loss.detach())
+            total += _backward(self._group_loss(group, parrot, normalizer / weight, store,
+                                                anchors, shared, unlikely))
         if shared is not None:
             shared.backward()
         return total
@@ -395,10 +392,7 @@ class LossEngine:
                 if t.anchors is not None:
                     loss = loss + t.anchors.term(hk, items[k], norm)
                 parts.append(loss)
-            loss = torch.stack(parts).sum()
-            if loss.requires_grad:
-                loss.backward()
-            total += float(loss.detach())
+            total += _backward(torch.stack(parts).sum())
         if shared is not None:
             shared.backward()
         return total
@@ -741,6 +735,14 @@ class LossEngine:
                         store[tuple(it.prompt[:s])] = [(k[:, :, :s], v[:, :, :s])
                                                        for k, v in entries[tuple(it.prompt)]]
         return store
+
+
+def _backward(loss: torch.Tensor) -> float:
+    """One micro-batch group's backward (gradients accumulate; nothing to do without a graph);
+    returns the loss value."""
+    if loss.requires_grad:
+        loss.backward()
+    return float(loss.detach())
 
 
 def _check_kind(anchors: Anchors | None, unlikely: bool) -> None:

@@ -196,10 +196,8 @@ def tree_rows(trees: Sequence[Sequence[tuple[int, StepItem]]], n_terms: int,
         # pads repeat the last real position, so no position passes the context
         positions[r, size:] = skip + int(depth.max())
         mask = allowed[r, :, skip:]
-        for c, (t, p) in enumerate(zip(tree.tokens, tree.parent)):
-            if p >= 0:
-                mask[c] = mask[p]
-            mask[c, c] = True
+        _ancestor_mask(tree, mask)
+        for c, t in enumerate(tree.tokens):
             if isinstance(t, tuple):
                 if t[1] == 0:
                     splice_rows.append(r * width + c)
@@ -223,10 +221,7 @@ def tree_rows(trees: Sequence[Sequence[tuple[int, StepItem]]], n_terms: int,
                                           device=parrot.device)]
         else:
             spliced = parrot
-    mask4 = allowed[:, None]
-    if mask_dtype is not None:
-        mask4 = torch.zeros(mask4.shape, dtype=mask_dtype).masked_fill_(
-            ~mask4, torch.finfo(mask_dtype).min)
+    mask4 = _as_attention_mask(allowed[:, None], mask_dtype)
     kv = None
     if prefix_kv is not None:
         kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_kv]
@@ -242,6 +237,23 @@ def tree_rows(trees: Sequence[Sequence[tuple[int, StepItem]]], n_terms: int,
                     prefix_kv=kv, attention_mask=mask4.to(device),
                     sections=tuple(len(part) for part in rows),
                     term_items=tuple(tuple(part) for part in items))
+
+
+def _ancestor_mask(tree: Tree, mask: torch.Tensor) -> None:
+    """Sets ``mask[c, j]`` (a boolean ``[len(tree), >= len(tree)]`` view, all False) where node
+    ``j`` is ``c`` or one of its ancestors: what node ``c`` attends to."""
+    for c, p in enumerate(tree.parent):
+        if p >= 0:
+            mask[c] = mask[p]  # a parent comes first, so its row is already complete
+        mask[c, c] = True
+
+
+def _as_attention_mask(allowed: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``allowed`` as the model's attention takes a custom mask: itself for a boolean mask
+    (``dtype`` None), else additive, 0 where allowed and the dtype's minimum elsewhere."""
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def mask_dtype_for(model: torch.nn.Module) -> torch.dtype | None:
@@ -266,16 +278,9 @@ def trees_are_exact(adapter: "ModelAdapter") -> bool:  # noqa: F821 (adapter imp
     a, b = [3, 5, 7, 11, 13], [3, 5, 17, 19]
     tree = build_tree([[t % vocab for t in a], [t % vocab for t in b]])
     ids = torch.tensor([tree.tokens], device=dev)
-    size = len(tree)
-    allowed = torch.zeros((size, size), dtype=torch.bool)
-    for c, p in enumerate(tree.parent):
-        if p >= 0:
-            allowed[c] = allowed[p]
-        allowed[c, c] = True
-    dtype = mask_dtype_for(adapter.model)
-    mask = allowed[None, None]
-    if dtype is not None:
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+    allowed = torch.zeros((len(tree), len(tree)), dtype=torch.bool)
+    _ancestor_mask(tree, allowed)
+    mask = _as_attention_mask(allowed[None, None], mask_dtype_for(adapter.model))
     try:
         with eval_mode(adapter.model):
             ht = adapter.hidden_states(adapter.embed(ids),
